@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Build (or reuse) a MinkowskiEngine 0.5.4 wheel patched for current Python/torch/CUDA,
+# and install it into the given Python. The one build script for every target: `make
+# install` (cpu), the CUDA compile check and the Docker images all call it.
+#
+#   docker/minkowski/build.sh --python .venv/bin/python --target cpu|cuda \
+#       [--cache DIR] [--sdist FILE] [--no-install] [--wheel-dir DIR]
+#
+# The wheel is cached under DIR (default ~/.cache/spark_me/wheels) keyed by the torch
+# version, Python tag, target and a hash of the patch set, so a second run takes seconds.
+# Environment: MAX_JOBS (compile jobs, default nproc), TORCH_CUDA_ARCH_LIST (cuda target,
+# default "8.0;8.6;8.9;9.0" plus 10.0/12.0 where the toolkit supports them),
+# CUDA_HOME (cuda target, default /usr/local/cuda).
+set -euo pipefail
+
+ME_VERSION=0.5.4
+ME_SHA256=b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94
+ME_URL="https://files.pythonhosted.org/packages/21/5c/c543c4bc5fbe73ac3e38465b3da4f24a61f7a4ac5baec867e582e94aa551/MinkowskiEngine-${ME_VERSION}.tar.gz"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+python=python3
+target=cpu
+cache="${SPARK_ME_CACHE:-$HOME/.cache/spark_me}/wheels"
+sdist=""
+install=1
+wheel_dir=""
+
+die() { echo "build.sh: error: $*" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) python="$2"; shift 2 ;;
+    --target) target="$2"; shift 2 ;;
+    --cache) cache="$2"; shift 2 ;;
+    --sdist) sdist="$2"; shift 2 ;;
+    --no-install) install=0; shift ;;
+    --wheel-dir) wheel_dir="$2"; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+case "$target" in cpu|cuda) ;; *) die "--target must be 'cpu' or 'cuda', got '$target'" ;; esac
+"$python" -c 'import torch' 2>/dev/null \
+  || die "torch is not importable by '$python': install torch first (make install does)"
+
+torch_version=$("$python" -c 'import torch; print(torch.__version__)')
+py_tag=$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+patch_hash=$(cat "$HERE"/patches/*.patch "$HERE/build.sh" | sha256sum | cut -c1-12)
+key="me${ME_VERSION}-torch${torch_version//+/_}-${py_tag}-${target}-p${patch_hash}"
+slot="$cache/$key"
+mkdir -p "$slot"
+
+wheel=$(ls "$slot"/*.whl 2>/dev/null | head -n1 || true)
+if [ -n "$wheel" ]; then
+  echo "build.sh: using cached wheel $wheel"
+else
+  start=$(date +%s)
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  if [ -z "$sdist" ]; then
+    sdist="$cache/MinkowskiEngine-${ME_VERSION}.tar.gz"
+    if [ ! -f "$sdist" ]; then
+      echo "build.sh: downloading MinkowskiEngine ${ME_VERSION} source"
+      curl -fsSL --retry 3 -o "$sdist.part" "$ME_URL" || die "could not download $ME_URL; pass --sdist FILE"
+      mv "$sdist.part" "$sdist"
+    fi
+  fi
+  [ -f "$sdist" ] || die "source tarball '$sdist' not found"
+  echo "$ME_SHA256  $sdist" | sha256sum -c --quiet - \
+    || die "sha256 of '$sdist' does not match MinkowskiEngine ${ME_VERSION}; delete it and retry"
+  tar -xzf "$sdist" -C "$work"
+  src="$work/MinkowskiEngine-${ME_VERSION}"
+  for p in "$HERE"/patches/*.patch; do
+    echo "build.sh: applying $(basename "$p")"
+    patch -s -p1 -d "$src" < "$p"
+  done
+
+  flags=()
+  if [ "$target" = cpu ]; then
+    flags=(--cpu_only --blas=openblas)
+    [ -f /usr/include/x86_64-linux-gnu/cblas.h ] || [ -f /usr/include/cblas.h ] \
+      || die "OpenBLAS headers missing: apt-get install libopenblas-dev"
+  else
+    export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+    [ -x "$CUDA_HOME/bin/nvcc" ] || die "nvcc not found under CUDA_HOME=$CUDA_HOME"
+    # Torch's CUDA wheels ship the cuBLAS/cuSPARSE headers and libraries that a bare
+    # toolkit may lack; put them on the search paths.
+    nv=$("$python" - <<'PY'
+import glob, os, site
+roots = [p for s in site.getsitepackages() for p in glob.glob(os.path.join(s, "nvidia", "cu*"))]
+print(roots[0] if roots else "")
+PY
+)
+    if [ -n "$nv" ]; then
+      export CPATH="$nv/include${CPATH:+:$CPATH}"
+      export LIBRARY_PATH="$nv/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    fi
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+      archs="8.0;8.6;8.9;9.0"
+      supported=$("$CUDA_HOME/bin/nvcc" --list-gpu-arch 2>/dev/null || true)
+      for a in 100 120; do
+        echo "$supported" | grep -q "compute_$a" && archs="$archs;${a:0:-1}.${a: -1}"
+      done
+      export TORCH_CUDA_ARCH_LIST="$archs"
+    fi
+    echo "build.sh: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+    flags=(--force_cuda --blas=openblas "--cuda_home=$CUDA_HOME")
+  fi
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  echo "build.sh: compiling MinkowskiEngine ${ME_VERSION} ($target, torch $torch_version, $MAX_JOBS jobs)"
+  (cd "$src" && "$python" setup.py -q bdist_wheel -d "$work/dist" "${flags[@]}") \
+    || die "MinkowskiEngine build failed (see the compiler output above)"
+  cp "$work"/dist/*.whl "$slot/"
+  wheel=$(ls "$slot"/*.whl | head -n1)
+  echo "build.sh: built $wheel in $(( $(date +%s) - start )) s"
+fi
+
+[ -z "$wheel_dir" ] || { mkdir -p "$wheel_dir"; cp "$wheel" "$wheel_dir/"; }
+if [ "$install" = 1 ]; then
+  "$python" -m pip install -q --no-deps --force-reinstall "$wheel"
+  "$python" -c 'import MinkowskiEngine as ME; print("build.sh: MinkowskiEngine", ME.__version__, "imports")'
+fi

@@ -1,0 +1,83 @@
+"""The sparse-encoder contract that SparK, the CLI and the benchmarks rely on.
+
+A sparse encoder is an ``nn.Module`` with
+
+* ``downsample_ratio``: total stride of its last feature map (the mask patch size, 32);
+* ``feature_channels``: channels of its feature maps, finest first;
+* ``forward(images, active)``: images float (B, 3, H, W), active bool (B, H/r, W/r)
+  with True = visible; returns one ``ME.SparseTensor`` per scale, finest first, with
+  coordinates ``[b, y, x]`` in input pixels and features only at visible sites;
+* ``densify_norm(channels)``: the normalisation SparK applies to a feature map before
+  filling masked sites with the mask embedding (BN over visible sites for BN networks,
+  LayerNorm per site for LN networks).
+
+Subclass :class:`SparseEncoder` and implement ``forward_sparse`` to get input checks,
+gathering and the timm state-dict helpers for free; register the class or a factory
+with :func:`spark_me.register_encoder` to use it by name.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import MinkowskiEngine as ME
+import torch
+import torch.nn as nn
+
+from spark_me.gather import check_inputs, to_sparse
+from spark_me.layers import SparseBatchNorm2d
+
+# Keys of timm classifier heads, dropped when loading a full timm state dict.
+CLASSIFIER_PREFIXES = ("fc.", "head.fc.", "classifier.")
+
+
+class SparseEncoder(nn.Module):
+    """Base class: input checks, gathering, and timm-compatible (de)serialisation."""
+
+    downsample_ratio: int = 32
+    feature_channels: list[int]
+    timm_name: Optional[str] = None
+
+    def forward(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
+        check_inputs(images, active, self.downsample_ratio)
+        return self.forward_sparse(to_sparse(images, active, self.downsample_ratio))
+
+    def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        """Encode the gathered visible pixels (tensor stride 1) into per-scale features."""
+        raise NotImplementedError
+
+    def densify_norm(self, channels: int) -> nn.Module:
+        """Norm applied by SparK's densify step to a feature map of ``channels``."""
+        return SparseBatchNorm2d(channels)
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm-style description of the feature maps."""
+        n = len(self.feature_channels)
+        return [
+            dict(num_chs=c, reduction=self.downsample_ratio // 2 ** (n - 1 - i))
+            for i, c in enumerate(self.feature_channels)
+        ]
+
+    def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Strictly load ``timm.create_model(timm_name).state_dict()`` (classifier ignored)."""
+        sd = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        shape_errors = [
+            f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in set(own) & set(sd)
+            if sd[k].shape != own[k].shape
+        ]
+        if missing or unexpected or shape_errors:
+            raise ValueError(
+                f"state dict does not fit sparse encoder '{self.timm_name}': "
+                f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                f"{unexpected[:5]}, shape mismatches {shape_errors[:5]}. Is it from another "
+                "model? Build the encoder with the timm name the weights were made for."
+            )
+        self.load_state_dict(sd, strict=True)
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights that load with strict=True into ``timm.create_model(timm_name, num_classes=0)``."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}

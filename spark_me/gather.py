@@ -1,0 +1,84 @@
+"""Gathering: the visible pixels of a batch become a sparse tensor; and back to dense.
+
+The coordinates of the sparse tensor *are* the mask: a site exists iff its patch is
+visible. Coordinates are int32 ``[b, y, x]`` in input pixels at every scale (a feature at
+tensor stride s sits at multiples of s).
+"""
+from __future__ import annotations
+
+import MinkowskiEngine as ME
+import torch
+
+from spark_me.masking import upsample_mask
+
+
+def check_image_size(height: int, width: int, patch_size: int) -> None:
+    """Raise ValueError unless both sides are multiples of ``patch_size``."""
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image size {height}x{width} is not a multiple of the encoder's downsample ratio "
+            f"{patch_size}; resize or crop to e.g. {max(1, height // patch_size) * patch_size}x"
+            f"{max(1, width // patch_size) * patch_size}"
+        )
+
+
+def check_inputs(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> None:
+    """Raise ValueError naming the problem when images/mask do not fit together."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    if c != 3:
+        raise ValueError(f"images must have 3 channels (RGB), got {c}: convert grayscale/RGBA first")
+    check_image_size(h, w, patch_size)
+    expected = (b, h // patch_size, w // patch_size)
+    if tuple(active.shape) != expected:
+        raise ValueError(
+            f"mask shape {tuple(active.shape)} does not match images {tuple(images.shape)}: "
+            f"expected (B, H/{patch_size}, W/{patch_size}) = {expected}"
+        )
+    if active.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = visible), got {active.dtype}")
+    empty = (~active.flatten(1).any(dim=1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(
+            f"sample(s) {empty.tolist()} have no visible patch; every sample needs at least "
+            "one (lower the mask ratio)"
+        )
+
+
+def to_sparse(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> ME.SparseTensor:
+    """Visible pixels of ``images`` (B, C, H, W) as a SparseTensor at tensor stride 1."""
+    pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
+    coords = pixel_mask.nonzero().int()  # [b, y, x], row-major
+    features = images.permute(0, 2, 3, 1)[pixel_mask]
+    return ME.SparseTensor(features, coordinates=coords)
+
+
+def to_dense(
+    x: ME.SparseTensor, batch_size: int, size: tuple[int, int], fill: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scatter a SparseTensor at tensor stride s into a dense (B, C, H/s, W/s) map.
+
+    Absent sites are zero, or ``fill`` (broadcastable to (C,)) when given. Differentiable
+    with respect to the features and ``fill``.
+    """
+    stride = x.tensor_stride[0]
+    coords = x.C.long().to(x.F.device)
+    b, y, xx = coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride
+    h, w = size
+    channels = x.F.shape[1]
+    if fill is None:
+        dense = x.F.new_zeros(batch_size, h, w, channels)
+    else:
+        dense = fill.reshape(1, 1, 1, channels).to(x.F.dtype).expand(batch_size, h, w, channels).clone()
+    dense = dense.index_put((b, y, xx), x.F)
+    return dense.permute(0, 3, 1, 2)
+
+
+def site_mask(x: ME.SparseTensor, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H/s, W/s) bool map of the sites that exist in ``x``."""
+    stride = x.tensor_stride[0]
+    coords = x.C.long()
+    mask = torch.zeros(batch_size, *size, dtype=torch.bool, device=coords.device)
+    mask[coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride] = True
+    return mask

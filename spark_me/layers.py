@@ -1,0 +1,235 @@
+"""Sparse building blocks: PyTorch-layout layers that compute only at visible sites.
+
+Every layer takes and returns a MinkowskiEngine ``SparseTensor`` whose coordinates are
+``[b, y, x]`` in input pixels. Parameters are stored exactly as the dense PyTorch layer
+stores them (a conv's ``weight`` is ``[out, in/groups, kh, kw]``), so a timm state dict
+loads into a sparse network unchanged and exports back unchanged.
+
+Semantics (each one proven against a dense reference in ``tests/test_layers.py``):
+
+* convolutions and pools compute only at output sites that exist, and absent neighbours
+  contribute nothing, as zero padding would;
+* a stride-1 layer outputs exactly its input sites; a stride-s layer outputs the input
+  sites floored to the new stride;
+* odd kernels are centred (PyTorch ``padding=k//2``); even kernels cover offsets
+  ``[0, k)`` (PyTorch's non-overlapping ``k×k/k`` convs with no padding);
+* normalisation statistics are taken over existing sites only.
+
+Writing the sparse twin of a new convnet means replacing ``nn.Conv2d`` by
+:class:`SparseConv2d`, ``nn.BatchNorm2d`` by :class:`SparseBatchNorm2d`, and so on, and
+keeping the attribute names, so the state dicts stay interchangeable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import MinkowskiEngine as ME
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction
+from MinkowskiEngine.MinkowskiPooling import MinkowskiLocalPoolingFunction
+
+DIMENSION = 2  # images: coordinates are [b, y, x]
+
+
+def with_features(x: ME.SparseTensor, features: torch.Tensor) -> ME.SparseTensor:
+    """A SparseTensor on the same sites as ``x`` carrying ``features``."""
+    return ME.SparseTensor(
+        features, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager
+    )
+
+
+def kernel_tap_order(kernel_size: int) -> torch.Tensor:
+    """For each MinkowskiEngine kernel offset, the flat index ``ky*k + kx`` of the tap.
+
+    MinkowskiEngine enumerates the offsets of a hyper-cube kernel with the first spatial
+    axis (our y) varying fastest; PyTorch flattens ``[kh, kw]`` with x fastest.
+    """
+    ky, kx = torch.meshgrid(torch.arange(kernel_size), torch.arange(kernel_size), indexing="xy")
+    # meshgrid 'xy' makes ky vary along dim 1 (fastest after flatten): ME's order.
+    return (ky * kernel_size + kx).flatten()
+
+
+class SparseConv2d(nn.Module):
+    """Sparse twin of ``nn.Conv2d(in, out, k, stride, padding=k//2 or 0, bias=...)``.
+
+    ``groups`` may be 1 or ``in_channels`` (depthwise). The weight lives in PyTorch's
+    layout and is rearranged into MinkowskiEngine's ``[kernel_volume, in, out]`` at each
+    call, which is cheap next to the convolution and keeps state dicts timm-compatible.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        bias: bool = True,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        if groups not in (1, in_channels):
+            raise ValueError(f"SparseConv2d supports groups=1 or depthwise, got groups={groups}")
+        if groups != 1 and out_channels != in_channels:
+            raise ValueError("a depthwise SparseConv2d needs out_channels == in_channels")
+        if kernel_size % 2 == 0 and stride != kernel_size:
+            raise ValueError(
+                f"an even kernel ({kernel_size}) is supported only as a non-overlapping "
+                f"patchify conv with stride == kernel_size, got stride {stride}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.kernel_generator = ME.KernelGenerator(
+            kernel_size=kernel_size, stride=stride, dilation=1, dimension=DIMENSION
+        )
+        self.register_buffer("tap_order", kernel_tap_order(kernel_size), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s default initialisation."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def me_kernel(self) -> torch.Tensor:
+        """The weight in MinkowskiEngine's layout: ``[K, in, out]`` (``[K, C]`` depthwise)."""
+        taps = self.weight.flatten(2)[:, :, self.tap_order]  # out, in/groups, K
+        if self.groups != 1:
+            return taps[:, 0, :].t().contiguous()
+        return taps.permute(2, 1, 0).contiguous()
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        if self.groups != 1:
+            out = self._depthwise(x)
+        elif self.kernel_size == 1 and self.stride == 1:
+            out = (x.F @ self.weight.flatten(1).t(), x.coordinate_map_key)
+        else:
+            out = self._conv(x)
+        features, key = out
+        if self.bias is not None:
+            features = features + self.bias
+        return ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
+
+    def _conv(self, x: ME.SparseTensor) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
+        out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
+        features = MinkowskiConvolutionFunction.apply(
+            x.F,
+            self.me_kernel(),
+            self.kernel_generator,
+            ME.ConvolutionMode.DEFAULT,
+            x.coordinate_map_key,
+            out_key,
+            x.coordinate_manager,
+        )
+        return features, out_key
+
+    def _depthwise(self, x: ME.SparseTensor) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
+        raise NotImplementedError("depthwise sparse convolution is not implemented yet")
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias={self.bias is not None}"
+
+
+class SparseBatchNorm2d(nn.BatchNorm1d):
+    """Sparse twin of ``nn.BatchNorm2d``: statistics over existing (visible) sites only."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
+        return with_features(x, super().forward(x.F))
+
+
+class SparseMaxPool2d(nn.Module):
+    """Sparse twin of ``nn.MaxPool2d(k, stride, padding=k//2)``: max over existing neighbours.
+
+    Equal to the dense pool on a map that is zero at absent sites whenever the input is
+    non-negative (as after ReLU), because every output site sees its own centre.
+    """
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"SparseMaxPool2d needs an odd kernel, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.kernel_generator = ME.KernelGenerator(
+            kernel_size=kernel_size, stride=stride, dilation=1, dimension=DIMENSION
+        )
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
+        features = MinkowskiLocalPoolingFunction.apply(
+            x.F,
+            ME.PoolingMode.LOCAL_MAX_POOLING,
+            self.kernel_generator,
+            x.coordinate_map_key,
+            out_key,
+            x.coordinate_manager,
+        )
+        return ME.SparseTensor(features, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class SparseActivation(nn.Module):
+    """Applies a pointwise function (ReLU, GELU, ...) to the features."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor] = F.relu) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, self.fn(x.F))
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+class SparseDropPath(nn.Module):
+    """Stochastic depth: in training, zero whole samples with probability ``drop_prob``.
+
+    Survivors are scaled by ``1/(1-drop_prob)`` (timm's ``DropPath`` convention). The
+    decision is per sample (batch index of each site), as the dense layer's.
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        batch_index = x.C[:, 0].long().to(x.F.device)
+        batch_size = int(batch_index.max()) + 1
+        keep = x.F.new_empty(batch_size).bernoulli_(keep_prob)
+        if self.scale_by_keep:
+            keep = keep / keep_prob
+        return with_features(x, x.F * keep[batch_index].unsqueeze(1))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+def sparse_add(a: ME.SparseTensor, b: ME.SparseTensor) -> ME.SparseTensor:
+    """Residual add of two tensors on the same sites (same coordinate map)."""
+    if a.coordinate_map_key != b.coordinate_map_key:
+        raise ValueError(
+            f"cannot add sparse tensors on different sites ({a.coordinate_map_key} vs "
+            f"{b.coordinate_map_key}); both branches must end at the same stride"
+        )
+    return with_features(a, a.F + b.F)

@@ -1,0 +1,45 @@
+"""Shared test helpers: tolerances, random weights, and device parametrisation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# float64 and float32 tolerances on relative error (DESIGN.md).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (expected must not be all zero)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    denom = expected.double().norm()
+    assert denom > 0, "reference is all zero: the comparison would prove nothing"
+    return float((actual.double() - expected.double()).norm() / denom)
+
+
+def randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every BatchNorm/LayerNorm non-trivial affine parameters and running stats.
+
+    Default init (weight 1, bias 0, zero-init last BN of each block) would hide mistakes.
+    """
+    with torch.no_grad():
+        for name, buf in list(model.named_parameters()) + list(model.named_buffers()):
+            leaf = name.rsplit(".", 1)[-1]
+            if buf.dim() != 1 or not buf.is_floating_point():
+                continue
+            if leaf == "running_var":
+                buf.copy_(torch.rand(buf.shape, generator=generator, dtype=buf.dtype) + 0.5)
+            elif leaf in ("weight", "running_mean", "bias") and ("bn" in name or "norm" in name or "downsample.1" in name):
+                buf.copy_(torch.randn(buf.shape, generator=generator, dtype=buf.dtype) * 0.5 + (1.0 if leaf == "weight" else 0.0))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)

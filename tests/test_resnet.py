@@ -1,0 +1,114 @@
+"""Sparse ResNets against timm: dense equivalence, masked-dense semantics, weights."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from conftest import TOL, randomize_norms, rel_err
+from masked_dense import mask_at, masked_dense_resnet
+from spark_me import build_sparse_encoder, list_encoders
+from spark_me.gather import site_mask, to_dense
+from spark_me.masking import random_patch_mask
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def _pair(name: str, dtype: torch.dtype, device: torch.device, train: bool):
+    """A timm model with random weights/BN stats and the sparse encoder carrying the same weights."""
+    g = torch.Generator().manual_seed(1)
+    dense = timm.create_model(name, pretrained=False)
+    randomize_norms(dense, g)
+    sparse = build_sparse_encoder(name)
+    sparse.load_timm_state_dict(dense.state_dict())
+    return dense.to(device, dtype).train(train), sparse.to(device, dtype).train(train)
+
+
+def _images(batch, grid, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, grid[0] * 32, grid[1] * 32, generator=g, dtype=dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_all_visible_equals_timm(name, train, dtype, device):
+    dense, sparse = _pair(name, dtype, device, train)
+    x = _images(2, (3, 2), dtype, device)
+    active = torch.ones(2, 3, 2, dtype=torch.bool, device=device)
+    expected = dense.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+    got = sparse(x, active)
+    assert [f.tensor_stride[0] for f in got] == [4, 8, 16, 32]
+    assert [f.F.shape[1] for f in got] == sparse.feature_channels
+    for feat, ref in zip(got, expected):
+        assert rel_err(to_dense(feat, 2, ref.shape[-2:]), ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_random_masks_equal_masked_dense(name, train, dtype, device):
+    dense, sparse = _pair(name, dtype, device, train)
+    for seed, ratio in [(0, 0.6), (1, 0.3), (2, 0.85)]:
+        g = torch.Generator().manual_seed(seed)
+        x = _images(3, (3, 4), dtype, device, seed)
+        active = random_patch_mask(3, (3, 4), ratio, g).to(device)
+        expected = masked_dense_resnet(dense, x, active)
+        got = sparse(x, active)
+        for feat, ref in zip(got, expected):
+            stride = feat.tensor_stride[0]
+            size = ref.shape[-2:]
+            # sites are exactly the visible patches, and nothing exists at a masked site
+            assert torch.equal(site_mask(feat, 3, size), mask_at(active, stride)[:, 0])
+            assert feat.F.shape[0] == int(active.sum()) * (32 // stride) ** 2
+            assert rel_err(to_dense(feat, 3, size), ref) <= TOL[dtype]
+
+
+def test_masked_sites_do_not_influence_visible_features():
+    """Changing pixels under the mask changes no feature (the input is truly sparse)."""
+    _, sparse = _pair("resnet18", torch.float64, torch.device("cpu"), train=True)
+    x = _images(2, (2, 3), torch.float64, "cpu")
+    active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(3))
+    noise = torch.randn_like(x) * (1 - mask_at(active, 1).double())
+    for a, b in zip(sparse(x, active), sparse(x + noise, active)):
+        assert torch.equal(a.F, b.F)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"])
+def test_timm_round_trip_is_exact(name):
+    dense = timm.create_model(name, pretrained=False)
+    sd = dense.state_dict()
+    sparse = build_sparse_encoder(name)
+    sparse.load_timm_state_dict(sd)
+    exported = sparse.timm_state_dict()
+    headless = timm.create_model(name, pretrained=False, num_classes=0)
+    headless.load_state_dict(exported, strict=True)
+    for k, v in headless.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_feature_channels_and_ratio():
+    assert build_sparse_encoder("resnet50").feature_channels == [256, 512, 1024, 2048]
+    assert build_sparse_encoder("resnet18").feature_channels == [64, 128, 256, 512]
+    assert build_sparse_encoder("resnet18").downsample_ratio == 32
+
+
+def test_weights_from_another_model_are_rejected():
+    sparse = build_sparse_encoder("resnet18")
+    with pytest.raises(ValueError, match="another model"):
+        sparse.load_timm_state_dict(timm.create_model("resnet50").state_dict())
+
+
+def test_unknown_model_lists_supported():
+    with pytest.raises(ValueError, match="resnet50") as e:
+        build_sparse_encoder("resnet51")
+    assert "unknown sparse encoder 'resnet51'" in str(e.value)
+    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"} <= set(list_encoders())
+
+
+def test_drop_path_schedule_matches_timm():
+    sparse = build_sparse_encoder("resnet50", drop_path_rate=0.1)
+    dense = timm.create_model("resnet50", drop_path_rate=0.1)
+    sparse_rates = [b.drop_path.drop_prob if b.drop_path else 0.0 for l in (1, 2, 3, 4) for b in getattr(sparse, f"layer{l}")]
+    dense_rates = [b.drop_path.drop_prob if b.drop_path else 0.0 for l in (1, 2, 3, 4) for b in getattr(dense, f"layer{l}")]
+    assert sparse_rates == pytest.approx(dense_rates)
