@@ -49,7 +49,7 @@ def check_inputs(images: torch.Tensor, active: torch.Tensor, patch_size: int) ->
 def to_sparse(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> ME.SparseTensor:
     """Visible pixels of ``images`` (B, C, H, W) as a SparseTensor at tensor stride 1."""
     pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
-    coords = pixel_mask.nonzero().int()  # [b, y, x], row-major
+    coords = pixel_mask.nonzero().int().contiguous()  # [b, y, x], row-major
     features = images.permute(0, 2, 3, 1)[pixel_mask]
     return ME.SparseTensor(features, coordinates=coords)
 

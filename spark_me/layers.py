@@ -29,7 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction
+from MinkowskiEngineBackend._C import ConvolutionMode
 from MinkowskiEngine.MinkowskiPooling import MinkowskiLocalPoolingFunction
+
+from spark_me.depthwise import depthwise_conv, depthwise_conv_minkowski, neighbour_table
 
 DIMENSION = 2  # images: coordinates are [b, y, x]
 
@@ -55,7 +58,9 @@ def kernel_tap_order(kernel_size: int) -> torch.Tensor:
 class SparseConv2d(nn.Module):
     """Sparse twin of ``nn.Conv2d(in, out, k, stride, padding=k//2 or 0, bias=...)``.
 
-    ``groups`` may be 1 or ``in_channels`` (depthwise). The weight lives in PyTorch's
+    ``groups`` may be 1 or ``in_channels`` (depthwise, stride 1; computed by
+    :mod:`spark_me.depthwise`, or by MinkowskiEngine's own channel-wise loop with
+    ``depthwise_impl="minkowski"``, kept as a baseline). The weight lives in PyTorch's
     layout and is rearranged into MinkowskiEngine's ``[kernel_volume, in, out]`` at each
     call, which is cheap next to the convolution and keeps state dicts timm-compatible.
     """
@@ -68,12 +73,17 @@ class SparseConv2d(nn.Module):
         stride: int = 1,
         bias: bool = True,
         groups: int = 1,
+        depthwise_impl: str = "gather",
     ) -> None:
         super().__init__()
         if groups not in (1, in_channels):
             raise ValueError(f"SparseConv2d supports groups=1 or depthwise, got groups={groups}")
         if groups != 1 and out_channels != in_channels:
             raise ValueError("a depthwise SparseConv2d needs out_channels == in_channels")
+        if groups != 1 and (stride != 1 or kernel_size % 2 == 0):
+            raise ValueError("a depthwise SparseConv2d must be stride 1 with an odd kernel")
+        if depthwise_impl not in ("gather", "minkowski"):
+            raise ValueError(f"depthwise_impl must be 'gather' or 'minkowski', got {depthwise_impl!r}")
         if kernel_size % 2 == 0 and stride != kernel_size:
             raise ValueError(
                 f"an even kernel ({kernel_size}) is supported only as a non-overlapping "
@@ -84,6 +94,7 @@ class SparseConv2d(nn.Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.groups = groups
+        self.depthwise_impl = depthwise_impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.kernel_generator = ME.KernelGenerator(
@@ -125,7 +136,7 @@ class SparseConv2d(nn.Module):
             x.F,
             self.me_kernel(),
             self.kernel_generator,
-            ME.ConvolutionMode.DEFAULT,
+            ConvolutionMode.DEFAULT,
             x.coordinate_map_key,
             out_key,
             x.coordinate_manager,
@@ -133,7 +144,10 @@ class SparseConv2d(nn.Module):
         return features, out_key
 
     def _depthwise(self, x: ME.SparseTensor) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
-        raise NotImplementedError("depthwise sparse convolution is not implemented yet")
+        kernel = self.me_kernel()  # [K, C]
+        if self.depthwise_impl == "minkowski":
+            return depthwise_conv_minkowski(x, kernel, self.kernel_generator), x.coordinate_map_key
+        return depthwise_conv(x.F, kernel, neighbour_table(x, self.kernel_generator)), x.coordinate_map_key
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -144,6 +158,13 @@ class SparseConv2d(nn.Module):
 
 class SparseBatchNorm2d(nn.BatchNorm1d):
     """Sparse twin of ``nn.BatchNorm2d``: statistics over existing (visible) sites only."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
+        return with_features(x, super().forward(x.F))
+
+
+class SparseLayerNorm(nn.LayerNorm):
+    """Sparse twin of timm's ``LayerNorm2d`` / channels-last ``nn.LayerNorm``: per site."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
         return with_features(x, super().forward(x.F))

@@ -13,9 +13,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| (expected must not be all zero)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    denom = expected.double().norm()
+    denom = expected.detach().double().norm()
     assert denom > 0, "reference is all zero: the comparison would prove nothing"
-    return float((actual.double() - expected.double()).norm() / denom)
+    return float((actual.detach().double() - expected.detach().double()).norm() / denom)
 
 
 def randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:

@@ -64,3 +64,33 @@ def masked_dense_resnet(model: nn.Module, images: torch.Tensor, active: torch.Te
             x, stride = _block(block, x, active, stride)
         feats.append(x)
     return feats
+
+
+def masked_dense_convnext(model: nn.Module, images: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+    """Feature maps after each stage of a timm ConvNeXt under the masked-dense semantics.
+
+    LayerNorm is per site, so it needs no special treatment beyond re-masking (a masked
+    site's zero vector would otherwise be normalised into the LN bias).
+    """
+    x = images * mask_at(active, 1)
+    stride = 4
+    x = model.stem[0](x) * mask_at(active, stride)
+    x = model.stem[1](x) * mask_at(active, stride)
+    feats = []
+    for i, stage in enumerate(model.stages):
+        if i > 0:
+            x = stage.downsample[0](x) * mask_at(active, stride)
+            stride *= 2
+            x = stage.downsample[1](x) * mask_at(active, stride)
+        m = mask_at(active, stride)
+        for blk in stage.blocks:
+            y = blk.conv_dw(x) * m
+            if blk.use_conv_mlp:
+                y = blk.mlp(blk.norm(y))
+            else:
+                y = blk.mlp(blk.norm(y.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            if blk.gamma is not None:
+                y = y * blk.gamma.view(1, -1, 1, 1)
+            x = x + y * m
+        feats.append(x)
+    return feats

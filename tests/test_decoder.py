@@ -16,13 +16,13 @@ def test_shapes_and_widths():
 
 
 def test_every_feature_is_used():
-    dec = LightDecoder(width=64).eval()
-    feats = [torch.randn(1, c, 2**i, 2**i) for i, c in enumerate(dec.channels[:4])]
+    dec = LightDecoder(width=64).train()  # batch statistics keep activations O(1)
+    feats = [torch.randn(2, c, 2**i, 2**i) for i, c in enumerate(dec.channels[:4])]
     base = dec(feats)
     for i in range(4):
         changed = [f.clone() for f in feats]
-        changed[i] += 1.0
-        assert not torch.allclose(dec(changed), base), i
+        changed[i][0] += torch.randn_like(changed[i][0])
+        assert (dec(changed) - base).abs().max() > 1e-3 * base.abs().max(), i
 
 
 def test_bad_width():

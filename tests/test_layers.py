@@ -129,7 +129,7 @@ def test_drop_path_drops_whole_samples():
 
 def test_sparse_add_checks_sites():
     _, xs, _ = _sparse_input()
-    down = SparseConv2d(5, 5, 1, 2)(xs)
+    down = SparseConv2d(5, 5, 1, 2).double()(xs)
     with pytest.raises(ValueError, match="different sites"):
         sparse_add(xs, down)
     assert torch.equal(sparse_add(xs, xs).F, 2 * xs.F)
@@ -138,5 +138,5 @@ def test_sparse_add_checks_sites():
 def test_stride_two_outputs_share_sites():
     """A 3x3/2 conv and a 1x1/2 conv of the same input land on the same coordinate map."""
     _, xs, _ = _sparse_input()
-    a, b = SparseConv2d(5, 3, 3, 2)(xs), SparseConv2d(5, 3, 1, 2)(xs)
+    a, b = SparseConv2d(5, 3, 3, 2).double()(xs), SparseConv2d(5, 3, 1, 2).double()(xs)
     assert a.coordinate_map_key == b.coordinate_map_key

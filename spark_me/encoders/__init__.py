@@ -1,5 +1,5 @@
 """Sparse encoders and their registry; importing this registers the built-in families."""
-from spark_me.encoders import resnet  # noqa: F401  (registers the ResNets)
+from spark_me.encoders import convnext, resnet  # noqa: F401  (register the built-in families)
 from spark_me.encoders.base import SparseEncoder
 from spark_me.encoders.registry import build_sparse_encoder, list_encoders, register_encoder
 

@@ -1,0 +1,1 @@
+"""Benchmarks of spark_me's sparse encoders against dense computation."""

@@ -1,0 +1,166 @@
+"""Sparse ConvNeXts, the twins of timm's convnext_atto … convnext_xlarge.
+
+4×4/4 stem conv + LayerNorm; stages of (LayerNorm + 2×2/2 conv) downsampling and blocks of
+depthwise 7×7 conv → LayerNorm → Linear(4×) → GELU → Linear → layer scale → drop-path →
+residual. Attribute names follow timm's ``ConvNeXt`` so state dicts are interchangeable;
+``head.norm`` is carried (unused by SparK) so the export loads strictly into
+``timm.create_model(name, num_classes=0)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import MinkowskiEngine as ME
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+from spark_me.encoders.base import SparseEncoder
+from spark_me.encoders.registry import register_encoder
+from spark_me.layers import SparseConv2d, SparseDropPath, SparseLayerNorm, sparse_add, with_features
+
+LN_EPS = 1e-6
+
+
+class ConvMlpOnFeatures(nn.Module):
+    """timm's ``ConvMlp`` (1×1 convs, used by convnext_atto…nano) applied to [N, C] features."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = self.act(F.linear(f, self.fc1.weight.flatten(1), self.fc1.bias))
+        return F.linear(f, self.fc2.weight.flatten(1), self.fc2.bias)
+
+
+class SparseConvNeXtBlock(nn.Module):
+    def __init__(
+        self, dim: int, drop_path: float, ls_init_value: Optional[float], conv_mlp: bool, depthwise_impl: str
+    ) -> None:
+        super().__init__()
+        self.conv_dw = SparseConv2d(dim, dim, 7, 1, bias=True, groups=dim, depthwise_impl=depthwise_impl)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = ConvMlpOnFeatures(dim, 4 * dim) if conv_mlp else Mlp(dim, 4 * dim, act_layer=nn.GELU)
+        self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value is not None else None
+        self.drop_path = SparseDropPath(drop_path) if drop_path > 0 else None
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        y = self.conv_dw(x)
+        f = self.mlp(self.norm(y.F))
+        if self.gamma is not None:
+            f = f * self.gamma
+        y = with_features(y, f)
+        if self.drop_path is not None:
+            y = self.drop_path(y)
+        return sparse_add(y, x)
+
+
+class SparseConvNeXtStage(nn.Module):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        drop_paths: Sequence[float],
+        ls_init_value: Optional[float],
+        conv_mlp: bool,
+        depthwise_impl: str,
+    ) -> None:
+        super().__init__()
+        if in_dim != dim:
+            self.downsample = nn.Sequential(SparseLayerNorm(in_dim, eps=LN_EPS), SparseConv2d(in_dim, dim, 2, 2))
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(
+            *(SparseConvNeXtBlock(dim, drop_paths[i], ls_init_value, conv_mlp, depthwise_impl) for i in range(depth))
+        )
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return self.blocks(self.downsample(x))
+
+
+class SparseConvNeXt(SparseEncoder):
+    """Sparse ConvNeXt with feature maps after each of the four stages."""
+
+    def __init__(
+        self,
+        depths: tuple[int, int, int, int],
+        dims: tuple[int, int, int, int],
+        drop_path_rate: float = 0.0,
+        ls_init_value: Optional[float] = 1e-6,
+        conv_mlp: bool = False,
+        depthwise_impl: str = "gather",
+        timm_name: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.timm_name = timm_name
+        self.feature_channels = list(dims)
+        self.stem = nn.Sequential(SparseConv2d(3, dims[0], 4, 4), SparseLayerNorm(dims[0], eps=LN_EPS))
+        # timm's rule: drop-path rates linear over all blocks, split per stage.
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        in_dim = dims[0]
+        self.stages = nn.Sequential()
+        for i in range(4):
+            self.stages.append(
+                SparseConvNeXtStage(
+                    in_dim, dims[i], depths[i], rates[i].tolist(), ls_init_value, conv_mlp, depthwise_impl
+                )
+            )
+            in_dim = dims[i]
+        self.head = nn.Module()
+        self.head.norm = nn.LayerNorm(dims[-1], eps=LN_EPS)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm's ConvNeXt initialisation (trunc-normal std .02 weights, zero biases)."""
+        for m in self.modules():
+            if isinstance(m, (SparseConv2d, nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def densify_norm(self, channels: int) -> nn.Module:
+        return SparseLayerNorm(channels, eps=LN_EPS)
+
+    def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+# name: (depths, dims, conv_mlp) as in timm
+CONVNEXT_CONFIGS: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int], bool]] = {
+    "convnext_atto": ((2, 2, 6, 2), (40, 80, 160, 320), True),
+    "convnext_femto": ((2, 2, 6, 2), (48, 96, 192, 384), True),
+    "convnext_pico": ((2, 2, 6, 2), (64, 128, 256, 512), True),
+    "convnext_nano": ((2, 2, 8, 2), (80, 160, 320, 640), True),
+    "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), False),
+    "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768), False),
+    "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024), False),
+    "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536), False),
+    "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), False),
+}
+
+
+def _factory(name: str):
+    depths, dims, conv_mlp = CONVNEXT_CONFIGS[name]
+
+    def build(**kwargs) -> SparseConvNeXt:
+        return SparseConvNeXt(depths, dims, conv_mlp=conv_mlp, timm_name=name, **kwargs)
+
+    build.__name__ = f"sparse_{name}"
+    build.__doc__ = f"Sparse twin of timm's {name}."
+    return build
+
+
+for _name in CONVNEXT_CONFIGS:
+    register_encoder(_name, _factory(_name))
