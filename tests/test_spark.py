@@ -20,8 +20,9 @@ def _batch(b=2, grid=(2, 3), seed=0):
     return torch.randn(b, 3, 32 * grid[0], 32 * grid[1], generator=g)
 
 
-def test_backward_reaches_encoder_mask_tokens_and_decoder():
-    model = _model()
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_backward_reaches_encoder_mask_tokens_and_decoder(name):
+    model = _model(name=name)
     x = _batch()
     active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(0))
     loss = model(x, active)
