@@ -3,7 +3,7 @@
 4×4/4 stem conv + LayerNorm; stages of (LayerNorm + 2×2/2 conv) downsampling and blocks of
 depthwise 7×7 conv → LayerNorm → Linear(4×) → GELU → Linear → layer scale → drop-path →
 residual. Attribute names follow timm's ``ConvNeXt`` so state dicts are interchangeable;
-``head.norm`` is carried (unused by SparK) so the export loads strictly into
+``head.norm`` is carried as buffers (unused by SparK) so the export loads strictly into
 ``timm.create_model(name, num_classes=0)``.
 """
 from __future__ import annotations
@@ -57,6 +57,17 @@ class SparseConvNeXtBlock(nn.Module):
         if self.drop_path is not None:
             y = self.drop_path(y)
         return sparse_add(y, x)
+
+
+class CarriedLayerNorm(nn.Module):
+    """timm's classifier-head LayerNorm, kept as buffers: SparK never uses it, but the
+    export must contain it to load strictly into ``timm.create_model(name, num_classes=0)``.
+    Buffers, not parameters, so optimisers and DDP do not see an unused parameter."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(dim))
+        self.register_buffer("bias", torch.zeros(dim))
 
 
 class SparseConvNeXtStage(nn.Module):
@@ -114,7 +125,7 @@ class SparseConvNeXt(SparseEncoder):
             )
             in_dim = dims[i]
         self.head = nn.Module()
-        self.head.norm = nn.LayerNorm(dims[-1], eps=LN_EPS)
+        self.head.norm = CarriedLayerNorm(dims[-1])
         self.init_weights()
 
     def init_weights(self) -> None:
