@@ -3,14 +3,16 @@
 MinkowskiEngine 0.5.4's channel-wise convolution loops in Python over the kernel offsets
 and lets autograd record an indexed multiply-add per offset, saving a gathered copy of
 the input for each of the 49 offsets of a 7×7 kernel. Here the kernel map becomes one
-``[N, K]`` neighbour table (row ``N`` of the padded input is zero, standing for an absent
+``[K, N]`` neighbour table (row ``N`` of the padded input is zero, standing for an absent
 neighbour) and a custom autograd function keeps only the input, the weight and the table:
 
-* forward:      ``out[n] = Σ_k x[nbr[n, k]] · w[k]``
+* forward:      ``out[n] = Σ_k x[nbr[k, n]] · w[k]``
 * grad input:   the same gather with the kernel mirrored (stride 1 maps a site's
   neighbours onto it symmetrically: offset k of n lands on n' iff offset K-1-k of n'
   lands on n, as the offsets are enumerated in a centred, point-symmetric order);
-* grad weight:  ``gw[k] = Σ_n x[nbr[n, k]] · g[n]``.
+* grad weight:  ``gw[k] = Σ_n x[nbr[k, n]] · g[n]``.
+
+Each offset is one ``index_select`` of contiguous indices plus a fused multiply-add.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 
 def neighbour_table(x: ME.SparseTensor, kernel_generator: ME.KernelGenerator) -> torch.Tensor:
-    """``[N, K]`` int64 table: row n lists, per kernel offset, the input row or N if absent."""
+    """``[K, N]`` int64 table: entry (k, n) is the input row at offset k of site n, or N if absent."""
     cm = x.coordinate_manager
     key = x.coordinate_map_key
     kmap = cm.kernel_map(
@@ -32,18 +34,18 @@ def neighbour_table(x: ME.SparseTensor, kernel_generator: ME.KernelGenerator) ->
     )
     n = x.F.shape[0]
     volume = kernel_generator.kernel_volume
-    table = torch.full((n, volume), n, dtype=torch.long, device=x.F.device)
+    table = torch.full((volume, n), n, dtype=torch.long, device=x.F.device)
     for k, in_out in kmap.items():
         in_out = in_out.long().to(x.F.device)
-        table[in_out[1], k] = in_out[0]
+        table[k, in_out[1]] = in_out[0]
     return table
 
 
 def _gather_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
-    out = features.new_zeros(table.shape[0], features.shape[1])
-    for k in range(table.shape[1]):
-        out.addcmul_(padded[table[:, k]], weight[k])
+    out = features.new_zeros(table.shape[1], features.shape[1])
+    for k in range(table.shape[0]):
+        out.addcmul_(padded.index_select(0, table[k]), weight[k])
     return out
 
 
@@ -61,12 +63,12 @@ class _DepthwiseConv(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
-            grad_w = torch.stack([(padded[table[:, k]] * grad).sum(0) for k in range(table.shape[1])])
+            grad_w = torch.stack([(padded.index_select(0, t) * grad).sum(0) for t in table])
         return grad_in, grad_w, None
 
 
 def depthwise_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Depthwise submanifold conv: ``features`` [N, C], ``weight`` [K, C], ``table`` [N, K]."""
+    """Depthwise submanifold conv: ``features`` [N, C], ``weight`` [K, C], ``table`` [K, N]."""
     return _DepthwiseConv.apply(features, weight, table)
 
 
