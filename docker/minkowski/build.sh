@@ -45,7 +45,11 @@ case "$target" in cpu|cuda) ;; *) die "--target must be 'cpu' or 'cuda', got '$t
 
 torch_version=$("$python" -c 'import torch; print(torch.__version__)')
 py_tag=$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-patch_hash=$(cat "$HERE"/patches/*.patch "$HERE/build.sh" | sha256sum | cut -c1-12)
+# Patches in common/ apply to every target, cuda/ only to the CUDA build; the cache key
+# hashes exactly the patches applied, so editing a CUDA patch keeps the CPU wheel.
+patches=("$HERE"/patches/common/*.patch)
+[ "$target" = cpu ] || patches+=("$HERE"/patches/cuda/*.patch)
+patch_hash=$(cat "${patches[@]}" | sha256sum | cut -c1-12)
 key="me${ME_VERSION}-torch${torch_version//+/_}-${py_tag}-${target}-p${patch_hash}"
 slot="$cache/$key"
 mkdir -p "$slot"
@@ -55,25 +59,33 @@ if [ -n "$wheel" ]; then
   echo "build.sh: using cached wheel $wheel"
 else
   start=$(date +%s)
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-  if [ -z "$sdist" ]; then
-    sdist="$cache/MinkowskiEngine-${ME_VERSION}.tar.gz"
-    if [ ! -f "$sdist" ]; then
-      echo "build.sh: downloading MinkowskiEngine ${ME_VERSION} source"
-      curl -fsSL --retry 3 -o "$sdist.part" "$ME_URL" || die "could not download $ME_URL; pass --sdist FILE"
-      mv "$sdist.part" "$sdist"
+  # The build tree is kept until the wheel is built, so an interrupted build resumes
+  # (ninja recompiles only what is missing).
+  work="$slot/build"
+  if [ ! -f "$work/.prepared" ]; then
+    rm -rf "$work"
+    mkdir -p "$work"
+    if [ -z "$sdist" ]; then
+      sdist="$cache/MinkowskiEngine-${ME_VERSION}.tar.gz"
+      if [ ! -f "$sdist" ]; then
+        echo "build.sh: downloading MinkowskiEngine ${ME_VERSION} source"
+        curl -fsSL --retry 3 -o "$sdist.part" "$ME_URL" || die "could not download $ME_URL; pass --sdist FILE"
+        mv "$sdist.part" "$sdist"
+      fi
     fi
+    [ -f "$sdist" ] || die "source tarball '$sdist' not found"
+    echo "$ME_SHA256  $sdist" | sha256sum -c --quiet - \
+      || die "sha256 of '$sdist' does not match MinkowskiEngine ${ME_VERSION}; delete it and retry"
+    tar -xzf "$sdist" -C "$work"
+    for p in "${patches[@]}"; do
+      echo "build.sh: applying $(basename "$(dirname "$p")")/$(basename "$p")"
+      patch -s -p1 -d "$work/MinkowskiEngine-${ME_VERSION}" < "$p"
+    done
+    touch "$work/.prepared"
+  else
+    echo "build.sh: resuming the build in $work"
   fi
-  [ -f "$sdist" ] || die "source tarball '$sdist' not found"
-  echo "$ME_SHA256  $sdist" | sha256sum -c --quiet - \
-    || die "sha256 of '$sdist' does not match MinkowskiEngine ${ME_VERSION}; delete it and retry"
-  tar -xzf "$sdist" -C "$work"
   src="$work/MinkowskiEngine-${ME_VERSION}"
-  for p in "$HERE"/patches/*.patch; do
-    echo "build.sh: applying $(basename "$p")"
-    patch -s -p1 -d "$src" < "$p"
-  done
 
   flags=()
   if [ "$target" = cpu ]; then
@@ -83,17 +95,32 @@ else
   else
     export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
     [ -x "$CUDA_HOME/bin/nvcc" ] || die "nvcc not found under CUDA_HOME=$CUDA_HOME"
-    # Torch's CUDA wheels ship the cuBLAS/cuSPARSE headers and libraries that a bare
-    # toolkit may lack; put them on the search paths.
-    nv=$("$python" - <<'PY'
+    "$python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' \
+      || die "torch in '$python' is a CPU-only build; --target cuda needs a CUDA build of torch"
+    # CUDA >= 13 keeps thrust/cub under include/cccl: nvcc finds them, the host compiler
+    # (for the .cpp sources) does not.
+    [ ! -d "$CUDA_HOME/include/cccl" ] || export CPATH="$CUDA_HOME/include/cccl${CPATH:+:$CPATH}"
+    # A bare toolkit may lack the cuBLAS/cuSPARSE headers and libraries; torch's CUDA
+    # wheels ship them (site-packages/nvidia/cu*), with versioned library names only, so
+    # link through unversioned symlinks. At run time `import torch` has loaded them.
+    if [ ! -f "$CUDA_HOME/include/cusparse.h" ]; then
+      nv=$("$python" - <<'PY'
 import glob, os, site
 roots = [p for s in site.getsitepackages() for p in glob.glob(os.path.join(s, "nvidia", "cu*"))]
+roots = [p for p in roots if os.path.isfile(os.path.join(p, "include", "cusparse.h"))]
 print(roots[0] if roots else "")
 PY
 )
-    if [ -n "$nv" ]; then
+      [ -n "$nv" ] || die "cuSPARSE headers are in neither $CUDA_HOME nor torch's nvidia wheels: install the toolkit's cuBLAS/cuSPARSE dev packages"
+      mkdir -p "$work/nvlib"
+      for l in cusparse cublas; do
+        so=$(ls "$nv/lib/lib$l.so."* 2>/dev/null | head -n1 || true)
+        [ -n "$so" ] || die "lib$l.so.* not found in $nv/lib"
+        ln -sf "$so" "$work/nvlib/lib$l.so"
+      done
+      echo "build.sh: using cuBLAS/cuSPARSE from $nv"
       export CPATH="$nv/include${CPATH:+:$CPATH}"
-      export LIBRARY_PATH="$nv/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+      export LIBRARY_PATH="$work/nvlib:$nv/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
     fi
     if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
       archs="8.0;8.6;8.9;9.0"
@@ -111,6 +138,7 @@ PY
   (cd "$src" && "$python" setup.py -q bdist_wheel -d "$work/dist" "${flags[@]}") \
     || die "MinkowskiEngine build failed (see the compiler output above)"
   cp "$work"/dist/*.whl "$slot/"
+  rm -rf "$work"
   wheel=$(ls "$slot"/*.whl | head -n1)
   echo "build.sh: built $wheel in $(( $(date +%s) - start )) s"
 fi
