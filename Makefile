@@ -31,9 +31,11 @@ deps: venv
 minkowski: venv
 	docker/minkowski/build.sh --python $(PY) --target cpu
 
+# OMP_WAIT_POLICY=PASSIVE: MinkowskiEngine's and torch's OpenMP regions alternate; with
+# busy-waiting threads on a loaded 2-core machine, float64 tests ran up to 30x slower.
 test:
 	@test -x $(PY) || { echo "$(VENV) not found: run 'make install' first"; exit 2; }
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
