@@ -2,7 +2,7 @@
 
     python -m kernels_bench.step --model resnet50 --batch 8 --size 224 --mask 0.6
 
-"Dense" runs timm's dense twin of the encoder (same weights) on the full image, then the
+``--part encoder`` times the encoders alone. "Dense" runs timm's dense twin of the encoder (same weights) on the full image, then the
 same densify (dense BatchNorm, mask embeddings where masked, projections), decoder and
 loss: the cost a dense pre-training of the same network pays. Medians of ``--repeats``
 timed runs after ``--warmup`` runs, both variants interleaved in one process.
@@ -71,6 +71,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decoder-width", type=int, default=768)
+    p.add_argument(
+        "--part", choices=("step", "encoder"), default="step",
+        help="time the whole SparK step, or the encoder alone (sum of its feature maps as the loss)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -84,7 +88,13 @@ def main() -> None:
 
     def step(model: nn.Module) -> None:
         model.zero_grad(set_to_none=True)
-        model(images, active).backward()
+        if args.part == "step":
+            model(images, active).backward()
+        elif isinstance(model, SparK):
+            sum(f.F.sum() for f in model.encoder(images, active)).backward()
+        else:
+            feats = model.encoder.forward_intermediates(images, indices=[1, 2, 3, 4], intermediates_only=True)
+            sum(f.sum() for f in feats).backward()
 
     results = {"sparse": [], "dense": []}
     for _ in range(args.warmup + args.repeats):  # interleave so drift hits both alike
@@ -92,6 +102,7 @@ def main() -> None:
         results["dense"] += time_step(lambda: step(dense), 0, 1)
     summary = {
         "model": args.model,
+        "part": args.part,
         "batch": args.batch,
         "size": args.size,
         "mask_ratio": args.mask,
