@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import platform
+import resource
 import statistics
 import time
 
@@ -41,7 +42,7 @@ class DenseSparK(nn.Module):
         self.patch_size = sparse.patch_size
 
     def forward(self, images: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder.forward_intermediates(images, indices=[1, 2, 3, 4], intermediates_only=True)
+        feats = self.encoder.forward_intermediates(images, indices=4, intermediates_only=True)
         dense = []
         for i, f in enumerate(reversed(feats)):
             m = upsample_mask(active, f.shape[-1] // active.shape[-1]).unsqueeze(1)
@@ -75,6 +76,10 @@ def main() -> None:
         "--part", choices=("step", "encoder"), default="step",
         help="time the whole SparK step, or the encoder alone (sum of its feature maps as the loss)",
     )
+    p.add_argument(
+        "--only", choices=("sparse", "dense"), default=None,
+        help="run one variant, so the process's peak RSS (reported) is that variant's",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -93,13 +98,17 @@ def main() -> None:
         elif isinstance(model, SparK):
             sum(f.F.sum() for f in model.encoder(images, active)).backward()
         else:
-            feats = model.encoder.forward_intermediates(images, indices=[1, 2, 3, 4], intermediates_only=True)
+            feats = model.encoder.forward_intermediates(images, indices=4, intermediates_only=True)
             sum(f.sum() for f in feats).backward()
 
-    results = {"sparse": [], "dense": []}
+    variants = {"sparse": sparse, "dense": dense}
+    if args.only:
+        variants = {args.only: variants[args.only]}
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results = {k: [] for k in variants}
     for _ in range(args.warmup + args.repeats):  # interleave so drift hits both alike
-        results["sparse"] += time_step(lambda: step(sparse), 0, 1)
-        results["dense"] += time_step(lambda: step(dense), 0, 1)
+        for k, model in variants.items():
+            results[k] += time_step(lambda: step(model), 0, 1)
     summary = {
         "model": args.model,
         "part": args.part,
@@ -115,7 +124,11 @@ def main() -> None:
         summary[f"{k}_median_s"] = statistics.median(v)
         summary[f"{k}_runs_s"] = [round(t, 3) for t in v]
         summary[f"{k}_images_per_s"] = args.batch / statistics.median(v)
-    summary["sparse_over_dense"] = summary["sparse_median_s"] / summary["dense_median_s"]
+    if len(variants) == 2:
+        summary["sparse_over_dense"] = summary["sparse_median_s"] / summary["dense_median_s"]
+    # ru_maxrss is in KiB on Linux; growth over the set-up is what the steps added
+    summary["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary["peak_rss_growth_mib"] = summary["peak_rss_mib"] - rss_before / 1024
     log.info(json.dumps(summary, indent=2))
 
 
