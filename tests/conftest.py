@@ -18,6 +18,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach().double() - expected.detach().double()).norm() / denom)
 
 
+def random_images(batch: int, grid: tuple[int, int], dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
+    """(batch, 3, 32*grid[0], 32*grid[1]) standard-normal images, reproducible by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, grid[0] * 32, grid[1] * 32, generator=g, dtype=dtype).to(device)
+
+
 def randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Give every BatchNorm/LayerNorm non-trivial affine parameters and running stats.
 

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TOL, randomize_norms, rel_err
+from conftest import TOL, random_images, randomize_norms, rel_err
 from masked_dense import mask_at, masked_dense_convnext
 from spark_me import build_sparse_encoder
 from spark_me.gather import site_mask, to_dense, to_sparse
@@ -28,17 +28,12 @@ def _pair(name, dtype, device, train=False):
     return dense.to(device, dtype).train(train), sparse.to(device, dtype).train(train)
 
 
-def _images(batch, grid, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, grid[0] * 32, grid[1] * 32, generator=g, dtype=dtype).to(device)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("name", ["convnext_tiny", "convnext_atto"])
 def test_all_visible_equals_timm(name, train, dtype, device):
     dense, sparse = _pair(name, dtype, device, train)
-    x = _images(2, (2, 3), dtype, device)
+    x = random_images(2, (2, 3), dtype, device)
     active = torch.ones(2, 2, 3, dtype=torch.bool, device=device)
     expected = dense.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
     got = sparse(x, active)
@@ -56,7 +51,7 @@ def test_random_masks_equal_masked_dense(name, impl, dtype, device):
         if hasattr(m, "depthwise_impl"):
             m.depthwise_impl = impl
     for seed, ratio in [(0, 0.6), (1, 0.3), (2, 0.85)]:
-        x = _images(3, (3, 4), dtype, device, seed)
+        x = random_images(3, (3, 4), dtype, device, seed)
         active = random_patch_mask(3, (3, 4), ratio, torch.Generator().manual_seed(seed)).to(device)
         for feat, ref in zip(sparse(x, active), masked_dense_convnext(dense, x, active)):
             size = ref.shape[-2:]
@@ -67,7 +62,7 @@ def test_random_masks_equal_masked_dense(name, impl, dtype, device):
 def test_gradients_match_masked_dense():
     """Backward through the gather depthwise conv equals autograd through the dense reference."""
     dense, sparse = _pair("convnext_atto", torch.float64, "cpu")
-    x = _images(2, (2, 3), torch.float64, "cpu")
+    x = random_images(2, (2, 3), torch.float64, "cpu")
     active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(0))
     w = [torch.randn(f.shape, dtype=torch.float64) for f in masked_dense_convnext(dense, x, active)]
     sum(((f * wi).sum() for f, wi in zip(masked_dense_convnext(dense, x, active), w))).backward()
@@ -83,7 +78,7 @@ def test_gradients_match_masked_dense():
 def test_drop_path_drops_whole_samples():
     """In a block with drop-path 0.5, each sample gets either no residual or twice it."""
     _, sparse = _pair("convnext_atto", torch.float64, "cpu")
-    x = to_sparse(_images(16, (1, 1), torch.float64, "cpu"), torch.ones(16, 1, 1, dtype=torch.bool), 32)
+    x = to_sparse(random_images(16, (1, 1), torch.float64, "cpu"), torch.ones(16, 1, 1, dtype=torch.bool), 32)
     stem = sparse.stem(x)
     block = sparse.stages[0].blocks[0].train()
     residual = block(stem).F - stem.F  # no drop-path yet

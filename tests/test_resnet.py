@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TOL, randomize_norms, rel_err
+from conftest import TOL, random_images, randomize_norms, rel_err
 from masked_dense import mask_at, masked_dense_resnet
 from spark_me import build_sparse_encoder, list_encoders
 from spark_me.gather import site_mask, to_dense
@@ -24,17 +24,12 @@ def _pair(name: str, dtype: torch.dtype, device: torch.device, train: bool):
     return dense.to(device, dtype).train(train), sparse.to(device, dtype).train(train)
 
 
-def _images(batch, grid, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, grid[0] * 32, grid[1] * 32, generator=g, dtype=dtype).to(device)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_all_visible_equals_timm(name, train, dtype, device):
     dense, sparse = _pair(name, dtype, device, train)
-    x = _images(2, (3, 2), dtype, device)
+    x = random_images(2, (3, 2), dtype, device)
     active = torch.ones(2, 3, 2, dtype=torch.bool, device=device)
     expected = dense.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
     got = sparse(x, active)
@@ -53,7 +48,7 @@ def test_random_masks_equal_masked_dense(name, train, dtype, device):
     # last stage, float32 rounding differences get amplified, so keep >= 16 sites there.
     for seed, ratio in [(0, 0.6), (1, 0.3), (2, 0.75)]:
         g = torch.Generator().manual_seed(seed)
-        x = _images(4, (4, 4), dtype, device, seed)
+        x = random_images(4, (4, 4), dtype, device, seed)
         active = random_patch_mask(4, (4, 4), ratio, g).to(device)
         expected = masked_dense_resnet(dense, x, active)
         got = sparse(x, active)
@@ -69,7 +64,7 @@ def test_random_masks_equal_masked_dense(name, train, dtype, device):
 def test_masked_sites_do_not_influence_visible_features():
     """Changing pixels under the mask changes no feature (the input is truly sparse)."""
     _, sparse = _pair("resnet18", torch.float64, torch.device("cpu"), train=True)
-    x = _images(2, (2, 3), torch.float64, "cpu")
+    x = random_images(2, (2, 3), torch.float64, "cpu")
     active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(3))
     noise = torch.randn_like(x) * (1 - mask_at(active, 1).double())
     for a, b in zip(sparse(x, active), sparse(x + noise, active)):
