@@ -5,10 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help install venv deps minkowski test clean
+.PHONY: help install venv deps minkowski test demo clean
 
 help:
 	@echo "make install   create $(VENV), install torch/torchvision/timm/..., build MinkowskiEngine (cached), install spark_me"
+	@echo "make demo      install, then a ~5 min CPU pre-training on built-in synthetic images (outputs/demo/<time>/)"
 	@echo "make test      run the test suite in $(VENV)"
 
 install: deps minkowski
@@ -36,6 +37,9 @@ minkowski: venv
 test:
 	@test -x $(PY) || { echo "$(VENV) not found: run 'make install' first"; exit 2; }
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/spark-me-pretrain experiment=demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,6 +13,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["spark_me", "spark_me.*"]),
+    # spark_me/configs is a symlink to the top-level configs/ (the Hydra config tree);
+    # building a wheel copies the YAML files into the package.
+    package_data={"spark_me": ["configs/*.yaml", "configs/*/*.yaml"]},
+    entry_points={
+        "console_scripts": [
+            "spark-me-pretrain=spark_me.pretrain:main",
+            "spark-me-export=spark_me.export:main",
+            "spark-me-reconstruct=spark_me.reconstruct_cli:main",
+        ]
+    },
     install_requires=[
         "torch>=2.5",
         "torchvision",

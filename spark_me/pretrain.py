@@ -1,0 +1,641 @@
+"""spark-me-pretrain: SparK pre-training as a Hydra app, on one process or under torchrun.
+
+    spark-me-pretrain data=folder data.path=/datasets/imagenet/train     # one GPU
+    torchrun --nproc_per_node 8 -m spark_me.pretrain data=folder data.path=...
+    spark-me-pretrain experiment=demo                                     # CPU demo
+    spark-me-pretrain --cfg job                                           # print the config
+
+The config tree is ``configs/`` at the repository root, shipped in the package as
+``spark_me/configs`` (a symlink in the source tree; real files in a wheel). A run writes
+to its output directory: ``.hydra/`` (the resolved config), ``pretrain.log``,
+``metrics.jsonl``, ``checkpoints/step_*.pt`` and ``reconstructions/step_*.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from spark_me import SparK, build_sparse_encoder, list_encoders, random_patch_mask
+from spark_me.checkpoint import (
+    EXPORT_FORMAT,
+    FORMAT,
+    CheckpointError,
+    capture_rng_state,
+    check_model,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_file,
+    load_model_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from spark_me.data import PretrainImages, ResumableSampler, SparKAugment, build_loader, build_source, center_view
+from spark_me.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    broadcast_object,
+    cleanup_distributed,
+    convert_sync_batchnorm,
+    init_distributed,
+)
+from spark_me.loss import masked_reconstruction_loss
+from spark_me.masking import num_visible
+from spark_me.optim import OPTIMIZERS, build_optimizer, clip_gradients, peak_lr
+from spark_me.schedule import CosineSchedule
+from spark_me.visualize import save_reconstruction_grid
+
+log = logging.getLogger(__name__)
+
+# Absolute, so Hydra reads the files whether it runs as `python -m`, a console script or
+# from an installed wheel (a relative path makes Hydra import `spark_me.configs` as a package).
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+PATCH_SIZE = 32  # total stride of every built-in encoder = mask patch size
+PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOGGERS = ("jsonl", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, reported before any heavy work."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/inf: the run stops, checkpoints stay intact."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _number(value: Any, key: str, low: float = -math.inf, high: float = math.inf, closed_high: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if not (low <= value <= high if closed_high else low <= value < high):
+        bound = "]" if closed_high else ")"
+        raise ConfigError(f"{key}={value!r} must be in [{low}, {high}{bound}")
+    return float(value)
+
+
+def _int(value: Any, key: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
+    return value
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the key and the fix for the first invalid value."""
+    m, d, o, s, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.schedule, cfg.trainer, cfg.logger
+    names = list_encoders()
+    if m.name not in names:
+        raise ConfigError(f"model.name={m.name!r} is not a known encoder; use model=<name> with one of: {', '.join(names)}")
+    if _int(m.decoder_width, "model.decoder_width") % PATCH_SIZE:
+        raise ConfigError(f"model.decoder_width={m.decoder_width} must be a multiple of 32 (it halves 5 times), e.g. 768 or 128")
+    _number(m.drop_path_rate, "model.drop_path_rate", 0.0, 1.0, closed_high=False)
+    if m.init is not None and not Path(str(m.init)).expanduser().is_file():
+        raise ConfigError(f"model.init={m.init!r} is not a file: pass a timm state dict or a spark_me checkpoint, or model.init=null")
+
+    ratio = cfg.mask.ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"mask.ratio={ratio!r} must be in [0, 1): the fraction of 32x32 patches hidden from the encoder, e.g. mask.ratio=0.6")
+
+    size = _int(d.image_size, "data.image_size")
+    if size % PATCH_SIZE:
+        lower = max(PATCH_SIZE, size // PATCH_SIZE * PATCH_SIZE)
+        raise ConfigError(f"data.image_size={size} is not a multiple of the mask patch size 32; use e.g. data.image_size={lower} or {lower + PATCH_SIZE}")
+    if num_visible((size // PATCH_SIZE) ** 2, float(ratio)) < 1:
+        raise ConfigError(f"mask.ratio={ratio} leaves no visible patch on a {size}px image: lower mask.ratio or raise data.image_size")
+    _int(d.batch_size, "data.batch_size")
+    _int(d.num_workers, "data.num_workers", low=0)
+    scale = list(d.crop_scale)
+    if len(scale) != 2 or not 0 < _number(scale[0], "data.crop_scale[0]") <= _number(scale[1], "data.crop_scale[1]") <= 1:
+        raise ConfigError(f"data.crop_scale={scale} must be [low, high] with 0 < low <= high <= 1, e.g. [0.67, 1.0]")
+    if d.kind == "demo":
+        if d.path is not None:
+            raise ConfigError(f"data.path={d.path!r} is set but data=demo ignores it: add data=folder to read that folder")
+        _int(d.num_images, "data.num_images")
+    elif d.kind == "folder":
+        if d.path is None:
+            raise ConfigError(
+                "data.path is not set: data=folder needs data.path=/path/to/images (ImageNet's train/ "
+                "or any folder of images, searched recursively); or use data=demo for built-in images"
+            )
+        if not Path(str(d.path)).expanduser().is_dir():
+            raise ConfigError(f"data.path={d.path!r} does not exist or is not a directory: fix the path")
+    else:
+        raise ConfigError(f"data.kind={d.kind!r} is unknown: use data=folder or data=demo")
+
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name={o.name!r} is unknown: use optimizer=lamb or optimizer=adamw")
+    _number(o.base_lr, "optimizer.base_lr", 0.0)
+    _number(o.weight_decay, "optimizer.weight_decay", 0.0)
+    _number(o.weight_decay_end, "optimizer.weight_decay_end", 0.0)
+    if o.grad_clip is not None:
+        _number(o.grad_clip, "optimizer.grad_clip", 1e-12)
+    _int(s.epochs, "schedule.epochs")
+    _number(s.warmup_epochs, "schedule.warmup_epochs", 0.0)
+    _number(s.warmup_start_ratio, "schedule.warmup_start_ratio", 0.0, 1.0)
+    _number(s.final_lr_ratio, "schedule.final_lr_ratio", 0.0, 1.0)
+
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r} is unknown: use fp32, bf16 or fp16")
+    if not (t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:")):
+        raise ConfigError(f"trainer.device={t.device!r} is unknown: use auto, cpu or cuda")
+    if t.resume not in (None, "auto", "never") and not Path(str(t.resume)).expanduser().is_file():
+        raise ConfigError(f"trainer.resume={t.resume!r} is not a file: use auto, never, or the path of a checkpoint")
+    _int(t.checkpoint_every, "trainer.checkpoint_every")
+    _int(t.keep_checkpoints, "trainer.keep_checkpoints")
+    if t.max_steps is not None:
+        _int(t.max_steps, "trainer.max_steps")
+
+    if lg.name not in LOGGERS:
+        raise ConfigError(f"logger.name={lg.name!r} is unknown: use logger=jsonl or logger=wandb")
+    _int(lg.log_every, "logger.log_every")
+    _int(lg.image_every, "logger.image_every", low=0)
+    _int(lg.num_images, "logger.num_images")
+    if lg.name == "wandb" and lg.mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={lg.mode!r} is unknown: use online, offline or disabled")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(cfg: DictConfig) -> SparK:
+    """The SparK model of a run config (encoder by timm name, LightDecoder, mask ratio)."""
+    kwargs = {"drop_path_rate": float(cfg.model.drop_path_rate)} if cfg.model.drop_path_rate else {}
+    encoder = build_sparse_encoder(cfg.model.name, **kwargs)
+    return SparK(encoder, decoder_width=int(cfg.model.decoder_width), mask_ratio=float(cfg.mask.ratio))
+
+
+def load_init_weights(model: SparK, path: str | os.PathLike) -> None:
+    """Initialise from a spark_me checkpoint / ``--full`` export, or a timm state dict (encoder)."""
+    obj = load_file(path)
+    if obj.get("format") in (FORMAT, EXPORT_FORMAT):
+        check_model(obj, path, model.encoder.timm_name, model.decoder.width)
+        load_model_state(model, obj["model"], path)
+        log.info("initialised SparK (encoder + decoder) from %s", path)
+        return
+    state = obj.get("state_dict", obj.get("model", obj))
+    try:
+        model.encoder.load_timm_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"model.init={path}: {e}") from e
+    log.info("initialised the encoder from timm weights %s", path)
+
+
+class SparKStep(nn.Module):
+    """SparK's loss with mixed precision where valid.
+
+    With ``amp_dtype`` None this is ``model(images, active)``. Otherwise the sparse encoder
+    runs in fp32 (MinkowskiEngine kernels are fp32/fp64 only), densify and the decoder run
+    under CUDA autocast, and the loss is computed in fp32.
+    """
+
+    def __init__(self, model: SparK, amp_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.amp_dtype = amp_dtype
+
+    def forward(self, images: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        if self.amp_dtype is None:
+            return self.model(images, active)
+        features = self.model.encoder(images, active)
+        b, _, h, w = images.shape
+        with torch.autocast(images.device.type, dtype=self.amp_dtype):
+            reconstruction = self.model.decoder(self.model.densify(features, b, (h, w)))
+        return masked_reconstruction_loss(reconstruction.float(), images, active, self.model.patch_size)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RunLogger:
+    """metrics.jsonl always; Weights & Biases too with logger=wandb. Main process only."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, wandb_id: Optional[str]) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.wandb = None
+        if cfg.logger.name == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                name=cfg.logger.run_name,
+                mode=cfg.logger.mode,
+                tags=list(cfg.logger.tags),
+                dir=str(out_dir),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
+            )
+
+    @property
+    def wandb_id(self) -> Optional[str]:
+        return getattr(self.wandb, "id", None)
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_image(self, step: int, path: Path) -> None:
+        if self.wandb is not None:
+            import wandb
+            from PIL import Image
+
+            self.wandb.log({"reconstructions": wandb.Image(Image.open(path), caption=f"step {step}: input | masked | reconstruction | pasted")}, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    if cfg.trainer.output_dir:
+        return Path(str(cfg.trainer.output_dir)).expanduser()
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise ConfigError("trainer.output_dir is not set and there is no Hydra run directory: set trainer.output_dir=...")
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class PretrainRun:
+    """One pre-training run: set-up in the constructor, the loop in :meth:`fit`."""
+
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo) -> None:
+        self.cfg = cfg
+        self.info = dist_info
+        self.device = dist_info.device
+        self.is_main = dist_info.is_main
+        t = cfg.trainer
+        self.seed = int(t.seed)
+        self.out = Path(broadcast_object(str(resolve_output_dir(cfg))))
+        self.ckpt_dir = self.out / "checkpoints"
+
+        try:
+            source = build_source(cfg.data)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.source = source
+        self.dataset = PretrainImages(source, SparKAugment(int(cfg.data.image_size), tuple(cfg.data.crop_scale)), self.seed)
+        self.batch_size = int(cfg.data.batch_size)
+        self.sampler = ResumableSampler(self.dataset, self.batch_size, dist_info.world_size, dist_info.rank, self.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.global_batch = self.batch_size * dist_info.world_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"{len(self.dataset)} images are fewer than one global batch of {self.global_batch} "
+                f"(data.batch_size={self.batch_size} x {dist_info.world_size} processes): lower data.batch_size"
+            )
+
+        seed_everything(self.seed)  # same initial weights on every rank
+        self.model = build_model(cfg)
+        if cfg.model.init:
+            load_init_weights(self.model, cfg.model.init)
+        self.model.to(self.device)
+        if dist_info.world_size > 1 and t.sync_bn:
+            convert_sync_batchnorm(self.model)
+        seed_everything(_derived_seed(self.seed, dist_info.rank, 1))  # per-rank stochastic depth
+        self.mask_generator = torch.Generator().manual_seed(_derived_seed(self.seed, dist_info.rank, 2))
+
+        lr = peak_lr(float(cfg.optimizer.base_lr), self.global_batch)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, lr)
+        s = cfg.schedule
+        self.schedule = CosineSchedule(
+            peak_lr=lr,
+            total_steps=int(s.epochs) * self.steps_per_epoch,
+            warmup_steps=round(float(s.warmup_epochs) * self.steps_per_epoch),
+            weight_decay=float(cfg.optimizer.weight_decay),
+            weight_decay_end=float(cfg.optimizer.weight_decay_end),
+            warmup_start_ratio=float(s.warmup_start_ratio),
+            final_lr_ratio=float(s.final_lr_ratio),
+        )
+        self.amp_dtype = PRECISIONS[t.precision] if self.device.type == "cuda" else None
+        if t.precision != "fp32" and self.device.type != "cuda":
+            log.warning("trainer.precision=%s applies on CUDA only: running fp32 on %s", t.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+
+        self.step = 0
+        self.wandb_id: Optional[str] = None
+        self._resume()
+
+        step_module = SparKStep(self.model, self.amp_dtype)
+        if dist_info.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_fn: nn.Module = DistributedDataParallel(step_module, device_ids=ids)
+        else:
+            self.step_fn = step_module
+        self.logger = RunLogger(cfg, self.out, self.wandb_id) if self.is_main else None
+        self._vis: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "SparK %s (%.1fM params, decoder %d), %d images of %dpx from %s, global batch %d over %d "
+            "process(es), %d steps/epoch x %d epochs, peak lr %.3g, device %s, precision %s, output %s",
+            cfg.model.name, n_params / 1e6, cfg.model.decoder_width, len(self.dataset), cfg.data.image_size,
+            cfg.data.kind if cfg.data.kind == "demo" else cfg.data.path, self.global_batch, dist_info.world_size,
+            self.steps_per_epoch, s.epochs, lr, self.device, t.precision if self.amp_dtype else "fp32", self.out,
+        )
+
+    # -- checkpoints
+
+    def _resume(self) -> None:
+        mode = self.cfg.trainer.resume
+        existing = list_checkpoints(self.ckpt_dir)
+        if mode in (None, "never"):
+            if existing:
+                raise ConfigError(
+                    f"{self.ckpt_dir} already holds checkpoints (newest {existing[-1].name}) that a fresh run "
+                    "would overwrite: pass trainer.resume=auto to continue it, or use a new output directory"
+                )
+            return
+        if mode == "auto":
+            path = latest_checkpoint(self.ckpt_dir)
+            if path is None:
+                log.info("no checkpoint in %s: starting a fresh run", self.ckpt_dir)
+                return
+        else:
+            path = Path(str(mode)).expanduser()
+            if existing and path.resolve().parent != self.ckpt_dir.resolve():
+                raise ConfigError(
+                    f"{self.ckpt_dir} already holds checkpoints of another run; resume from {path} into a new output directory"
+                )
+        ckpt = load_checkpoint(path)
+        check_model(ckpt, path, self.cfg.model.name, int(self.cfg.model.decoder_width))
+        load_model_state(self.model, ckpt["model"], path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"the optimizer state in {path} does not fit optimizer={self.cfg.optimizer.name}: {e}") from e
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        rng = ckpt["rng"]
+        if len(rng) == self.info.world_size:
+            restore_rng_state(rng[self.info.rank], self.mask_generator)
+        else:
+            log.warning("checkpoint written by %d processes, resuming on %d: random streams are re-seeded", len(rng), self.info.world_size)
+            seed_everything(_derived_seed(self.seed, self.info.rank, 1, self.step))
+            self.mask_generator.manual_seed(_derived_seed(self.seed, self.info.rank, 2, self.step))
+        if (ckpt.get("global_batch"), ckpt.get("steps_per_epoch")) != (self.global_batch, self.steps_per_epoch):
+            log.warning(
+                "checkpoint was written with global batch %s and %s steps/epoch, now %d and %d: the data order "
+                "and the schedule differ from the original run", ckpt.get("global_batch"), ckpt.get("steps_per_epoch"),
+                self.global_batch, self.steps_per_epoch,
+            )
+        self.wandb_id = ckpt.get("wandb_id")
+        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // self.steps_per_epoch)
+
+    def save(self) -> Optional[Path]:
+        """Checkpoint the run (collective: every rank contributes its RNG state)."""
+        rng = all_gather_objects(capture_rng_state(self.mask_generator))
+        if not self.is_main:
+            return None
+        state = {
+            "format": FORMAT,
+            "model_name": self.cfg.model.name,
+            "decoder_width": int(self.cfg.model.decoder_width),
+            "mask_ratio": float(self.cfg.mask.ratio),
+            "image_size": int(self.cfg.data.image_size),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rng,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "wandb_id": self.logger.wandb_id if self.logger else None,
+        }
+        path = save_checkpoint(state, self.ckpt_dir, int(self.cfg.trainer.keep_checkpoints))
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # -- visualisation
+
+    def save_reconstructions(self) -> Path:
+        """Grid of fixed images with fixed masks (main process; no RNG or BN state touched)."""
+        if self._vis is None:
+            size, n = int(self.cfg.data.image_size), int(self.cfg.logger.num_images)
+            views = []
+            for i in range(len(self.source)):
+                try:
+                    views.append(center_view(self.source.load(i), size))
+                except Exception:  # noqa: BLE001 (unreadable: take the next one)
+                    continue
+                if len(views) == n:
+                    break
+            images = torch.stack(views).to(self.device)
+            grid = (size // PATCH_SIZE, size // PATCH_SIZE)
+            g = torch.Generator().manual_seed(self.seed)
+            self._vis = images, random_patch_mask(len(views), grid, self.model.mask_ratio, g, self.device)
+        was_training = self.model.training
+        self.model.eval()
+        views = self.model.reconstruct(*self._vis)
+        self.model.train(was_training)
+        path = save_reconstruction_grid(views, self.out / "reconstructions" / f"step_{self.step:08d}.png")
+        if self.logger:
+            self.logger.log_image(self.step, path)
+        return path
+
+    # -- the loop
+
+    def train_step(self, images: torch.Tensor, skipped: int) -> dict[str, float]:
+        lr, wd = self.schedule.apply(self.optimizer, self.step)
+        images = images.to(self.device, non_blocking=True)
+        b, _, h, w = images.shape
+        active = random_patch_mask(b, (h // PATCH_SIZE, w // PATCH_SIZE), self.model.mask_ratio, self.mask_generator, self.device)
+        loss = self.step_fn(images, active)
+        loss_mean, skipped_mean = all_reduce_mean(torch.stack([loss.detach().float(), loss.new_tensor(float(skipped))])).tolist()
+        if not math.isfinite(loss_mean):
+            self._non_finite(f"the loss is {loss_mean}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optimizer.grad_clip
+        grad_norm = float(clip_gradients(self.model, float(clip) if clip is not None else None))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            self._non_finite(f"the gradient norm is {grad_norm}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return {"loss": loss_mean, "lr": lr, "weight_decay": wd, "grad_norm": grad_norm,
+                "skipped": skipped_mean * self.info.world_size}
+
+    def _non_finite(self, what: str) -> None:
+        last = latest_checkpoint(self.ckpt_dir)
+        raise NonFiniteLossError(
+            f"{what} at step {self.step} (epoch {self.step // self.steps_per_epoch}); stopping. The last good "
+            f"checkpoint is {last if last else '(none yet)'}. Lower optimizer.base_lr, check the data or use "
+            "trainer.precision=fp32, then continue with trainer.resume=auto"
+        )
+
+    def fit(self) -> dict[str, Any]:
+        t, lg = self.cfg.trainer, self.cfg.logger
+        end = self.schedule.total_steps if t.max_steps is None else min(int(t.max_steps), self.schedule.total_steps)
+        losses: list[float] = []
+        window: dict[str, float] = {"loss": 0.0, "n": 0, "images": 0, "data": 0.0, "compute": 0.0}
+        skipped_total = skipped_reported = 0.0
+        last_metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        window_start = start
+        saved_at = self.step  # a resumed state is already on disk
+        if self.is_main and self.step == 0 and end > 0:
+            self.save_reconstructions()
+        bar = tqdm(total=end, initial=self.step, unit="step", dynamic_ncols=True, desc=f"pretrain {self.cfg.model.name}",
+                   disable=not (self.is_main and t.progress_bar))
+        try:
+            with logging_redirect_tqdm():
+                while self.step < end:
+                    epoch, skip = divmod(self.step, self.steps_per_epoch)
+                    self.sampler.set_position(epoch, skip)
+                    self.dataset.set_epoch(epoch)
+                    loader = build_loader(self.dataset, self.sampler, int(self.cfg.data.num_workers), epoch, self.seed)
+                    t_data = time.perf_counter()
+                    for images, skipped in loader:
+                        t_compute = time.perf_counter()
+                        metrics = self.train_step(images, skipped)
+                        now = time.perf_counter()
+                        window["data"] += t_compute - t_data
+                        window["compute"] += now - t_compute
+                        window["loss"] += metrics["loss"]
+                        window["n"] += 1
+                        window["images"] += images.shape[0] * self.info.world_size
+                        skipped_total += metrics["skipped"]
+                        losses.append(metrics["loss"])
+                        last_metrics = metrics
+                        bar.update(1)
+                        rate = window["images"] / max(now - window_start, 1e-9)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{rate:.1f}")
+                        if self.step % int(lg.log_every) == 0 or self.step == end:
+                            self._log_window(window, metrics, skipped_total, now - window_start, now - start)
+                            if skipped_total > skipped_reported and self.is_main:
+                                log.warning("%d unreadable image(s) skipped so far", int(skipped_total))
+                                skipped_reported = skipped_total
+                            window = {"loss": 0.0, "n": 0, "images": 0, "data": 0.0, "compute": 0.0}
+                            window_start = now
+                        if self.step % int(t.checkpoint_every) == 0 or self.step == end:
+                            self.save()
+                            saved_at = self.step
+                        if self.is_main and (self.step == end or (int(lg.image_every) and self.step % int(lg.image_every) == 0)):
+                            self.save_reconstructions()
+                        if self.step >= end:
+                            break
+                        t_data = time.perf_counter()
+            if saved_at != self.step:
+                self.save()
+        finally:
+            bar.close()
+            if self.logger:
+                self.logger.close()
+        elapsed = time.perf_counter() - start
+        summary = self._summary(losses, elapsed, last_metrics)
+        if losses:
+            log.info(
+                "done: step %d/%d in %.0fs; loss %.4f (first %d steps) -> %.4f (last %d steps); "
+                "metrics %s, reconstructions %s", self.step, self.schedule.total_steps, elapsed,
+                summary["first_loss"], summary["window"], summary["loss"], summary["window"],
+                self.out / "metrics.jsonl", self.out / "reconstructions" / f"step_{self.step:08d}.png",
+            )
+        return summary
+
+    def _log_window(self, window: dict, metrics: dict, skipped_total: float, window_time: float, total_time: float) -> None:
+        n = max(window["n"], 1)
+        record = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "loss": window["loss"] / n,
+            "lr": metrics["lr"],
+            "weight_decay": metrics["weight_decay"],
+            "grad_norm": metrics["grad_norm"],
+            "images_per_s": window["images"] / max(window_time, 1e-9),
+            "data_time": window["data"] / n,
+            "step_time": window["compute"] / n,
+            "skipped_images": int(skipped_total),
+            "time": round(total_time, 3),
+        }
+        if self.logger:
+            self.logger.log(record)
+
+    def _summary(self, losses: list[float], elapsed: float, last: dict) -> dict[str, Any]:
+        k = max(1, min(10, len(losses) // 4)) if losses else 0
+        return {
+            "step": self.step,
+            "output_dir": str(self.out),
+            "checkpoint": str(latest_checkpoint(self.ckpt_dir)) if self.is_main else None,
+            "first_loss": float(np.mean(losses[:k])) if losses else math.nan,
+            "loss": float(np.mean(losses[-k:])) if losses else math.nan,
+            "window": k,
+            "elapsed_s": elapsed,
+            **{f"last_{key}": v for key, v in last.items()},
+        }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate ``cfg``, join the process group (torchrun), train, and return a summary."""
+    validate_config(cfg)
+    info = init_distributed(str(cfg.trainer.device))
+    if not info.is_main:  # only rank 0 reports progress (root: this module is __main__ under -m)
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return PretrainRun(cfg, info).fit()
+    finally:
+        cleanup_distributed()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        summary = run(cfg)
+    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    return summary["loss"]  # the objective for Hydra sweepers
+
+
+def main() -> None:
+    """Console entry point ``spark-me-pretrain`` (also ``python -m spark_me.pretrain``)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

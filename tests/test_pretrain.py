@@ -1,0 +1,275 @@
+"""The pre-training app: config tree, validation, a short run, exact resume, failure modes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import spark_me
+from spark_me.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from spark_me.pretrain import ConfigError, NonFiniteLossError, SparKStep, build_model, run, validate_config
+
+CONFIG_DIR = Path(spark_me.__file__).parent / "configs"
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model=resnet18", "model.decoder_width=64", "data.num_images=8", "data.image_size=64",
+    "data.batch_size=2", "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=1",
+    "trainer.device=cpu", "trainer.progress_bar=false", "logger.log_every=1", "logger.image_every=0",
+    "logger.num_images=2",
+]
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("pretrain", overrides=list(overrides))
+
+
+def _tiny(out: Path, *overrides: str):
+    return _cfg(*TINY, f"trainer.output_dir={out}", *overrides)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _subprocess_env() -> dict:
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_tree_ships_with_the_package_and_defaults_follow_the_paper():
+    assert (REPO / "configs" / "pretrain.yaml").is_file()
+    assert (CONFIG_DIR / "pretrain.yaml").resolve() == (REPO / "configs" / "pretrain.yaml").resolve()
+    cfg = _cfg()
+    assert cfg.model.name == "resnet50" and cfg.model.decoder_width == 768
+    assert cfg.mask.ratio == 0.6 and cfg.data.image_size == 224 and list(cfg.data.crop_scale) == [0.67, 1.0]
+    assert cfg.optimizer.name == "lamb" and cfg.optimizer.base_lr == 2e-4 and cfg.optimizer.grad_clip == 5.0
+    assert (cfg.optimizer.weight_decay, cfg.optimizer.weight_decay_end) == (0.04, 0.2)
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1600, 40)
+    validate_config(cfg)
+
+
+def test_every_registered_encoder_has_a_model_config():
+    files = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    assert files == spark_me.list_encoders()
+    for name in files:
+        cfg = _cfg(f"model={name}")
+        assert cfg.model.name == name
+        validate_config(cfg)
+
+
+def test_demo_experiment_preset_composes():
+    cfg = _cfg("experiment=demo")
+    assert (cfg.model.name, cfg.data.kind, cfg.trainer.device) == ("resnet18", "demo", "cpu")
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=resnet5"], r"model.name='resnet5' is not a known encoder; use model=<name> with one of: .*resnet50"),
+        (["mask.ratio=1.0"], r"mask.ratio=1.0 must be in \[0, 1\)"),
+        (["mask.ratio=-0.1"], r"mask.ratio=-0.1 must be in \[0, 1\)"),
+        (["data.image_size=100"], r"data.image_size=100 is not a multiple of the mask patch size 32; use e.g. data.image_size=96 or 128"),
+        (["data=folder"], r"data.path is not set: data=folder needs data.path="),
+        (["data=folder", "data.path=/nonexistent/imagenet"], r"data.path='/nonexistent/imagenet' does not exist"),
+        (["data.path=/some/folder"], r"data=demo ignores it: add data=folder"),
+        (["data.batch_size=0"], r"data.batch_size=0 must be an integer >= 1"),
+        (["model.decoder_width=100"], r"model.decoder_width=100 must be a multiple of 32"),
+        (["trainer.precision=fp8"], r"trainer.precision='fp8' is unknown: use fp32, bf16 or fp16"),
+        (["optimizer.base_lr=abc"], r"optimizer.base_lr='abc' must be a number"),
+        (["trainer.resume=/no/such/ckpt.pt"], r"trainer.resume='/no/such/ckpt.pt' is not a file"),
+        (["logger=wandb", "logger.mode=sometimes"], r"logger.mode='sometimes' is unknown"),
+        (["data.image_size=32", "mask.ratio=0.9"], r"leaves no visible patch"),
+    ],
+)
+def test_invalid_values_fail_naming_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_cfg(*overrides))
+
+
+def test_cli_rejects_bad_values_at_start_with_exit_code_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "spark_me.pretrain", "mask.ratio=1.5", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ConfigError: mask.ratio=1.5 must be in [0, 1)" in proc.stdout + proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_multirun_saves_each_resolved_config(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "spark_me.pretrain", "--multirun", *TINY, "trainer.max_steps=1",
+         "mask.ratio=0.25,0.5", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ratios = []
+    for job in ("0", "1"):
+        saved = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        ratios.append(saved["mask"]["ratio"])
+        assert saved["model"]["name"] == "resnet18"
+        assert [m["step"] for m in _metrics(sweep / job)] == [1]
+        assert load_checkpoint(sweep / job / "checkpoints" / "step_00000001.pt")["mask_ratio"] == saved["mask"]["ratio"]
+    assert sorted(ratios) == [0.25, 0.5]
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_short_run_writes_metrics_checkpoints_and_reconstructions(tmp_path):
+    out = tmp_path / "run"
+    summary = run(_tiny(out, "trainer.max_steps=5", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2",
+                        "logger.image_every=4"))
+    assert summary["step"] == 5
+    lines = _metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(m["loss"]) and m["images_per_s"] > 0 and m["skipped_images"] == 0 for m in lines)
+    assert lines[0]["lr"] < lines[-1]["lr"]  # warming up
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000004.pt", "step_00000005.pt"]
+    ckpt = load_checkpoint(out / "checkpoints" / "step_00000005.pt")
+    assert ckpt["step"] == 5 and ckpt["model_name"] == "resnet18" and ckpt["config"]["data"]["image_size"] == 64
+    pngs = sorted(p.name for p in (out / "reconstructions").glob("*.png"))
+    assert pngs == ["step_00000000.png", "step_00000004.png", "step_00000005.png"]
+    grid = Image.open(out / "reconstructions" / "step_00000005.png")
+    assert grid.size == (4 * 66 - 2, 16 + 2 * 66 - 2)  # 4 views x 2 images of 64 px
+
+
+def _straight_and_split(base: str) -> None:
+    """6 steps straight; and 3 steps, then resume (trainer.resume=auto) to 6. Run in a subprocess."""
+    base = Path(base)
+    run(_tiny(base / "straight", "trainer.max_steps=6", "trainer.checkpoint_every=100"))
+    first = run(_tiny(base / "split", "trainer.max_steps=3", "trainer.checkpoint_every=100"))
+    assert first["step"] == 3 and [p.name for p in list_checkpoints(base / "split" / "checkpoints")] == ["step_00000003.pt"]
+    second = run(_tiny(base / "split", "trainer.max_steps=6", "trainer.checkpoint_every=100", "trainer.resume=auto"))
+    assert second["step"] == 6
+
+
+def test_resume_continues_bitwise_identically(tmp_path):
+    """Stop at step 3 (mid-epoch 0), resume, reach step 6 (in epoch 1): same bits as never stopping.
+
+    MinkowskiEngine builds coordinate maps with OpenMP threads, so the row order of strided
+    maps (and with it the float rounding of BatchNorm sums) varies from run to run unless
+    OMP_NUM_THREADS=1; the comparison runs in a subprocess with it.
+    """
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_pretrain; test_pretrain._straight_and_split({str(tmp_path)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**_subprocess_env(), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    a = load_checkpoint(straight / "checkpoints" / "step_00000006.pt")
+    b = load_checkpoint(split / "checkpoints" / "step_00000006.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i in a["optimizer"]["state"]:
+        for k, v in a["optimizer"]["state"][i].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][i][k])), (i, k)
+    assert torch.equal(a["rng"][0]["mask"], b["rng"][0]["mask"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    # the resumed half of the loss curve is the uninterrupted one
+    assert [m["loss"] for m in _metrics(straight)] == [m["loss"] for m in _metrics(split)]
+    # and the weights did move between the stop and the end (not two untouched models)
+    mid = load_checkpoint(split / "checkpoints" / "step_00000003.pt")
+    assert not torch.equal(mid["model"]["encoder.conv1.weight"], b["model"]["encoder.conv1.weight"])
+
+
+def test_resume_protects_saved_work(tmp_path):
+    out = tmp_path / "run"
+    run(_tiny(out, "trainer.max_steps=2"))
+    ckpt = out / "checkpoints" / "step_00000002.pt"
+    saved = ckpt.read_bytes()
+    with pytest.raises(ConfigError, match="already holds checkpoints.*trainer.resume=auto"):
+        run(_tiny(out, "trainer.max_steps=4", "trainer.resume=never"))
+    with pytest.raises(CheckpointError, match=r"is for model resnet18 .* builds resnet34"):
+        run(_tiny(out, "trainer.max_steps=4", "model=resnet34", "model.decoder_width=64"))
+    ckpt.write_bytes(saved[: len(saved) // 3])  # a damaged newest checkpoint
+    with pytest.raises(CheckpointError, match="truncated"):
+        run(_tiny(out, "trainer.max_steps=4"))
+    assert ckpt.read_bytes() == saved[: len(saved) // 3]  # nothing was overwritten
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002.pt"]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = SparKStep.forward
+
+    def poisoned(self, images, active):
+        calls["n"] += 1
+        loss = forward(self, images, active)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(SparKStep, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 3 .*step_00000002.pt"):
+        run(_tiny(out, "trainer.max_steps=6", "trainer.checkpoint_every=2"))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002.pt"]
+    good = load_checkpoint(out / "checkpoints" / "step_00000002.pt")
+    assert good["step"] == 2 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_folder_data_with_unreadable_files_trains_and_counts_them(tmp_path):
+    data = tmp_path / "images" / "class_a"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(data / f"ok{i}.png")
+    Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8)).save(data / "gray.png")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("data.num_images")]
+    summary = run(_cfg(*overrides, "data=folder", f"data.path={tmp_path / 'images'}", f"trainer.output_dir={out}",
+                       "trainer.max_steps=2"))
+    assert summary["step"] == 2
+    assert _metrics(out)[-1]["skipped_images"] >= 1  # the epoch visits every file once
+
+
+def test_wandb_offline_logs_scalars_and_images_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    run(_tiny(out, "logger=wandb", "logger.mode=offline", "logger.log_every=1", "logger.image_every=0",
+              "trainer.max_steps=2"))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert list(runs[0].rglob("media/images/*.png"))  # reconstruction grids
+    assert load_checkpoint(out / "checkpoints" / "step_00000002.pt")["wandb_id"] in runs[0].name
+
+
+def test_spark_step_fp32_is_the_model_loss():
+    torch.manual_seed(0)
+    model = build_model(_cfg(*TINY))
+    x = torch.randn(2, 3, 64, 64)
+    active = model.random_mask(x, torch.Generator().manual_seed(0))
+    assert torch.equal(SparKStep(model)(x, active), model(x, active))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_run_on_cuda(tmp_path, precision):
+    summary = run(_tiny(tmp_path / precision, "trainer.device=cuda", f"trainer.precision={precision}",
+                        "trainer.max_steps=3"))
+    assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    model = build_model(_cfg(*TINY)).cuda()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    active = model.random_mask(x)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    features = model.encoder(x, active)
+    assert all(f.F.dtype == torch.float32 for f in features)  # the sparse encoder stays fp32
+    loss = SparKStep(model, dtype)(x, active)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
