@@ -66,6 +66,13 @@ class SparseTinyConvNet(SparseEncoder):
         return out
 
 
+    def dense_model(self) -> TinyConvNet:
+        """The dense twin with these weights: the benchmarks' dense baselines run it."""
+        dense = TinyConvNet().to(self.stem.weight.device)
+        dense.load_state_dict(self.timm_state_dict())
+        return dense
+
+
 register_encoder("tiny_convnet", SparseTinyConvNet, overwrite=True)
 
 

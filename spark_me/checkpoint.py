@@ -139,13 +139,23 @@ def load_model_state(model: torch.nn.Module, state: dict, path: str | os.PathLik
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple["SparK", dict]:
     """The SparK model stored in a training checkpoint or a ``spark-me-export --full`` file."""
-    from spark_me import SparK, build_sparse_encoder
+    from spark_me import SparK, build_sparse_encoder, import_encoder_modules, list_encoders
 
     ckpt = load_file(path, map_location)
     if ckpt.get("format") not in (FORMAT, EXPORT_FORMAT):
         raise CheckpointError(
             f"{path} is not a spark_me checkpoint or --full export (format {ckpt.get('format')!r}); "
             "encoder-only timm weights carry no decoder"
+        )
+    imports = ((ckpt.get("config") or {}).get("model") or {}).get("imports") or []
+    try:
+        import_encoder_modules(imports)
+    except ValueError as e:
+        raise CheckpointError(f"{path} was trained with a user encoder that cannot be imported here: {e}") from e
+    if ckpt["model_name"] not in list_encoders():
+        raise CheckpointError(
+            f"{path} holds encoder {ckpt['model_name']!r}, which is not registered here; import the module "
+            "that registers it first (the CLIs take --import MODULE_OR_FILE)"
         )
     model = SparK(
         build_sparse_encoder(ckpt["model_name"]),

@@ -21,14 +21,20 @@ from typing import Optional, Sequence
 import torch
 
 from spark_me.checkpoint import EXPORT_FORMAT, load_model, save_atomic
+from spark_me.encoders.plugins import import_encoder_modules
 
 log = logging.getLogger(__name__)
 
 
 def verify_timm(name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Raise unless ``state_dict`` loads strictly into ``timm.create_model(name, num_classes=0)``."""
+    """Raise unless ``state_dict`` loads strictly into ``timm.create_model(name, num_classes=0)``.
+
+    Users' encoders without a timm twin are written unverified (with a warning)."""
     import timm
 
+    if not timm.is_model(name):
+        log.warning("%s is not a timm model: its encoder weights are written without a timm load check", name)
+        return
     timm.create_model(name, num_classes=0, pretrained=False).load_state_dict(state_dict, strict=True)
 
 
@@ -90,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--full", action="store_true", help="export encoder + decoder for continued pre-training")
     p.add_argument("--num-classes", type=int, default=0, help="add a freshly initialised classifier for N classes")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module (or .py file) that registers your own encoder; repeatable")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -99,6 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         p.error("--full writes a torch file (it carries the model config); use a .pt name")
     from spark_me.checkpoint import CheckpointError
 
+    try:
+        import_encoder_modules(args.imports)
+    except ValueError as e:
+        p.error(str(e))
     try:
         if args.full:
             export_full(args.checkpoint, out)

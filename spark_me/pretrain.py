@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from spark_me import SparK, build_sparse_encoder, list_encoders, random_patch_mask
+from spark_me import SparK, build_sparse_encoder, import_encoder_modules, list_encoders, random_patch_mask
+from spark_me.encoders.plugins import is_file_spec
 from spark_me.checkpoint import (
     EXPORT_FORMAT,
     FORMAT,
@@ -102,9 +103,16 @@ def _int(value: Any, key: str, low: int = 1) -> int:
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key and the fix for the first invalid value."""
     m, d, o, s, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.schedule, cfg.trainer, cfg.logger
+    try:
+        import_encoder_modules(m.get("imports") or [])
+    except ValueError as e:
+        raise ConfigError(f"model.imports: {e}") from e
     names = list_encoders()
     if m.name not in names:
-        raise ConfigError(f"model.name={m.name!r} is not a known encoder; use model=<name> with one of: {', '.join(names)}")
+        raise ConfigError(
+            f"model.name={m.name!r} is not a known encoder; use model=<name> with one of: {', '.join(names)}; "
+            "for your own encoder: model=custom model.name=<registered name> model.imports=[<module or .py file>]"
+        )
     if _int(m.decoder_width, "model.decoder_width") % PATCH_SIZE:
         raise ConfigError(f"model.decoder_width={m.decoder_width} must be a multiple of 32 (it halves 5 times), e.g. 768 or 128")
     _number(m.drop_path_rate, "model.drop_path_rate", 0.0, 1.0, closed_high=False)
@@ -610,6 +618,9 @@ class PretrainRun:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate ``cfg``, join the process group (torchrun), train, and return a summary."""
+    imports = cfg.model.get("imports") or []
+    if imports:  # absolute file paths, so checkpoints load from any working directory
+        cfg.model.imports = [str(Path(i).expanduser().resolve()) if is_file_spec(str(i)) else str(i) for i in imports]
     validate_config(cfg)
     info = init_distributed(str(cfg.trainer.device))
     if not info.is_main:  # only rank 0 reports progress (root: this module is __main__ under -m)

@@ -17,6 +17,7 @@ import torch
 
 from spark_me.checkpoint import CheckpointError, load_model
 from spark_me.data import center_view, find_images, load_rgb
+from spark_me.encoders.plugins import import_encoder_modules
 from spark_me.masking import random_patch_mask
 from spark_me.visualize import save_reconstruction_grid
 
@@ -70,9 +71,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     p.add_argument("--max-images", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module (or .py file) that registers your own encoder; repeatable")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        import_encoder_modules(args.imports)
         reconstruct_images(args.checkpoint, args.images, args.out, args.size, args.mask_ratio, args.seed, args.max_images, args.device)
     except (CheckpointError, ValueError) as e:
         p.exit(1, f"spark-me-reconstruct: error: {e}\n")

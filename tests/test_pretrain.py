@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import spark_me
-from spark_me.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from spark_me.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_model
+from spark_me.export import export_encoder
 from spark_me.pretrain import ConfigError, NonFiniteLossError, SparKStep, build_model, run, validate_config
 
 CONFIG_DIR = Path(spark_me.__file__).parent / "configs"
@@ -60,10 +61,16 @@ def test_config_tree_ships_with_the_package_and_defaults_follow_the_paper():
     validate_config(cfg)
 
 
-def test_every_registered_encoder_has_a_model_config():
+def test_every_builtin_encoder_has_a_model_config():
+    # A fresh interpreter: other tests register users' encoders in this one.
+    proc = subprocess.run([sys.executable, "-c", "import spark_me; print(' '.join(spark_me.list_encoders()))"],
+                          capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    builtin = proc.stdout.split()
+    assert "resnet50" in builtin and "convnext_tiny" in builtin
     files = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-    assert files == spark_me.list_encoders()
-    for name in files:
+    assert files == sorted(builtin + ["custom"])
+    for name in builtin:
         cfg = _cfg(f"model={name}")
         assert cfg.model.name == name
         validate_config(cfg)
@@ -107,6 +114,33 @@ def test_cli_rejects_bad_values_at_start_with_exit_code_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "ConfigError: mask.ratio=1.5 must be in [0, 1)" in proc.stdout + proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_trains_a_user_encoder_by_name_and_its_checkpoint_loads_elsewhere(tmp_path):
+    example = REPO / "examples" / "custom_encoder.py"
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "spark_me.pretrain", *TINY, "model=custom", "model.name=tiny_convnet",
+         "model.decoder_width=64", f"model.imports=[{example}]", "trainer.max_steps=2", f"trainer.output_dir={out}"],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ckpt = list_checkpoints(out / "checkpoints")[-1]
+    assert load_checkpoint(ckpt)["config"]["model"]["imports"] == [str(example)]
+    # The checkpoint names its import, so loading it registers the encoder by itself.
+    model, meta = load_model(ckpt)
+    assert meta["model_name"] == "tiny_convnet" and "tiny_convnet" in spark_me.list_encoders()
+    export_encoder(ckpt, tmp_path / "enc.pth")
+    assert torch.load(tmp_path / "enc.pth", weights_only=True).keys() == model.encoder.state_dict().keys()
+
+
+def test_user_encoder_errors_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="model.imports: encoder module file .* does not exist"):
+        validate_config(_cfg("model=custom", "model.name=x", f"model.imports=[{tmp_path}/none.py]"))
+    with pytest.raises(ConfigError, match="cannot import encoder module 'no_such_pkg_xyz'"):
+        validate_config(_cfg("model=custom", "model.name=x", "model.imports=[no_such_pkg_xyz]"))
+    with pytest.raises(ConfigError, match="model=custom model.name=<registered name>"):
+        validate_config(_cfg("model=custom", "model.name=not_registered_net"))
 
 
 def test_cli_multirun_saves_each_resolved_config(tmp_path):

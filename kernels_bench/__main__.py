@@ -1,0 +1,104 @@
+"""Benchmarks of true sparse SparK against dense masking.
+
+    python -m kernels_bench --device cpu --quick     # smoke run, < 2 min on 2 cores
+    python -m kernels_bench --device cpu             # full CPU sweep (about an hour on 2 cores)
+    python -m kernels_bench --device cuda            # full GPU sweep
+    python -m kernels_bench report                   # re-render docs/benchmarks.md from saved results
+
+Results go to kernels_bench/results/<device>[-quick]/ (results.json, rows.csv, kernels.csv,
+plots/); full runs also regenerate docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+REPORT = REPO / "docs" / "benchmarks.md"
+
+log = logging.getLogger("kernels_bench")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kernels_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=("run", "report"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--quick", action="store_true", help="small models and inputs, one timed run: a smoke test")
+    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads per case (default: torch's)")
+    p.add_argument("--models", nargs="+", default=None, help="override the plan's encoders (registered names)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default kernels_bench/results/<device>)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module that registers your own encoder, then name it in --models")
+    p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "breakdown"), help="parts of the run to leave out")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    from kernels_bench.report import write_report
+
+    if args.command == "report":
+        write_report(RESULTS, REPORT)
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    if args.imports:
+        from spark_me import import_encoder_modules
+
+        try:
+            import_encoder_modules(args.imports)
+        except ValueError as e:
+            p.error(str(e))
+    if args.imports and any(i.endswith(".py") or "/" in i for i in args.imports) and not args.quick:
+        log.warning("user encoders given as files are imported in this process only; pass a module name "
+                    "(on PYTHONPATH) so the per-case processes of a full CPU run can import it too")
+
+    from kernels_bench.breakdown import sparse_step_breakdown
+    from kernels_bench.kernels import run_kernel_bench
+    from kernels_bench.suite import full_plan, quick_plan, run_cases, sanity_check, save_results, environment
+
+    plan = quick_plan(args.device, args.threads) if args.quick else full_plan(args.device, args.threads)
+    if args.models:
+        plan.models = args.models
+    if args.repeats:
+        plan.repeats = args.repeats
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or RESULTS / (args.device.split(":")[0] + ("-quick" if args.quick else ""))
+    start = time.perf_counter()
+    cases = plan.cases()
+    log.info("kernels_bench: %d cases on %s (%s mode)", len(cases), args.device, "quick" if args.quick else "full")
+    sanity = [sanity_check(m, plan.batch, plan.size, args.device, plan.decoder_width) for m in plan.models]
+    rows = run_cases(cases, plan.isolate)
+    if plan.isolate is False and not args.device.startswith("cuda"):
+        for r in rows:  # peak RSS of a shared process says nothing about one case
+            r["peak_mib"] = r["peak_growth_mib"] = None
+    kernels = [] if "kernels" in args.skip else run_kernel_bench(args.device, quick=args.quick)
+    breakdown = None
+    if "breakdown" not in args.skip and args.device == "cpu":
+        b, s = (plan.batch, plan.size)
+        breakdown = sparse_step_breakdown(plan.models[0], b, s, 0.6, repeats=plan.repeats, decoder_width=plan.decoder_width)
+    payload = {
+        "environment": environment(),
+        "plan": {**dataclasses.asdict(plan), "quick": args.quick},
+        "sanity": sanity,
+        "rows": rows,
+        "kernels": kernels,
+        "breakdown": breakdown,
+        "wall_s": time.perf_counter() - start,
+    }
+    save_results(out, payload)
+    if not args.quick and args.out is None:
+        write_report(RESULTS, REPORT)
+    log.info("kernels_bench: done in %.0f s", payload["wall_s"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

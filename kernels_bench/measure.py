@@ -1,0 +1,188 @@
+"""Time and memory of one benchmark case: a variant, a part of the step, a configuration.
+
+Parts: ``encoder_fwd`` (train-mode forward without autograd), ``encoder_fwd_bwd`` (forward
+and backward of the sum of the feature maps), ``step`` (SparK loss, backward, optimizer
+step). Time is the median of ``repeats`` runs after ``warmup`` runs (synchronised on
+CUDA). Memory: on CUDA the peak allocated during the runs (absolute, and above what was
+allocated before them); on CPU the peak RSS of the process and its growth over the
+set-up, so on CPU each case runs in a fresh process:
+
+    python -m kernels_bench.measure '{"model": "resnet50", "variant": "sparse", ...}'
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from kernels_bench.variants import VARIANTS, build_variant, feature_sum
+from spark_me import SparK, build_sparse_encoder, random_patch_mask
+
+PARTS = ("encoder_fwd", "encoder_fwd_bwd", "step")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement. ``amp`` (bf16/fp16) and ``channels_last`` apply to the dense parts
+    on CUDA: the dense variants' encoders, and every variant's densify and decoder."""
+
+    model: str
+    variant: str
+    part: str
+    batch: int
+    size: int
+    mask_ratio: float
+    device: str = "cpu"
+    amp: Optional[str] = None
+    channels_last: bool = False
+    threads: Optional[int] = None
+    warmup: int = 1
+    repeats: int = 3
+    decoder_width: int = 768
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant {self.variant!r} is unknown; choose from {', '.join(VARIANTS)}")
+        if self.part not in PARTS:
+            raise ValueError(f"part {self.part!r} is unknown; choose from {', '.join(PARTS)}")
+        if self.size % 32:
+            raise ValueError(f"size {self.size} is not a multiple of 32")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio {self.mask_ratio} is outside [0, 1)")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp {self.amp!r} must be null, 'bf16' or 'fp16'")
+        if (self.amp or self.channels_last) and not self.device.startswith("cuda"):
+            raise ValueError("amp and channels_last rows are for CUDA only")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reproducible images and patch mask of a case (the same for every variant)."""
+    g = torch.Generator().manual_seed(case.seed)
+    images = torch.randn(case.batch, 3, case.size, case.size, generator=g)
+    grid = case.size // 32
+    active = random_patch_mask(case.batch, (grid, grid), case.mask_ratio, g)
+    return images.to(device), active.to(device)
+
+
+def build_sparse_spark(case: Case, device: torch.device) -> SparK:
+    """The reference SparK of a case; every variant copies its weights."""
+    torch.manual_seed(case.seed)
+    encoder = build_sparse_encoder(case.model)
+    return SparK(encoder, decoder_width=case.decoder_width, mask_ratio=case.mask_ratio).to(device).train()
+
+
+def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.Tensor) -> Callable[[], None]:
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.amp or "")
+    dense_encoder = case.variant != "sparse"
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    if case.part == "encoder_fwd":
+        def run() -> None:
+            with torch.no_grad(), (autocast() if dense_encoder else contextlib.nullcontext()):
+                model.encode(images, active)
+        return run
+    if case.part == "encoder_fwd_bwd":
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            with autocast() if dense_encoder else contextlib.nullcontext():
+                loss = feature_sum(model.encode(images, active))
+            loss.backward()
+        return run
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    scaler = torch.amp.GradScaler("cuda", enabled=case.amp == "fp16")
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if amp is not None and not dense_encoder:
+            from spark_me.pretrain import SparKStep  # encoder in fp32, densify + decoder in amp
+
+            loss = SparKStep(model.model, amp)(images, active)
+        else:
+            with autocast():
+                loss = model(images, active)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return run
+
+
+def run_case(case: Case) -> dict:
+    """Measure one case in this process; returns the case's fields plus the results."""
+    case.validate()
+    device = torch.device(case.device)
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    sparse = build_sparse_spark(case, device)
+    model = build_variant(sparse, case.variant).to(device).train()
+    if case.variant != "sparse":
+        del sparse  # the dense variants hold copies; keep only what is measured
+    if case.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images, active = make_inputs(case, device)
+    if case.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    fn = _step_fn(case, model, images, active)
+
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mib = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base_mib = _peak_rss_mib()
+    times = []
+    for i in range(case.warmup + case.repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= case.warmup:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = _peak_rss_mib()
+    median = statistics.median(times)
+    return {
+        **dataclasses.asdict(case),
+        "threads": torch.get_num_threads(),
+        "median_s": median,
+        "runs_s": times,
+        "images_per_s": case.batch / median,
+        "peak_mib": peak_mib,
+        "peak_growth_mib": peak_mib - base_mib,
+        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
+        "visible_fraction": float(active.float().mean()),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m kernels_bench.measure '<case as JSON>'")
+    result = run_case(Case(**json.loads(sys.argv[1])))
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

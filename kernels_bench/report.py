@@ -1,0 +1,206 @@
+"""Plots and the markdown report (docs/benchmarks.md) from saved results.
+
+    python -m kernels_bench report        # re-render from kernels_bench/results/*/results.json
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+LABELS = {"sparse": "(a) sparse (spark_me)", "masked_dense": "(b) masked-dense emulation", "dense": "(c) plain dense"}
+PART_LABELS = {"encoder_fwd": "encoder forward", "encoder_fwd_bwd": "encoder forward+backward", "step": "whole training step"}
+ANALYSIS = Path(__file__).with_name("analysis.md")
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r["part"], r["batch"], r["size"], r.get("amp"), bool(r.get("channels_last")))
+
+
+def _plain(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("amp") and not r.get("channels_last")]
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    """Time and memory against mask ratio, one figure per (model, part) at the main batch/size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plan = results["plan"]
+    rows = [r for r in _plain(results["rows"]) if r["batch"] == plan["batch"] and r["size"] == plan["size"]]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["part"])].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (model, part), rs in sorted(groups.items()):
+        masks = sorted({r["mask_ratio"] for r in rs if r["variant"] != "dense"})
+        if len(masks) < 2:
+            continue
+        with_memory = all(r.get("peak_growth_mib") is not None for r in rs)
+        fig, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(10 if with_memory else 5, 3.6), squeeze=False)
+        for variant in ("sparse", "masked_dense", "dense"):
+            vr = sorted((r for r in rs if r["variant"] == variant), key=lambda r: r["mask_ratio"])
+            if not vr:
+                continue
+            if variant == "dense":  # does not depend on the mask: a flat line
+                xs, t, m = masks, [vr[0]["median_s"]] * len(masks), [vr[0].get("peak_growth_mib")] * len(masks)
+                style = "--"
+            else:
+                xs, t, m = [r["mask_ratio"] for r in vr], [r["median_s"] for r in vr], [r.get("peak_growth_mib") for r in vr]
+                style = "-o"
+            axes[0][0].plot(xs, t, style, label=LABELS[variant])
+            if with_memory:
+                axes[0][1].plot(xs, m, style, label=LABELS[variant])
+        axes[0][0].set(xlabel="mask ratio", ylabel="seconds (median)", title=f"{model}: {PART_LABELS[part]}")
+        axes[0][0].set_ylim(bottom=0)
+        if with_memory:
+            kind = "GPU max allocated" if rs[0]["memory_kind"].startswith("cuda") else "peak RSS growth"
+            axes[0][1].set(xlabel="mask ratio", ylabel=f"MiB ({kind})", title="memory")
+            axes[0][1].set_ylim(bottom=0)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{model}_{part}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _fmt(x: Optional[float], spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def headline(results: dict) -> list[dict]:
+    """(a), (b), (c) at the headline mask for every model, part, batch and size, with a/b."""
+    plan = results["plan"]
+    rows = [r for r in results["rows"] if r["variant"] == "dense" or r["mask_ratio"] == 0.6]
+    by: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        by[_key(r)][r["variant"]] = r
+    out = []
+    for key, v in sorted(by.items(), key=lambda kv: (kv[0][0], list(PART_LABELS).index(kv[0][1]), kv[0][2:4] != (plan["batch"], plan["size"]), str(kv[0][2:]))):
+        a, b, c = v.get("sparse"), v.get("masked_dense"), v.get("dense")
+        out.append({
+            "model": key[0], "part": key[1], "batch": key[2], "size": key[3],
+            "setting": " ".join(s for s in (key[4], "channels_last" if key[5] else "") if s) or "fp32",
+            "a_img_s": a and a["images_per_s"], "b_img_s": b and b["images_per_s"], "c_img_s": c and c["images_per_s"],
+            "a_mib": a and a.get("peak_growth_mib"), "b_mib": b and b.get("peak_growth_mib"),
+            "c_mib": c and c.get("peak_growth_mib"),
+            "time_a_over_b": a and b and a["median_s"] / b["median_s"],
+            "mem_a_over_b": a and b and a.get("peak_growth_mib") and b.get("peak_growth_mib")
+            and a["peak_growth_mib"] / b["peak_growth_mib"],
+        })
+    return out
+
+
+def scaling(results: dict) -> list[dict]:
+    """Sparse time at each mask relative to mask 0 (the ideal is the visible fraction)."""
+    plan = results["plan"]
+    rows = [r for r in _plain(results["rows"]) if r["variant"] in ("sparse", "masked_dense")
+            and r["batch"] == plan["batch"] and r["size"] == plan["size"]]
+    out = []
+    for (model, part, variant) in sorted({(r["model"], r["part"], r["variant"]) for r in rows}):
+        rs = {r["mask_ratio"]: r for r in rows if (r["model"], r["part"], r["variant"]) == (model, part, variant)}
+        if 0.0 not in rs:
+            continue
+        for m, r in sorted(rs.items()):
+            out.append({"model": model, "part": part, "variant": variant, "mask_ratio": m,
+                        "visible": r["visible_fraction"], "median_s": r["median_s"],
+                        "relative_to_mask0": r["median_s"] / rs[0.0]["median_s"]})
+    return out
+
+
+def _device_section(results: dict, plots_rel: list[str]) -> list[str]:
+    env, plan = results["environment"], results["plan"]
+    memory = ("GPU: `torch.cuda.max_memory_allocated` during the timed runs, above what was allocated before"
+              if plan["device"].startswith("cuda") else
+              "CPU: growth of the process's peak RSS over the set-up, each case in a fresh process")
+    lines = [
+        f"### {plan['device'].upper()}: {env.get('gpu') or env['cpu']}",
+        "",
+        f"{env['date']}; torch {env['torch']}, MinkowskiEngine {env['minkowskiengine']}, timm {env['timm']}, "
+        f"Python {env['python']}, {env['cpu_count']} cores, {results['rows'][0]['threads']} torch thread(s), "
+        f"commit {env.get('git_commit')}. Median of {plan['repeats']} timed runs after {plan['warmup']} warm-up. "
+        f"Memory: {memory}.",
+        "",
+        "Sanity before timing ((a) vs (b), same weights and mask, float32): " + "; ".join(
+            f"{s['model']} features {max(s['feature_rel_err']):.1e}, loss {s['loss_rel_err']:.1e}" for s in results["sanity"]),
+        "",
+        "| model | part | batch | size | setting | (a) img/s | (b) img/s | (c) img/s | (a) MiB | (b) MiB | (c) MiB | time a/b | mem a/b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for h in headline(results):
+        lines.append(
+            f"| {h['model']} | {PART_LABELS[h['part']]} | {h['batch']} | {h['size']} | {h['setting']} | "
+            f"{_fmt(h['a_img_s'], '.2f')} | {_fmt(h['b_img_s'], '.2f')} | {_fmt(h['c_img_s'], '.2f')} | "
+            f"{_fmt(h['a_mib'], '.0f')} | {_fmt(h['b_mib'], '.0f')} | {_fmt(h['c_mib'], '.0f')} | "
+            f"{_fmt(h['time_a_over_b'], '.2f')} | {_fmt(h['mem_a_over_b'], '.2f')} |")
+    sc = scaling(results)
+    if sc:
+        lines += ["", "Time against mask ratio, relative to mask 0 (ideal: the visible fraction):", "",
+                  "| model | part | variant | mask | visible | seconds | vs mask 0 |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['model']} | {PART_LABELS[s['part']]} | {s['variant']} | {s['mask_ratio']:.2f} | "
+                  f"{s['visible']:.2f} | {s['median_s']:.3f} | {s['relative_to_mask0']:.2f} |" for s in sc]
+    if results.get("kernels"):
+        lines += ["", "Kernel level (one layer; kernel-map construction shown separately):", "",
+                  "| layer | pass | density | sites | sparse total s | of which kernel map s | dense s | sparse/dense |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {k['layer']} | {k['pass']} | {k['density_actual']:.2f} | {k['sites']} | {k['sparse_total_s']:.4f} | "
+                  f"{k['kernel_map_s']:.4f} | {k['dense_s']:.4f} | {k['ratio']:.2f} |" for k in results["kernels"]]
+    if results.get("breakdown"):
+        bd = results["breakdown"]
+        lines += ["", f"Where the time of a sparse step goes ({bd['model']}, batch {bd['batch']}, {bd['size']} px, "
+                      f"mask {bd['mask_ratio']}, forward+backward; see kernels_bench/breakdown.py for the method):", "",
+                  "| component | seconds | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {bd['shares'][k]:.0%} |" for k, v in bd["components_s"].items()]
+        lines += [f"| (whole step measured in one piece) | {bd['timings_s']['step_fwd_bwd']:.3f} | |", "",
+                  "Top operators by self CPU time (torch.profiler, one step):", "", "| op | calls | self s | share |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['calls']} | {o['self_s']:.3f} | {o['share']:.0%} |" for o in bd["profile_top_ops"]]
+    for p in plots_rel:
+        lines += ["", f"![{Path(p).stem}]({p})"]
+    return lines + [""]
+
+
+def write_report(results_root: Path, out: Path) -> Path:
+    """Render docs/benchmarks.md from every results.json under ``results_root`` (full runs)."""
+    sections = []
+    for path in sorted(results_root.glob("*/results.json")):
+        results = json.loads(path.read_text())
+        if results["plan"].get("quick"):
+            continue
+        plots = plot(results, path.parent / "plots")
+        rel = [str(Path("..") / p.relative_to(out.parent.parent)) if out.parent.parent in p.parents else str(p) for p in plots]
+        sections.append(_device_section(results, rel))
+    devices = {json.loads(p.read_text())["plan"]["device"].split(":")[0] for p in results_root.glob("*/results.json")
+               if not json.loads(p.read_text())["plan"].get("quick")}
+    lines = [
+        "# Benchmarks: true sparse against dense masking",
+        "",
+        "Generated by `python -m kernels_bench report` from `kernels_bench/results/*/results.json` "
+        "(`python -m kernels_bench --device cpu|cuda` measures and regenerates it). "
+        "(a) spark_me's sparse encoder (MinkowskiEngine); (b) the masked-dense emulation of the official "
+        "SparK code (dense convs on the zeroed image, re-masked, BN over visible sites; "
+        "kernels_bench/emulation.py, tested equal to (a)); (c) the same network dense on the unmasked image. "
+        "img/s = batch / median seconds; a/b < 1 means spark_me is faster or smaller.",
+        "",
+    ]
+    if "cuda" not in devices:
+        lines += ["**GPU rows are missing**: no CUDA machine has run the suite yet "
+                  "(`python -m kernels_bench --device cuda` on one writes them).", ""]
+    if ANALYSIS.exists():
+        lines += [ANALYSIS.read_text().rstrip(), ""]
+    lines += ["## Results", ""]
+    for s in sections:
+        lines += s
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    log.info("wrote %s", out)
+    return out

@@ -1,0 +1,210 @@
+"""The benchmark suite: plans of cases, the numerical sanity check, running, saving.
+
+Quick mode (CPU: small models and inputs, one timed run, in one process, so no per-case
+memory on CPU) checks that everything works in under two minutes. Full mode runs the
+sweeps of the issue; on CPU each case gets a fresh process so its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from kernels_bench.measure import Case, build_sparse_spark, make_inputs, run_case
+from kernels_bench.variants import as_dense, build_variant
+
+log = logging.getLogger(__name__)
+
+MASK_SWEEP = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9)
+HEADLINE_MASK = 0.6
+SANITY_TOL = 1e-3  # float32 relative error of features and loss; the tests prove 1e-10 in float64
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run measures. ``models`` × mask sweep for the encoder parts, the whole step at
+    the headline mask, plus batch and resolution sweeps at the headline mask."""
+
+    device: str
+    models: list[str]
+    batch: int
+    size: int
+    masks: list[float]
+    step_masks: list[float]
+    extra_batches: list[int]
+    extra_sizes: list[int]
+    parts: list[str]
+    warmup: int
+    repeats: int
+    threads: Optional[int]
+    isolate: bool  # one process per case (CPU memory)
+    cuda_extras: bool  # channels_last and bf16 rows for the dense baselines
+    decoder_width: int = 768
+
+    def cases(self) -> list[Case]:
+        out: list[Case] = []
+        common = dict(device=self.device, warmup=self.warmup, repeats=self.repeats, threads=self.threads,
+                      decoder_width=self.decoder_width)
+
+        def add(model: str, variant: str, part: str, batch: int, size: int, mask: float) -> None:
+            out.append(Case(model, variant, part, batch, size, mask, **common))
+            if self.cuda_extras and variant != "sparse":
+                out.append(Case(model, variant, part, batch, size, mask, channels_last=True, **common))
+            if self.cuda_extras:
+                out.append(Case(model, variant, part, batch, size, mask, amp="bf16", **common))
+
+        for model in self.models:
+            for part in self.parts:
+                masks = self.step_masks if part == "step" else self.masks
+                for mask in masks:
+                    for variant in ("sparse", "masked_dense"):
+                        add(model, variant, part, self.batch, self.size, mask)
+                add(model, "dense", part, self.batch, self.size, HEADLINE_MASK)  # sees no mask
+            for batch in self.extra_batches:
+                for variant in ("sparse", "masked_dense", "dense"):
+                    add(model, variant, "encoder_fwd_bwd", batch, self.size, HEADLINE_MASK)
+            for size in self.extra_sizes:
+                for variant in ("sparse", "masked_dense", "dense"):
+                    add(model, variant, "encoder_fwd_bwd", self.batch, size, HEADLINE_MASK)
+        return out
+
+
+def quick_plan(device: str, threads: Optional[int]) -> Plan:
+    small = device == "cpu"
+    return Plan(
+        device=device, models=["resnet18", "convnext_atto"] if small else ["resnet50", "convnext_tiny"],
+        batch=4 if small else 32, size=128 if small else 224, masks=[0.0, 0.6, 0.9], step_masks=[HEADLINE_MASK],
+        extra_batches=[], extra_sizes=[], parts=["encoder_fwd_bwd", "step"], warmup=1, repeats=1,
+        threads=threads, isolate=False, cuda_extras=not small, decoder_width=256 if small else 768,
+    )
+
+
+def full_plan(device: str, threads: Optional[int]) -> Plan:
+    if device == "cpu":
+        return Plan(
+            device=device, models=["resnet50", "convnext_tiny"], batch=8, size=224, masks=list(MASK_SWEEP),
+            step_masks=[HEADLINE_MASK], extra_batches=[4, 16], extra_sizes=[384],
+            parts=["encoder_fwd", "encoder_fwd_bwd", "step"], warmup=1, repeats=3, threads=threads,
+            isolate=True, cuda_extras=False,
+        )
+    return Plan(
+        device=device, models=["resnet50", "convnext_tiny", "resnet101", "convnext_base"], batch=128, size=224,
+        masks=list(MASK_SWEEP), step_masks=list(MASK_SWEEP), extra_batches=[32, 64, 256], extra_sizes=[384],
+        parts=["encoder_fwd", "encoder_fwd_bwd", "step"], warmup=3, repeats=10, threads=threads,
+        isolate=False, cuda_extras=True,
+    )
+
+
+def sanity_check(model: str, batch: int, size: int, device: str, decoder_width: int) -> dict:
+    """(a) sparse and (b) masked-dense agree on features and loss, same weights and mask."""
+    case = Case(model, "sparse", "step", batch, size, HEADLINE_MASK, device=device, decoder_width=decoder_width)
+    dev = torch.device(device)
+    sparse = build_sparse_spark(case, dev)
+    emulated = build_variant(sparse, "masked_dense").to(dev).train()
+    images, active = make_inputs(case, dev)
+    with torch.no_grad():
+        ours = as_dense(sparse.encoder(images, active), batch, (size, size))
+        theirs = emulated.encode(images, active)
+        errors = [float((a - b).norm() / b.norm()) for a, b in zip(ours, theirs)]
+        loss_a, loss_b = float(sparse(images, active)), float(emulated(images, active))
+    result = {"model": model, "batch": batch, "size": size, "mask_ratio": HEADLINE_MASK,
+              "feature_rel_err": errors, "loss_sparse": loss_a, "loss_masked_dense": loss_b,
+              "loss_rel_err": abs(loss_a - loss_b) / abs(loss_b)}
+    worst = max(errors + [result["loss_rel_err"]])
+    result["passed"] = worst <= SANITY_TOL
+    if not result["passed"]:
+        raise RuntimeError(f"sparse and masked-dense disagree for {model} (relative error {worst:.2e} > "
+                           f"{SANITY_TOL}); timings would compare different computations: {result}")
+    log.info("sanity %s b%d %dpx: features agree to %.1e, loss to %.1e", model, batch, size, max(errors),
+             result["loss_rel_err"])
+    return result
+
+
+def _run_isolated(case: Case) -> dict:
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if case.threads:
+        env["OMP_NUM_THREADS"] = str(case.threads)
+    proc = subprocess.run([sys.executable, "-m", "kernels_bench.measure", json.dumps(dataclasses.asdict(case))],
+                          capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"case {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_cases(cases: Iterable[Case], isolate: bool) -> list[dict]:
+    """Measure every case, logging one line each (the progress of a long run)."""
+    cases = list(cases)
+    rows = []
+    for i, case in enumerate(cases, 1):
+        row = _run_isolated(case) if isolate else run_case(case)
+        rows.append(row)
+        extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
+        log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, len(cases),
+                 case.model, case.variant, case.part, case.batch, case.size, case.mask_ratio, extra,
+                 row["median_s"], row["images_per_s"], row["peak_growth_mib"])
+    return rows
+
+
+def environment() -> dict:
+    """Machine, versions and threads, recorded with every result file."""
+    import MinkowskiEngine as ME
+    import timm
+
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "minkowskiengine": ME.__version__,
+        "timm": timm.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        info["git_commit"] = commit or None
+    except OSError:
+        info["git_commit"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def save_results(out_dir: Path, payload: dict) -> None:
+    """results.json (everything) plus one CSV per table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    for key in ("rows", "kernels"):
+        rows = payload.get(key) or []
+        if not rows:
+            continue
+        fields = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
+        with open(out_dir / f"{key}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    log.info("wrote %s", out_dir / "results.json")

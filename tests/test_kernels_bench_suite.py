@@ -1,0 +1,76 @@
+"""The benchmark suite end to end on a tiny plan: cases, sanity, isolation, files, report."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from kernels_bench.measure import Case, run_case
+from kernels_bench.report import headline, write_report
+from kernels_bench.suite import Plan, _run_isolated, run_cases, sanity_check, save_results, environment
+
+
+def _plan(**kw) -> Plan:
+    base = dict(device="cpu", models=["resnet18"], batch=4, size=128, masks=[0.0, 0.6], step_masks=[0.6],
+                extra_batches=[], extra_sizes=[], parts=["encoder_fwd_bwd"], warmup=0, repeats=1, threads=1,
+                isolate=False, cuda_extras=False, decoder_width=64)
+    return Plan(**{**base, **kw})
+
+
+def test_plan_covers_every_variant_and_sweep():
+    cases = _plan(parts=["encoder_fwd", "step"], extra_batches=[2], extra_sizes=[160]).cases()
+    keys = {(c.variant, c.part, c.batch, c.size, c.mask_ratio) for c in cases}
+    assert ("sparse", "encoder_fwd", 4, 128, 0.0) in keys and ("masked_dense", "encoder_fwd", 4, 128, 0.0) in keys
+    assert ("dense", "step", 4, 128, 0.6) in keys and ("sparse", "step", 4, 128, 0.0) not in keys
+    assert {("sparse", 2, 128), ("masked_dense", 2, 128), ("dense", 2, 128), ("dense", 4, 160)} <= {
+        (c.variant, c.batch, c.size) for c in cases}
+    gpu = _plan(device="cuda", cuda_extras=True).cases()
+    assert any(c.amp == "bf16" and c.variant == "sparse" for c in gpu)
+    assert any(c.channels_last for c in gpu) and not any(c.channels_last and c.variant == "sparse" for c in gpu)
+
+
+def test_bad_cases_are_rejected():
+    with pytest.raises(ValueError, match="variant 'sparce' is unknown"):
+        Case("resnet18", "sparce", "step", 2, 64, 0.6).validate()
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        Case("resnet18", "sparse", "step", 2, 100, 0.6).validate()
+    with pytest.raises(ValueError, match="CUDA only"):
+        Case("resnet18", "dense", "step", 2, 64, 0.6, amp="bf16").validate()
+
+
+def test_sanity_check_agrees_and_records_errors():
+    result = sanity_check("resnet18", 4, 128, "cpu", 64)
+    assert result["passed"] and max(result["feature_rel_err"]) < 1e-3 and len(result["feature_rel_err"]) == 4
+
+
+def test_isolated_case_reports_its_own_memory():
+    row = _run_isolated(Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1, threads=1,
+                             decoder_width=64))
+    assert row["median_s"] > 0 and row["peak_mib"] > 100 and row["peak_growth_mib"] >= 0
+    assert row["memory_kind"] == "cpu_peak_rss" and row["visible_fraction"] == 0.5
+
+
+def test_step_case_runs_every_variant():
+    for variant in ("sparse", "masked_dense", "dense"):
+        row = run_case(Case("resnet18", variant, "step", 2, 64, 0.5, warmup=0, repeats=1, decoder_width=64))
+        assert row["images_per_s"] > 0 and len(row["runs_s"]) == 1
+
+
+def test_results_files_and_report(tmp_path):
+    plan = _plan()
+    rows = run_cases(plan.cases(), isolate=False)
+    payload = {"environment": environment(), "plan": {**plan.__dict__, "quick": False},
+               "sanity": [sanity_check("resnet18", 4, 128, "cpu", 64)], "rows": rows, "kernels": [], "breakdown": None}
+    save_results(tmp_path / "results" / "cpu", payload)
+    saved = json.loads((tmp_path / "results" / "cpu" / "results.json").read_text())
+    assert saved["environment"]["torch"] and len(saved["rows"]) == 5  # 2 masks x (a, b) + (c)
+    with open(tmp_path / "results" / "cpu" / "rows.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {r["variant"] for r in table} == {"sparse", "masked_dense", "dense"}
+    head = [h for h in headline(saved) if h["part"] == "encoder_fwd_bwd"]
+    assert len(head) == 1 and head[0]["time_a_over_b"] > 0
+    report = write_report(tmp_path / "results", tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| resnet18 | encoder forward+backward | 4 | 128 | fp32 |" in report
+    assert "GPU rows are missing" in report
+    assert (tmp_path / "results" / "cpu" / "plots" / "resnet18_encoder_fwd_bwd.png").stat().st_size > 1000
