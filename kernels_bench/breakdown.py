@@ -29,7 +29,8 @@ from spark_me.layers import SparseConv2d
 from spark_me.loss import masked_reconstruction_loss
 
 
-def _median(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+def median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after ``warmup`` calls (CPU: synchronous)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -77,7 +78,7 @@ def gemm_time(shapes: list[tuple[int, int, int]], warmup: int, repeats: int) -> 
             torch.mm(g, w.t())  # input gradient
             torch.mm(a.t(), g)  # weight gradient
 
-    return _median(run, warmup, repeats)
+    return median_time(run, warmup, repeats)
 
 
 def sparse_step_breakdown(model_name: str, batch: int, size: int, mask_ratio: float, warmup: int = 1,
@@ -121,12 +122,12 @@ def sparse_step_breakdown(model_name: str, batch: int, size: int, mask_ratio: fl
         masked_reconstruction_loss(model.decoder(maps), images, active, model.patch_size).backward()
 
     t = {
-        "step_fwd_bwd": _median(step, warmup, repeats),
-        "encoder_fwd": _median(encoder_fwd, warmup, repeats),
-        "encoder_fwd_cached_maps": _median(encoder_fwd_cached, warmup, repeats),
-        "encoder_fwd_bwd": _median(encoder_fwd_bwd, warmup, repeats),
-        "densify_fwd_bwd": _median(densify, warmup, repeats),
-        "decoder_loss_fwd_bwd": _median(decoder_loss, warmup, repeats),
+        "step_fwd_bwd": median_time(step, warmup, repeats),
+        "encoder_fwd": median_time(encoder_fwd, warmup, repeats),
+        "encoder_fwd_cached_maps": median_time(encoder_fwd_cached, warmup, repeats),
+        "encoder_fwd_bwd": median_time(encoder_fwd_bwd, warmup, repeats),
+        "densify_fwd_bwd": median_time(densify, warmup, repeats),
+        "decoder_loss_fwd_bwd": median_time(decoder_loss, warmup, repeats),
         "gemm_estimate": gemm_time(conv_gemm_shapes(model, images, active), warmup, repeats),
     }
     kernel_maps = max(t["encoder_fwd"] - t["encoder_fwd_cached_maps"], 0.0)

@@ -12,26 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
-import time
 
 import torch
 
+from kernels_bench.breakdown import median_time
 from spark_me import SparK, build_sparse_encoder, random_patch_mask
 from spark_me.layers import SparseConv2d, with_features
 
 log = logging.getLogger("kernels_bench.depthwise")
-
-
-def median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ Parts: ``encoder_fwd`` (train-mode forward without autograd), ``encoder_fwd_bwd`
 and backward of the sum of the feature maps), ``step`` (SparK loss, backward, optimizer
 step). Time is the median of ``repeats`` runs after ``warmup`` runs (synchronised on
 CUDA). Memory: on CUDA the peak allocated during the runs (absolute, and above what was
-allocated before them); on CPU the peak RSS of the process and its growth over the
-set-up, so on CPU each case runs in a fresh process:
+allocated before them); on CPU the peak RSS during the runs (the peak is reset after the
+set-up) and its growth over the RSS before them. Freed memory that the allocator keeps
+would hide later peaks, so on CPU each case runs in a fresh process:
 
     python -m kernels_bench.measure '{"model": "resnet50", "variant": "sparse", ...}'
 """
@@ -70,8 +71,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> float:
+    """Reset the process's peak RSS (Linux clear_refs) and return the current RSS in MiB,
+    so the next peak is that of the timed runs, not of the set-up before them."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_mib("VmRSS")
+    except OSError:  # not Linux, or not permitted: fall back to the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        return _proc_status_mib("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +174,7 @@ def run_case(case: Case) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base_mib = torch.cuda.memory_allocated(device) / 2**20
     else:
-        base_mib = _peak_rss_mib()
+        base_mib = _reset_peak_rss()
     times = []
     for i in range(case.warmup + case.repeats):
         start = time.perf_counter()

@@ -131,7 +131,9 @@ def sanity_check(model: str, batch: int, size: int, device: str, decoder_width: 
 
 
 def _run_isolated(case: Case) -> dict:
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    repo = str(Path(__file__).resolve().parents[1])  # so `-m kernels_bench.measure` resolves from any cwd
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "PYTHONPATH": path}
     if case.threads:
         env["OMP_NUM_THREADS"] = str(case.threads)
     proc = subprocess.run([sys.executable, "-m", "kernels_bench.measure", json.dumps(dataclasses.asdict(case))],

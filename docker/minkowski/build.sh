@@ -51,6 +51,22 @@ patches=("$HERE"/patches/common/*.patch)
 [ "$target" = cpu ] || patches+=("$HERE"/patches/cuda/*.patch)
 patch_hash=$(cat "${patches[@]}" | sha256sum | cut -c1-12)
 key="me${ME_VERSION}-torch${torch_version//+/_}-${py_tag}-${target}-p${patch_hash}"
+if [ "$target" = cuda ]; then
+  # The CUDA wheel also depends on the toolkit and the architectures compiled for.
+  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+  [ -x "$CUDA_HOME/bin/nvcc" ] || die "nvcc not found under CUDA_HOME=$CUDA_HOME"
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    archs="8.0;8.6;8.9;9.0"
+    supported=$("$CUDA_HOME/bin/nvcc" --list-gpu-arch 2>/dev/null || true)
+    for a in 100 120; do
+      echo "$supported" | grep -q "compute_$a" && archs="$archs;${a:0:-1}.${a: -1}"
+    done
+    export TORCH_CUDA_ARCH_LIST="$archs"
+  fi
+  nvcc_version=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+  arch_tag=$(echo "$TORCH_CUDA_ARCH_LIST" | tr -d '.+' | tr '; ' '__')
+  key="$key-nvcc${nvcc_version}-sm${arch_tag}"
+fi
 slot="$cache/$key"
 mkdir -p "$slot"
 
@@ -93,8 +109,6 @@ else
     [ -f /usr/include/x86_64-linux-gnu/cblas.h ] || [ -f /usr/include/cblas.h ] \
       || die "OpenBLAS headers missing: apt-get install libopenblas-dev"
   else
-    export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-    [ -x "$CUDA_HOME/bin/nvcc" ] || die "nvcc not found under CUDA_HOME=$CUDA_HOME"
     "$python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' \
       || die "torch in '$python' is a CPU-only build; --target cuda needs a CUDA build of torch"
     # CUDA >= 13 keeps thrust/cub under include/cccl: nvcc finds them, the host compiler
@@ -121,14 +135,6 @@ PY
       echo "build.sh: using cuBLAS/cuSPARSE from $nv"
       export CPATH="$nv/include${CPATH:+:$CPATH}"
       export LIBRARY_PATH="$work/nvlib:$nv/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
-    fi
-    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-      archs="8.0;8.6;8.9;9.0"
-      supported=$("$CUDA_HOME/bin/nvcc" --list-gpu-arch 2>/dev/null || true)
-      for a in 100 120; do
-        echo "$supported" | grep -q "compute_$a" && archs="$archs;${a:0:-1}.${a: -1}"
-      done
-      export TORCH_CUDA_ARCH_LIST="$archs"
     fi
     echo "build.sh: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
     flags=(--force_cuda --blas=openblas "--cuda_home=$CUDA_HOME")

@@ -28,12 +28,21 @@ def main() -> int:
         return 1
     print(f"check: compiled with CUDA; {len(gpu_ops)} GPU entry points (e.g. {', '.join(sorted(gpu_ops)[:3])})")
     cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):  # torch's triton ships one
+        try:
+            import triton
+
+            cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        except ImportError:
+            pass
     if os.path.exists(cuobjdump):
         out = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True).stdout
         archs = sorted({line.rsplit(".", 2)[-2] for line in out.splitlines() if ".sm_" in line})
         print(f"check: device code for {', '.join(archs) or 'none found'}")
         if not archs:
             return 1
+    else:
+        print("check: cuobjdump not found: compiled architectures not listed")
     return 0
 
 
