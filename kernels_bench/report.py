@@ -25,6 +25,11 @@ def _plain(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r.get("amp") and not r.get("channels_last")]
 
 
+def measured(results: dict) -> list[dict]:
+    """The rows that produced a measurement (a case can fail with out of memory on GPU)."""
+    return [r for r in results["rows"] if "error" not in r]
+
+
 def plot(results: dict, out_dir: Path) -> list[Path]:
     """Time and memory against mask ratio, one figure per (model, part) at the main batch/size."""
     import matplotlib
@@ -33,7 +38,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     plan = results["plan"]
-    rows = [r for r in _plain(results["rows"]) if r["batch"] == plan["batch"] and r["size"] == plan["size"]]
+    rows = [r for r in _plain(measured(results)) if r["batch"] == plan["batch"] and r["size"] == plan["size"]]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["model"], r["part"])].append(r)
@@ -80,7 +85,7 @@ def _fmt(x: Optional[float], spec: str = ".3f") -> str:
 def headline(results: dict) -> list[dict]:
     """(a), (b), (c) at the headline mask for every model, part, batch and size, with a/b."""
     plan = results["plan"]
-    rows = [r for r in results["rows"] if r["variant"] == "dense" or r["mask_ratio"] == 0.6]
+    rows = [r for r in measured(results) if r["variant"] == "dense" or r["mask_ratio"] == 0.6]
     by: dict[tuple, dict] = defaultdict(dict)
     for r in rows:
         by[_key(r)][r["variant"]] = r
@@ -103,7 +108,7 @@ def headline(results: dict) -> list[dict]:
 def scaling(results: dict) -> list[dict]:
     """Sparse time at each mask relative to mask 0 (the ideal is the visible fraction)."""
     plan = results["plan"]
-    rows = [r for r in _plain(results["rows"]) if r["variant"] in ("sparse", "masked_dense")
+    rows = [r for r in _plain(measured(results)) if r["variant"] in ("sparse", "masked_dense")
             and r["batch"] == plan["batch"] and r["size"] == plan["size"]]
     out = []
     for (model, part, variant) in sorted({(r["model"], r["part"], r["variant"]) for r in rows}):
@@ -126,7 +131,7 @@ def _device_section(results: dict, plots_rel: list[str]) -> list[str]:
         f"### {plan['device'].upper()}: {env.get('gpu') or env['cpu']}",
         "",
         f"{env['date']}; torch {env['torch']}, MinkowskiEngine {env['minkowskiengine']}, timm {env['timm']}, "
-        f"Python {env['python']}, {env['cpu_count']} cores, {results['rows'][0]['threads']} torch thread(s), "
+        f"Python {env['python']}, {env['cpu_count']} cores, {measured(results)[0]['threads']} torch thread(s), "
         f"commit {env.get('git_commit')}. Median of {plan['repeats']} timed runs after {plan['warmup']} warm-up. "
         f"Memory: {memory}.",
         "",
@@ -164,6 +169,10 @@ def _device_section(results: dict, plots_rel: list[str]) -> list[str]:
                   "Top operators by self CPU time (torch.profiler, one step):", "", "| op | calls | self s | share |",
                   "|---|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['calls']} | {o['self_s']:.3f} | {o['share']:.0%} |" for o in bd["profile_top_ops"]]
+    failed = [r for r in results["rows"] if "error" in r]
+    if failed:
+        lines += ["", "Cases that did not run: " + "; ".join(
+            f"{r['model']} {r['variant']} {r['part']} b{r['batch']} {r['size']}px: {r['error']}" for r in failed)]
     for p in plots_rel:
         lines += ["", f"![{Path(p).stem}]({p})"]
     return lines + [""]

@@ -149,7 +149,13 @@ def run_cases(cases: Iterable[Case], isolate: bool) -> list[dict]:
     cases = list(cases)
     rows = []
     for i, case in enumerate(cases, 1):
-        row = _run_isolated(case) if isolate else run_case(case)
+        try:
+            row = _run_isolated(case) if isolate else run_case(case)
+        except torch.cuda.OutOfMemoryError:  # a big dense baseline may not fit: say so, go on
+            torch.cuda.empty_cache()
+            rows.append({**dataclasses.asdict(case), "error": "out of memory"})
+            log.warning("[%d/%d] %s: out of memory, skipped", i, len(cases), case)
+            continue
         rows.append(row)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
         log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, len(cases),
