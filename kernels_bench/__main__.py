@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads per case (default: torch's)")
     p.add_argument("--models", nargs="+", default=None, help="override the plan's encoders (registered names)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
+    p.add_argument("--parts", nargs="+", default=None, choices=("encoder_fwd", "encoder_fwd_bwd", "step"),
+                   help="override the plan's parts (e.g. --parts step for a step-only run)")
+    p.add_argument("--no-sweeps", action="store_true", help="leave out the batch and resolution sweeps")
     p.add_argument("--out", type=Path, default=None, help="results folder (default kernels_bench/results/<device>)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="import a module that registers your own encoder, then name it in --models")
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         plan.models = args.models
     if args.repeats:
         plan.repeats = args.repeats
+    if args.parts:
+        plan.parts = args.parts
+    if args.no_sweeps:
+        plan.extra_batches, plan.extra_sizes = [], []
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or RESULTS / (args.device.split(":")[0] + ("-quick" if args.quick else ""))

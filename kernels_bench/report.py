@@ -122,13 +122,13 @@ def scaling(results: dict) -> list[dict]:
     return out
 
 
-def _device_section(results: dict, plots_rel: list[str]) -> list[str]:
+def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[str]:
     env, plan = results["environment"], results["plan"]
     memory = ("GPU: `torch.cuda.max_memory_allocated` during the timed runs, above what was allocated before"
               if plan["device"].startswith("cuda") else
               "CPU: growth of the process's peak RSS over the set-up, each case in a fresh process")
     lines = [
-        f"### {plan['device'].upper()}: {env.get('gpu') or env['cpu']}",
+        f"### {plan['device'].upper()}: {env.get('gpu') or env['cpu']} (`kernels_bench/results/{folder}`)",
         "",
         f"{env['date']}; torch {env['torch']}, MinkowskiEngine {env['minkowskiengine']}, timm {env['timm']}, "
         f"Python {env['python']}, {env['cpu_count']} cores, {measured(results)[0]['threads']} torch thread(s), "
@@ -187,7 +187,7 @@ def write_report(results_root: Path, out: Path) -> Path:
             continue
         plots = plot(results, path.parent / "plots")
         rel = [str(Path("..") / p.relative_to(out.parent.parent)) if out.parent.parent in p.parents else str(p) for p in plots]
-        sections.append(_device_section(results, rel))
+        sections.append(_device_section(results, rel, path.parent.name))
     devices = {json.loads(p.read_text())["plan"]["device"].split(":")[0] for p in results_root.glob("*/results.json")
                if not json.loads(p.read_text())["plan"].get("quick")}
     lines = [
