@@ -114,27 +114,35 @@ else
     # CUDA >= 13 keeps thrust/cub under include/cccl: nvcc finds them, the host compiler
     # (for the .cpp sources) does not.
     [ ! -d "$CUDA_HOME/include/cccl" ] || export CPATH="$CUDA_HOME/include/cccl${CPATH:+:$CPATH}"
-    # A bare toolkit may lack the cuBLAS/cuSPARSE headers and libraries; torch's CUDA
-    # wheels ship them (site-packages/nvidia/cu*), with versioned library names only, so
-    # link through unversioned symlinks. At run time `import torch` has loaded them.
+    # A bare toolkit may lack the cuBLAS/cuSPARSE headers and libraries (and cuSOLVER's
+    # headers, which torch's ATen/cuda headers include); torch's CUDA wheels ship them
+    # (CUDA 13: site-packages/nvidia/cu13/, all libraries in one root; CUDA 12: one root
+    # per library, nvidia/cusparse/, nvidia/cublas/, nvidia/cusolver/), with versioned
+    # library names only, so link through unversioned symlinks. At run time `import torch`
+    # has loaded them.
     if [ ! -f "$CUDA_HOME/include/cusparse.h" ]; then
       nv=$("$python" - <<'PY'
 import glob, os, site
-roots = [p for s in site.getsitepackages() for p in glob.glob(os.path.join(s, "nvidia", "cu*"))]
-roots = [p for p in roots if os.path.isfile(os.path.join(p, "include", "cusparse.h"))]
-print(roots[0] if roots else "")
+dirs = [p for s in site.getsitepackages() for p in sorted(glob.glob(os.path.join(s, "nvidia", "*")))]
+for lib, header in (("cusparse", "cusparse.h"), ("cublas", "cublas_v2.h"), ("cusolver", "cusolverDn.h")):
+    roots = [p for p in dirs if os.path.isfile(os.path.join(p, "include", header))
+             and glob.glob(os.path.join(p, "lib", f"lib{lib}.so.*"))]
+    if roots:
+        print(lib, roots[0])
 PY
 )
-      [ -n "$nv" ] || die "cuSPARSE headers are in neither $CUDA_HOME nor torch's nvidia wheels: install the toolkit's cuBLAS/cuSPARSE dev packages"
+      [ "$(grep -c . <<<"$nv")" = 3 ] || die "cuSPARSE/cuBLAS/cuSOLVER headers and libraries are in neither $CUDA_HOME nor torch's nvidia wheels: install the toolkit's cuBLAS/cuSPARSE/cuSOLVER dev packages"
       mkdir -p "$work/nvlib"
-      for l in cusparse cublas; do
-        so=$(ls "$nv/lib/lib$l.so."* 2>/dev/null | head -n1 || true)
-        [ -n "$so" ] || die "lib$l.so.* not found in $nv/lib"
+      while read -r l root; do
+        so=$(ls "$root/lib/lib$l.so."* | head -n1)
         ln -sf "$so" "$work/nvlib/lib$l.so"
-      done
-      echo "build.sh: using cuBLAS/cuSPARSE from $nv"
-      export CPATH="$nv/include${CPATH:+:$CPATH}"
-      export LIBRARY_PATH="$work/nvlib:$nv/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+        echo "build.sh: using $l from $root"
+        case ":${CPATH:-}:" in *":$root/include:"*) ;; *)
+          export CPATH="$root/include${CPATH:+:$CPATH}"
+          export LIBRARY_PATH="$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}" ;;
+        esac
+      done <<<"$nv"
+      export LIBRARY_PATH="$work/nvlib:$LIBRARY_PATH"
     fi
     echo "build.sh: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
     flags=(--force_cuda --blas=openblas "--cuda_home=$CUDA_HOME")
