@@ -59,9 +59,6 @@ def main(argv: list[str] | None = None) -> None:
             import_encoder_modules(args.imports)
         except ValueError as e:
             p.error(str(e))
-    if args.imports and any(i.endswith(".py") or "/" in i for i in args.imports) and not args.quick:
-        log.warning("user encoders given as files are imported in this process only; pass a module name "
-                    "(on PYTHONPATH) so the per-case processes of a full CPU run can import it too")
 
     from kernels_bench.breakdown import sparse_step_breakdown
     from kernels_bench.kernels import run_kernel_bench
@@ -70,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = quick_plan(args.device, args.threads) if args.quick else full_plan(args.device, args.threads)
     if args.models:
         plan.models = args.models
+    plan.imports = tuple(str(Path(i).resolve()) if i.endswith(".py") or "/" in i else i for i in args.imports)
     if args.repeats:
         plan.repeats = args.repeats
     if args.parts:

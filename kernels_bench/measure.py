@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from kernels_bench.variants import VARIANTS, build_variant, feature_sum
-from spark_me import SparK, build_sparse_encoder, random_patch_mask
+from spark_me import SparK, build_sparse_encoder, import_encoder_modules, random_patch_mask
 
 PARTS = ("encoder_fwd", "encoder_fwd_bwd", "step")
 
@@ -50,6 +50,7 @@ class Case:
     repeats: int = 3
     decoder_width: int = 768
     seed: int = 0
+    imports: tuple[str, ...] = ()  # modules registering users' encoders (see import_encoder_modules)
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -135,13 +136,16 @@ def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.T
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=case.amp == "fp16")
+    sparse_amp_step = None
+    if amp is not None and not dense_encoder:
+        from spark_me.pretrain import SparKStep  # encoder in fp32, densify + decoder in amp
+
+        sparse_amp_step = SparKStep(model.model, amp)
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
-        if amp is not None and not dense_encoder:
-            from spark_me.pretrain import SparKStep  # encoder in fp32, densify + decoder in amp
-
-            loss = SparKStep(model.model, amp)(images, active)
+        if sparse_amp_step is not None:
+            loss = sparse_amp_step(images, active)
         else:
             with autocast():
                 loss = model(images, active)
@@ -154,6 +158,7 @@ def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.T
 def run_case(case: Case) -> dict:
     """Measure one case in this process; returns the case's fields plus the results."""
     case.validate()
+    import_encoder_modules(case.imports)
     device = torch.device(case.device)
     if case.threads:
         torch.set_num_threads(case.threads)

@@ -50,11 +50,12 @@ class Plan:
     isolate: bool  # one process per case (CPU memory)
     cuda_extras: bool  # channels_last and bf16 rows for the dense baselines
     decoder_width: int = 768
+    imports: tuple[str, ...] = ()  # users' encoder modules, imported in every case's process
 
     def cases(self) -> list[Case]:
         out: list[Case] = []
         common = dict(device=self.device, warmup=self.warmup, repeats=self.repeats, threads=self.threads,
-                      decoder_width=self.decoder_width)
+                      decoder_width=self.decoder_width, imports=tuple(self.imports))
 
         def add(model: str, variant: str, part: str, batch: int, size: int, mask: float) -> None:
             out.append(Case(model, variant, part, batch, size, mask, **common))

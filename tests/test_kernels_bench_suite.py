@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,10 @@ def test_results_files_and_report(tmp_path):
     assert "| resnet18 | encoder forward+backward | 4 | 128 | fp32 |" in report
     assert "GPU rows are missing" in report
     assert (tmp_path / "results" / "cpu" / "plots" / "resnet18_encoder_fwd_bwd.png").stat().st_size > 1000
+
+
+def test_user_encoder_case_in_its_own_process():
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "custom_encoder.py")
+    row = _run_isolated(Case("tiny_convnet", "masked_dense", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1,
+                             threads=1, decoder_width=64, imports=(example,)))
+    assert row["model"] == "tiny_convnet" and row["median_s"] > 0
