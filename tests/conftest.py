@@ -1,13 +1,18 @@
 """Shared test helpers: tolerances, random weights, and device parametrisation."""
 from __future__ import annotations
 
+import MinkowskiEngine as ME
 import pytest
 import torch
 
 # float64 and float32 tolerances on relative error (DESIGN.md).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA variants always appear, skipped (and so counted) without a GPU and a CUDA build
+# of MinkowskiEngine.
+CUDA_READY = torch.cuda.is_available() and ME.is_cuda_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA"))]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
