@@ -5,35 +5,54 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help install venv deps minkowski test demo bench bench-quick cuda-check docker docker-cpu docker-lint clean
+LOCK := requirements/lock.txt
+
+.PHONY: help install venv deps minkowski minkowski-source lock test demo bench bench-quick cuda-check docker docker-cpu docker-lint clean
 
 help:
-	@echo "make install   create $(VENV), install torch/torchvision/timm/..., build MinkowskiEngine (cached), install spark_me"
+	@echo "make install   create $(VENV), install the pinned $(LOCK), build MinkowskiEngine (cached), install spark_me"
+	@echo "make lock      re-resolve requirements/requirements.in into $(LOCK) (exact versions)"
 	@echo "make demo      install, then a ~5 min CPU pre-training on built-in synthetic images (outputs/demo/<time>/)"
 	@echo "make test      run the test suite in $(VENV)"
 	@echo "make bench     CPU benchmark sweep -> kernels_bench/results/, docs/benchmarks.md (bench-quick: < 2 min)"
 	@echo "make cuda-check  compile + link MinkowskiEngine for CUDA with nvcc (slow; not part of make test)"
 	@echo "make docker / docker-cpu   build the CUDA / CPU images (needs a Docker engine); docker-lint: hadolint"
 
+# spark_me itself goes in without its dependencies: the venv holds exactly $(LOCK), plus
+# the MinkowskiEngine wheel built against the torch pinned there.
 install: deps minkowski
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -e .
 	@$(PY) -c "import spark_me, MinkowskiEngine, torch; print('spark_me', spark_me.__version__, '| torch', torch.__version__, '| MinkowskiEngine', MinkowskiEngine.__version__)"
 
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 
-# torch and torchvision come from the package registry as a matching pair (newest); a
-# pinned torch could be served by a local CPU-only wheel that the registry's torchvision
-# cannot load (see DESIGN.md).
+# Exactly the versions in $(LOCK) (torch and torchvision as a matching pair).
 deps: venv
-	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
-	$(PY) -m pip install -q torch torchvision timm numpy hydra-core wandb tqdm pillow pytest matplotlib
+	$(PY) -m pip install -q -r $(LOCK)
 	@dpkg -s libopenblas-dev >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev; \
 	  else echo "libopenblas-dev is missing: run 'sudo apt-get install libopenblas-dev'"; exit 2; fi; }
 
 minkowski: venv
-	docker/minkowski/build.sh --python $(PY) --target cpu
+	docker/minkowski/build.sh --python $(abspath $(PY)) --target cpu
+
+# The MinkowskiEngine source tarball (fetched with pip, sha256 checked) for builds that
+# cannot download it themselves: the Docker images copy it from here.
+ME_SOURCE_DIR ?= build/minkowski-source
+minkowski-source: venv
+	docker/minkowski/build.sh --python $(abspath $(PY)) --download-source $(ME_SOURCE_DIR)
+
+# Re-resolve the pinned environment with pip-tools (itself pinned) in a throwaway venv.
+# The lock is for this machine's platform and Python; see README "Pinned environment".
+PIP_TOOLS_VERSION ?= 7.6.2
+LOCK_VENV ?= build/lock-venv
+lock:
+	@test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q "pip-tools==$(PIP_TOOLS_VERSION)"
+	$(LOCK_VENV)/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --no-emit-trusted-host --output-file $(LOCK) requirements/requirements.in
+	@echo "$(LOCK) refreshed: review 'git diff $(LOCK)', then 'make install'"
 
 # OMP_WAIT_POLICY=PASSIVE: MinkowskiEngine's and torch's OpenMP regions alternate; with
 # busy-waiting threads on a loaded 2-core machine, float64 tests ran up to 30x slower.
@@ -51,11 +70,11 @@ demo: install
 CUDA_CHECK_ARCHS ?= 9.0
 CUDA_CHECK_JOBS ?= 1
 CUDA_CHECK_DIR ?= build/cuda-check
-CUDA_CHECK_CACHE ?= $(HOME)/.cache/spark_me/wheels
+CUDA_CHECK_CACHE ?= $(or $(SPARK_ME_CACHE),$(HOME)/.cache/spark_me)/wheels
 cuda-check: deps
 	@start=$$(date +%s); \
 	MAX_JOBS=$(CUDA_CHECK_JOBS) TORCH_CUDA_ARCH_LIST="$(CUDA_CHECK_ARCHS)" nice -n 10 docker/minkowski/build.sh \
-	  --python $(PY) --target cuda --cache $(CUDA_CHECK_CACHE) --no-install --wheel-dir $(CUDA_CHECK_DIR)/wheel && \
+	  --python $(abspath $(PY)) --target cuda --cache $(CUDA_CHECK_CACHE) --no-install --wheel-dir $(CUDA_CHECK_DIR)/wheel && \
 	rm -rf $(CUDA_CHECK_DIR)/site && $(PY) -m pip install -q --no-deps --target $(CUDA_CHECK_DIR)/site $(CUDA_CHECK_DIR)/wheel/*.whl && \
 	PYTHONPATH=$(CUDA_CHECK_DIR)/site $(PY) docker/minkowski/check_cuda_build.py && \
 	echo "cuda-check: passed in $$(( $$(date +%s) - start )) s"
@@ -68,11 +87,11 @@ DOCKER_IMAGE ?= spark-me
 DOCKER_BUILD_ARGS ?=
 HADOLINT_VERSION ?= 2.15.1
 DOCKER_ENGINE_CHECK = @$(DOCKER) info >/dev/null 2>&1 || { echo "make $@: no Docker engine: '$(DOCKER) info' failed (only a client, or the daemon is not running/reachable). Start dockerd or build on a machine with one; see docs/docker.md"; exit 2; }
-docker:
+docker: minkowski-source
 	$(DOCKER_ENGINE_CHECK)
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile -t $(DOCKER_IMAGE):cuda -t $(DOCKER_IMAGE):latest $(DOCKER_BUILD_ARGS) .
 
-docker-cpu:
+docker-cpu: minkowski-source
 	$(DOCKER_ENGINE_CHECK)
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile.cpu -t $(DOCKER_IMAGE):cpu $(DOCKER_BUILD_ARGS) .
 

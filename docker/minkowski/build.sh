@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Build (or reuse) a MinkowskiEngine 0.5.4 wheel patched for current Python/torch/CUDA,
 # and install it into the given Python. The one build script for every target: `make
-# install` (cpu), the CUDA compile check and the Docker images all call it.
+# install` (cpu), the CUDA compile check, the offline GPU install and the Docker images.
 #
 #   docker/minkowski/build.sh --python .venv/bin/python --target cpu|cuda \
 #       [--cache DIR] [--sdist FILE] [--no-install] [--wheel-dir DIR]
+#   docker/minkowski/build.sh --python .venv/bin/python --download-source DIR
 #
-# The wheel is cached under DIR (default ~/.cache/spark_me/wheels) keyed by the torch
-# version, Python tag, target and a hash of the patch set, so a second run takes seconds.
+# The wheel is cached under DIR (default $SPARK_ME_CACHE/wheels, SPARK_ME_CACHE defaulting
+# to ~/.cache/spark_me) keyed by the torch version, Python tag, target and a hash of the
+# patch set, so a second run takes seconds. The source tarball comes from --sdist, else
+# the cache, else `pip download` (the user's index, mirror and proxy settings apply), and
+# is always checked against its sha256. --download-source only fetches and checks it into
+# DIR (for offline machines and Docker builds), then exits.
 # Environment: MAX_JOBS (compile jobs, default nproc), TORCH_CUDA_ARCH_LIST (cuda target,
 # default "8.0;8.6;8.9;9.0" plus 10.0/12.0 where the toolkit supports them),
-# CUDA_HOME (cuda target, default /usr/local/cuda).
+# CUDA_HOME (cuda target, default /usr/local/cuda). Relative paths are taken from the
+# directory the script is called from.
 set -euo pipefail
 
 ME_VERSION=0.5.4
 ME_SHA256=b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94
-ME_URL="https://files.pythonhosted.org/packages/21/5c/c543c4bc5fbe73ac3e38465b3da4f24a61f7a4ac5baec867e582e94aa551/MinkowskiEngine-${ME_VERSION}.tar.gz"
+ME_SDIST="MinkowskiEngine-${ME_VERSION}.tar.gz"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 python=python3
@@ -24,6 +30,7 @@ cache="${SPARK_ME_CACHE:-$HOME/.cache/spark_me}/wheels"
 sdist=""
 install=1
 wheel_dir=""
+source_dir=""
 
 die() { echo "build.sh: error: $*" >&2; exit 2; }
 
@@ -35,13 +42,68 @@ while [ $# -gt 0 ]; do
     --sdist) sdist="$2"; shift 2 ;;
     --no-install) install=0; shift ;;
     --wheel-dir) wheel_dir="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --download-source) source_dir="$2"; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
 case "$target" in cpu|cuda) ;; *) die "--target must be 'cpu' or 'cuda', got '$target'" ;; esac
+
+# Every path is made absolute before anything changes directory (the compile runs inside
+# the unpacked source tree).
+absolute() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
+case "$python" in
+  */*) python=$(absolute "$python") ;;
+  *) found=$(command -v "$python") || die "--python '$python' is not on PATH"; python=$found ;;
+esac
+cache=$(absolute "$cache")
+[ -z "$sdist" ] || sdist=$(absolute "$sdist")
+[ -z "$wheel_dir" ] || wheel_dir=$(absolute "$wheel_dir")
+[ -z "$source_dir" ] || source_dir=$(absolute "$source_dir")
+[ -x "$python" ] || die "--python '$python' is not an executable file"
 "$python" -c 'import torch' 2>/dev/null \
   || die "torch is not importable by '$python': install torch first (make install does)"
+
+check_sdist() {  # FILE: die unless it is MinkowskiEngine ${ME_VERSION}'s published source
+  [ -f "$1" ] || die "source tarball '$1' not found"
+  echo "$ME_SHA256  $1" | sha256sum -c --quiet - 2>/dev/null \
+    || die "sha256 of '$1' does not match MinkowskiEngine ${ME_VERSION}'s source ($ME_SHA256); delete it and retry, or pass the right file with --sdist"
+}
+
+# Fetch the source through pip into $cache, so the user's index, mirror and proxy settings
+# apply. pip prepares the package's metadata, which runs MinkowskiEngine's unpatched
+# setup.py with this Python: it imports torch, finds BLAS through numpy.distutils (needs
+# SETUPTOOLS_USE_DISTUTILS=stdlib, and Python <= 3.11), and calls `pip uninstall
+# MinkowskiEngine -y` with whatever pip is first on PATH. That last side effect is
+# contained by putting a do-nothing `pip` first on PATH for this one command.
+fetch_sdist() {
+  local dest="$cache/$ME_SDIST" scratch
+  [ -f "$dest" ] && { echo "$dest"; return; }
+  mkdir -p "$cache"
+  scratch=$(mktemp -d "$cache/download.XXXXXX")
+  mkdir -p "$scratch/guard" "$scratch/dist"
+  printf '#!/bin/sh\nexit 0\n' > "$scratch/guard/pip"
+  chmod +x "$scratch/guard/pip"
+  echo "build.sh: downloading MinkowskiEngine ${ME_VERSION} source with pip" >&2
+  if ! (cd "$scratch" && PATH="$scratch/guard:$PATH" SETUPTOOLS_USE_DISTUTILS=stdlib \
+        "$python" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
+        -d "$scratch/dist" "MinkowskiEngine==${ME_VERSION}") >&2; then
+    rm -rf "$scratch"
+    die "pip could not download MinkowskiEngine ${ME_VERSION}'s source (see pip's output above). pip must be able to run its setup.py: Python <= 3.11 with numpy, and BLAS headers (apt-get install libopenblas-dev). Otherwise fetch $ME_SDIST on such a machine (build.sh --download-source DIR, or make wheelhouse) and pass --sdist FILE"
+  fi
+  mv "$scratch/dist/$ME_SDIST" "$dest"
+  rm -rf "$scratch"
+  echo "$dest"
+}
+
+if [ -n "$source_dir" ]; then
+  [ -n "$sdist" ] || sdist=$(fetch_sdist)
+  check_sdist "$sdist"
+  mkdir -p "$source_dir"
+  [ "$sdist" -ef "$source_dir/$ME_SDIST" ] || cp "$sdist" "$source_dir/$ME_SDIST"
+  echo "build.sh: MinkowskiEngine ${ME_VERSION} source (sha256 checked) in $source_dir/$ME_SDIST"
+  exit 0
+fi
 
 torch_version=$("$python" -c 'import torch; print(torch.__version__)')
 py_tag=$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
@@ -81,17 +143,8 @@ else
   if [ ! -f "$work/.prepared" ]; then
     rm -rf "$work"
     mkdir -p "$work"
-    if [ -z "$sdist" ]; then
-      sdist="$cache/MinkowskiEngine-${ME_VERSION}.tar.gz"
-      if [ ! -f "$sdist" ]; then
-        echo "build.sh: downloading MinkowskiEngine ${ME_VERSION} source"
-        curl -fsSL --retry 3 -o "$sdist.part" "$ME_URL" || die "could not download $ME_URL; pass --sdist FILE"
-        mv "$sdist.part" "$sdist"
-      fi
-    fi
-    [ -f "$sdist" ] || die "source tarball '$sdist' not found"
-    echo "$ME_SHA256  $sdist" | sha256sum -c --quiet - \
-      || die "sha256 of '$sdist' does not match MinkowskiEngine ${ME_VERSION}; delete it and retry"
+    [ -n "$sdist" ] || sdist=$(fetch_sdist)
+    check_sdist "$sdist"
     tar -xzf "$sdist" -C "$work"
     for p in "${patches[@]}"; do
       echo "build.sh: applying $(basename "$(dirname "$p")")/$(basename "$p")"
