@@ -7,7 +7,8 @@ PYTEST_ARGS ?=
 
 LOCK := requirements/lock.txt
 
-.PHONY: help install venv deps minkowski minkowski-source lock test demo bench bench-quick cuda-check docker docker-cpu docker-lint clean
+.PHONY: help install venv deps minkowski minkowski-source lock test demo bench bench-quick cuda-check docker docker-cpu docker-lint clean \
+	wheelhouse install-offline gpu-check gpu-check-build gpu-check-test gpu-check-bench
 
 help:
 	@echo "make install   create $(VENV), install the pinned $(LOCK), build MinkowskiEngine (cached), install spark_me"
@@ -16,12 +17,16 @@ help:
 	@echo "make test      run the test suite in $(VENV)"
 	@echo "make bench     CPU benchmark sweep -> kernels_bench/results/, docs/benchmarks.md (bench-quick: < 2 min)"
 	@echo "make cuda-check  compile + link MinkowskiEngine for CUDA with nvcc (slow; not part of make test)"
+	@echo "make wheelhouse  (connected machine) everything an air-gapped GPU node lacks, into $(WHEELHOUSE)"
+	@echo "make install-offline WHEELHOUSE=DIR   (GPU node) venv over the node's torch, MinkowskiEngine for its GPUs"
+	@echo "make gpu-check WHEELHOUSE=DIR   build, test and bench phases on a GPU node (docs/gpu.md)"
 	@echo "make docker / docker-cpu   build the CUDA / CPU images (needs a Docker engine); docker-lint: hadolint"
 
 # spark_me itself goes in without its dependencies: the venv holds exactly $(LOCK), plus
 # the MinkowskiEngine wheel built against the torch pinned there.
 install: deps minkowski
 	$(PY) -m pip install -q --no-deps -e .
+	@sha256sum $(LOCK) > $(VENV)/.spark_me_lock
 	@$(PY) -c "import spark_me, MinkowskiEngine, torch; print('spark_me', spark_me.__version__, '| torch', torch.__version__, '| MinkowskiEngine', MinkowskiEngine.__version__)"
 
 venv:
@@ -111,3 +116,29 @@ bench:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Air-gapped GPU nodes (docs/gpu.md). On a connected machine with `make install` done:
+#   make wheelhouse [WHEELHOUSE_PY=3.12]   -> $(WHEELHOUSE) (< 60 MiB), copy it to the node
+# On the node, over its own torch (no network needed):
+#   make install-offline WHEELHOUSE=DIR    (= make gpu-check-build)
+#   make gpu-check WHEELHOUSE=DIR          (build, test and bench phases, each < 9 min)
+WHEELHOUSE ?= build/wheelhouse
+WHEELHOUSE_PY ?= 3.12
+NODE_PYTHON ?= python3
+GPU_CHECK_LIMIT ?= 540
+wheelhouse: deps
+	tools/wheelhouse.sh --python $(abspath $(PY)) --out $(WHEELHOUSE) --py $(WHEELHOUSE_PY)
+
+install-offline:
+	tools/install_offline.sh --wheelhouse $(WHEELHOUSE) --python $(NODE_PYTHON) --venv $(VENV)
+
+gpu-check: gpu-check-build gpu-check-test gpu-check-bench
+
+gpu-check-build:
+	$(NODE_PYTHON) tools/gpu_check.py build --wheelhouse $(WHEELHOUSE) --python $(NODE_PYTHON) --limit $(GPU_CHECK_LIMIT)
+
+gpu-check-test:
+	$(NODE_PYTHON) tools/gpu_check.py test --limit $(GPU_CHECK_LIMIT)
+
+gpu-check-bench:
+	$(NODE_PYTHON) tools/gpu_check.py bench --limit $(GPU_CHECK_LIMIT)

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
     p.add_argument("--parts", nargs="+", default=None, choices=("encoder_fwd", "encoder_fwd_bwd", "step"),
                    help="override the plan's parts (e.g. --parts step for a step-only run)")
+    p.add_argument("--masks", nargs="+", type=float, default=None,
+                   help="override the plan's mask ratios (encoder parts and step), e.g. --masks 0.6")
     p.add_argument("--no-sweeps", action="store_true", help="leave out the batch and resolution sweeps")
     p.add_argument("--out", type=Path, default=None, help="results folder (default kernels_bench/results/<device>)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         plan.repeats = args.repeats
     if args.parts:
         plan.parts = args.parts
+    if args.masks:
+        if not all(0.0 <= m < 1.0 for m in args.masks):
+            p.error(f"--masks must be in [0, 1), got {args.masks}")
+        plan.masks = plan.step_masks = sorted(set(args.masks))
     if args.no_sweeps:
         plan.extra_batches, plan.extra_sizes = [], []
     if args.threads:

@@ -150,6 +150,8 @@ def run_cases(cases: Iterable[Case], isolate: bool) -> list[dict]:
     cases = list(cases)
     rows = []
     for i, case in enumerate(cases, 1):
+        log.info("[%d/%d] running %s %s %s b%d %dpx mask %.2f", i, len(cases), case.model, case.variant,
+                 case.part, case.batch, case.size, case.mask_ratio)
         try:
             row = _run_isolated(case) if isolate else run_case(case)
         except torch.cuda.OutOfMemoryError:  # a big dense baseline may not fit: say so, go on

@@ -9,10 +9,11 @@ import torch
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 # The CUDA variants always appear, skipped (and so counted) without a GPU and a CUDA build
-# of MinkowskiEngine.
+# of MinkowskiEngine. Every test that needs CUDA carries the `cuda` marker, so
+# `pytest -m cuda` (make gpu-check's test phase) runs exactly those.
 CUDA_READY = torch.cuda.is_available() and ME.is_cuda_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA"))]
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA")]
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

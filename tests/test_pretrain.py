@@ -293,6 +293,7 @@ def test_spark_step_fp32_is_the_model_loss():
     assert torch.equal(SparKStep(model)(x, active), model(x, active))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_run_on_cuda(tmp_path, precision):

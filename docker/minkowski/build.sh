@@ -4,7 +4,7 @@
 # install` (cpu), the CUDA compile check, the offline GPU install and the Docker images.
 #
 #   docker/minkowski/build.sh --python .venv/bin/python --target cpu|cuda \
-#       [--cache DIR] [--sdist FILE] [--no-install] [--wheel-dir DIR]
+#       [--cache DIR] [--sdist FILE] [--no-install] [--wheel-dir DIR] [--blas auto|system|wheel]
 #   docker/minkowski/build.sh --python .venv/bin/python --download-source DIR
 #
 # The wheel is cached under DIR (default $SPARK_ME_CACHE/wheels, SPARK_ME_CACHE defaulting
@@ -13,6 +13,10 @@
 # the cache, else `pip download` (the user's index, mirror and proxy settings apply), and
 # is always checked against its sha256. --download-source only fetches and checks it into
 # DIR (for offline machines and Docker builds), then exits.
+# BLAS (for ME's CPU kernels, both targets): `system` is OpenBLAS from the OS
+# (libopenblas-dev); `wheel` is the scipy-openblas32 wheel installed in --python's
+# environment (no root needed; used by the offline GPU install); `auto` (default) takes
+# the system's when its headers are there, else the wheel's.
 # Environment: MAX_JOBS (compile jobs, default nproc), TORCH_CUDA_ARCH_LIST (cuda target,
 # default "8.0;8.6;8.9;9.0" plus 10.0/12.0 where the toolkit supports them),
 # CUDA_HOME (cuda target, default /usr/local/cuda). Relative paths are taken from the
@@ -31,6 +35,7 @@ sdist=""
 install=1
 wheel_dir=""
 source_dir=""
+blas=auto
 
 die() { echo "build.sh: error: $*" >&2; exit 2; }
 
@@ -43,11 +48,13 @@ while [ $# -gt 0 ]; do
     --no-install) install=0; shift ;;
     --wheel-dir) wheel_dir="$2"; shift 2 ;;
     --download-source) source_dir="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --blas) blas="$2"; shift 2 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
 case "$target" in cpu|cuda) ;; *) die "--target must be 'cpu' or 'cuda', got '$target'" ;; esac
+case "$blas" in auto|system|wheel) ;; *) die "--blas must be auto, system or wheel, got '$blas'" ;; esac
 
 # Every path is made absolute before anything changes directory (the compile runs inside
 # the unpacked source tree).
@@ -113,6 +120,22 @@ patches=("$HERE"/patches/common/*.patch)
 [ "$target" = cpu ] || patches+=("$HERE"/patches/cuda/*.patch)
 patch_hash=$(cat "${patches[@]}" | sha256sum | cut -c1-12)
 key="me${ME_VERSION}-torch${torch_version//+/_}-${py_tag}-${target}-p${patch_hash}"
+
+system_cblas=""
+for h in /usr/include/x86_64-linux-gnu/cblas.h /usr/include/aarch64-linux-gnu/cblas.h /usr/include/cblas.h; do
+  [ -f "$h" ] && { system_cblas=$h; break; }
+done
+wheel_blas=$("$python" -c 'import scipy_openblas32 as s; print(s.get_include_dir(), s.get_lib_dir())' 2>/dev/null || true)
+if [ "$blas" = auto ]; then
+  if [ -n "$system_cblas" ]; then blas=system; elif [ -n "$wheel_blas" ]; then blas=wheel; fi
+fi
+case "$blas" in
+  system) [ -n "$system_cblas" ] || die "OpenBLAS headers missing: apt-get install libopenblas-dev (or --blas wheel with scipy-openblas32 installed)" ;;
+  wheel) [ -n "$wheel_blas" ] || die "--blas wheel: scipy-openblas32 is not importable by '$python' (pip install scipy-openblas32)" ;;
+  auto) die "no BLAS found: apt-get install libopenblas-dev, or pip install scipy-openblas32 into '$python''s environment" ;;
+esac
+# The wheel's OpenBLAS is a different library file, so it gets its own cache slot.
+[ "$blas" = system ] || key="$key-blaswheel"
 if [ "$target" = cuda ]; then
   # The CUDA wheel also depends on the toolkit and the architectures compiled for.
   export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -156,11 +179,30 @@ else
   fi
   src="$work/MinkowskiEngine-${ME_VERSION}"
 
+  if [ "$blas" = wheel ]; then
+    # scipy-openblas32 exports its CBLAS functions with a scipy_ prefix. MinkowskiEngine
+    # includes <cblas.h> and calls cblas_{s,d}gemm and cblas_{s,d}axpy: a cblas.h found
+    # first on CPATH includes the wheel's header and maps those four names; -lopenblas
+    # resolves through a symlink, and an rpath finds the library at run time.
+    read -r blas_include blas_lib <<<"$wheel_blas"
+    mkdir -p "$work/blas/include" "$work/blas/lib"
+    {
+      echo "/* spark_me build: CBLAS from the scipy-openblas32 wheel (prefixed symbols). */"
+      echo "#include \"$blas_include/cblas.h\""
+      for f in sgemm dgemm saxpy daxpy; do echo "#define cblas_$f scipy_cblas_$f"; done
+    } > "$work/blas/include/cblas.h"
+    ln -sf "$blas_lib/libscipy_openblas.so" "$work/blas/lib/libopenblas.so"
+    export CPATH="$work/blas/include${CPATH:+:$CPATH}"
+    export LIBRARY_PATH="$work/blas/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    export LDFLAGS="${LDFLAGS:+$LDFLAGS }-Wl,-rpath,$blas_lib"
+    echo "build.sh: BLAS from scipy-openblas32 in $blas_lib"
+  else
+    echo "build.sh: BLAS from the system ($system_cblas)"
+  fi
+
   flags=()
   if [ "$target" = cpu ]; then
     flags=(--cpu_only --blas=openblas)
-    [ -f /usr/include/x86_64-linux-gnu/cblas.h ] || [ -f /usr/include/cblas.h ] \
-      || die "OpenBLAS headers missing: apt-get install libopenblas-dev"
   else
     "$python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' \
       || die "torch in '$python' is a CPU-only build; --target cuda needs a CUDA build of torch"
@@ -175,8 +217,9 @@ else
     # has loaded them.
     if [ ! -f "$CUDA_HOME/include/cusparse.h" ]; then
       nv=$("$python" - <<'PY'
-import glob, os, site
-dirs = [p for s in site.getsitepackages() for p in sorted(glob.glob(os.path.join(s, "nvidia", "*")))]
+import glob, os, site, sys
+sites = dict.fromkeys(site.getsitepackages() + [p for p in sys.path if p.endswith("-packages")])
+dirs = [p for s in sites for p in sorted(glob.glob(os.path.join(s, "nvidia", "*")))]
 for lib, header in (("cusparse", "cusparse.h"), ("cublas", "cublas_v2.h"), ("cusolver", "cusolverDn.h")):
     roots = [p for p in dirs if os.path.isfile(os.path.join(p, "include", header))
              and glob.glob(os.path.join(p, "lib", f"lib{lib}.so.*"))]

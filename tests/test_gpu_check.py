@@ -1,0 +1,65 @@
+"""make gpu-check's runner (tools/gpu_check.py): time limits, crash and hang attribution,
+and the phases' behaviour on a machine without a GPU."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+
+def _script(body: str) -> list[str]:
+    return [sys.executable, "-c", body]
+
+
+def test_a_crash_is_attributed_to_the_test_that_was_running(tmp_path):
+    phase = gpu_check.Phase("t", limit_s=60, log_dir=tmp_path)
+    # pytest -v writes a test's id (no newline yet) before running it.
+    body = ("import os, signal, sys\n"
+            "print('tests/test_a.py::test_ok[cuda] PASSED', flush=True)\n"
+            "sys.stdout.write('tests/test_a.py::test_conv[cuda] '); sys.stdout.flush()\n"
+            "os.kill(os.getpid(), signal.SIGILL)\n")
+    result = phase.run("fake pytest", _script(body), started=gpu_check._STARTED_TEST)
+    assert result["crashed_in"] == "tests/test_a.py::test_conv[cuda]"
+    assert "CRASH" in (tmp_path / "t.log").read_text() and "SIGILL" in (tmp_path / "t.log").read_text()
+
+
+def test_a_hang_is_stopped_at_the_phase_limit_and_named(tmp_path):
+    phase = gpu_check.Phase("t", limit_s=3, log_dir=tmp_path)
+    body = ("import time\n"
+            "print('[3/8] running resnet50 sparse step b128 224px mask 0.60', flush=True)\n"
+            "time.sleep(60)\n")
+    result = phase.run("fake bench", _script(body), started=gpu_check._STARTED_CASE)
+    assert result["timed_out"] and result["seconds"] < 30
+    assert result["hung_in"] == "[3/8] running resnet50 sparse step b128 224px mask 0.60"
+    assert phase.finish(False, "x") == 1
+    assert json.loads((tmp_path / "t.json").read_text())["steps"][0]["timed_out"] is True
+
+
+def test_build_phase_without_a_wheelhouse_fails_clearly(tmp_path):
+    assert gpu_check.main(["build", "--log-dir", str(tmp_path)]) == 1
+    assert "--wheelhouse DIR is required" in (tmp_path / "build.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="rehearses the no-GPU path")
+def test_test_phase_without_a_gpu_skips_every_cuda_test_and_says_so(tmp_path):
+    """The CPU rehearsal of `make gpu-check-test`: the CUDA tests are collected, all skip."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "test", "--limit", "600",
+                           "--log-dir", str(tmp_path / "logs")],
+                          capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OUT": str(tmp_path)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "SKIPPED, nothing GPU-side verified" in out and "sees no CUDA device" in out
+    summary = json.loads((tmp_path / "gpu-check-test.json").read_text())
+    assert "skipped" in summary["pytest"] and "passed" not in summary["pytest"], summary["pytest"]
+    assert (tmp_path / "gpu-check-test.log").read_text().count("SKIPPED") >= 50

@@ -1,0 +1,224 @@
+"""Prove spark_me on a CUDA machine in three phases, each under a time limit (make gpu-check).
+
+    python tools/gpu_check.py build --wheelhouse DIR   # offline install, MinkowskiEngine for the GPUs present
+    python tools/gpu_check.py test                     # the CUDA variants of the test suite
+    python tools/gpu_check.py bench                    # GPU benchmarks + data pipeline throughput
+
+Every phase writes its full output to ``build/gpu-check/<phase>.log`` (and to ``$OUT`` when
+that is set, for machines whose results are copied back from there) and a summary to
+``<phase>.json``, and stops after ``--limit`` seconds (default 540). A test or benchmark case
+that crashes the process (e.g. an illegal instruction in a CUDA kernel) or hangs is reported
+by name. On a machine without a GPU the phases still run and say plainly what was skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+LOG_DIR = REPO / "build" / "gpu-check"
+_STARTED_TEST = re.compile(r"^(tests/\S+::\S+)")
+_STARTED_CASE = re.compile(r"(\[\d+/\d+\] running .*)$")
+_SUMMARY = re.compile(r"=+ (.*\d+ (passed|failed|skipped|error).*) in [\d.]+s")
+
+
+def _python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _cuda_status(python: str) -> tuple[bool, str]:
+    """(usable, description) of torch's CUDA and MinkowskiEngine's CUDA build in ``python``."""
+    code = ("import torch, json\n"
+            "d = {'cuda': torch.cuda.is_available(), 'torch': torch.__version__}\n"
+            "if d['cuda']: d['gpu'] = torch.cuda.get_device_name(0)\n"
+            "try:\n import MinkowskiEngine as ME; d['me_cuda'] = ME.is_cuda_available()\n"
+            "except Exception as e: d['me_cuda'] = None; d['me_error'] = repr(e)\n"
+            "print(json.dumps(d))")
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return False, f"cannot import torch with {python}: {proc.stderr.strip()[-300:]}"
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not info["cuda"]:
+        return False, f"torch {info['torch']} sees no CUDA device"
+    if not info.get("me_cuda"):
+        return False, f"{info['gpu']} present, but MinkowskiEngine is not built with CUDA ({info.get('me_error', 'CPU build')})"
+    return True, f"{info['gpu']}, torch {info['torch']}, MinkowskiEngine with CUDA"
+
+
+class Phase:
+    """Runs commands of one phase with a shared deadline, teeing output to the phase's logs."""
+
+    def __init__(self, name: str, limit_s: float, log_dir: Path = LOG_DIR):
+        self.name = name
+        self.deadline = time.monotonic() + limit_s
+        self.start = time.monotonic()
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = [open(log_dir / f"{name}.log", "w")]
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+            self.logs.append(open(Path(os.environ["OUT"]) / f"gpu-check-{name}.log", "w"))
+        self.summary: dict = {"phase": name, "steps": []}
+
+    def say(self, line: str) -> None:
+        for f in [sys.stdout, *self.logs]:
+            f.write(line + "\n")
+            f.flush()
+
+    def run(self, label: str, cmd: list[str], started: Optional[re.Pattern] = None, env: Optional[dict] = None) -> dict:
+        """Run ``cmd`` until the phase deadline; return rc, time, and what was running at a crash."""
+        remaining = self.deadline - time.monotonic()
+        self.say(f"gpu-check {self.name}: {label}: {' '.join(cmd)} (at most {remaining:.0f} s left)")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        assert proc.stdout is not None
+        chunks: queue.Queue = queue.Queue()
+
+        def read() -> None:  # raw chunks, so a line still being written (a test's id) is seen
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                chunks.put(chunk)
+            chunks.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        current, lines, partial, timed_out = None, [], "", False
+        while True:
+            try:
+                chunk = chunks.get(timeout=1.0)
+            except queue.Empty:
+                chunk = ""
+            if chunk is None:
+                break
+            if time.monotonic() > self.deadline:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            if not chunk:
+                continue
+            *done, partial = (partial + chunk.decode(errors="replace")).split("\n")
+            for line in done:
+                self.say(line)
+                lines.append(line)
+            # pytest -v writes a test's id when it starts and its outcome when it ends.
+            for line in [*done, partial]:
+                if started is not None and (m := started.search(line)):
+                    current = m.group(1)
+        if partial:
+            self.say(partial)
+            lines.append(partial)
+        rc = proc.wait()
+        result = {"label": label, "rc": rc, "seconds": round(time.monotonic() - t0, 1), "timed_out": timed_out}
+        if timed_out or any("+ Timeout +" in line for line in lines[-200:]):
+            result["hung_in"] = current
+            self.say(f"gpu-check {self.name}: TIMEOUT: {label} did not finish within the phase limit; "
+                     f"it was running {current or 'an unknown step'}")
+        elif rc < 0 or rc in (132, 134, 135, 139):  # killed by a signal: SIGILL, SIGABRT, SIGBUS, SIGSEGV
+            sig = -rc if rc < 0 else rc - 128
+            result["crashed_in"] = current
+            self.say(f"gpu-check {self.name}: CRASH: {label} died of {signal.Signals(sig).name} "
+                     f"while running {current or 'an unknown step'}")
+        result["tail"] = lines[-5:]
+        self.summary["steps"].append(result)
+        self.last_lines = lines
+        return result
+
+    def finish(self, ok: bool, note: str) -> int:
+        self.summary.update(ok=ok, note=note, seconds=round(time.monotonic() - self.start, 1))
+        (self.log_dir / f"{self.name}.json").write_text(json.dumps(self.summary, indent=2))
+        if os.environ.get("OUT"):
+            shutil.copy(self.log_dir / f"{self.name}.json", Path(os.environ["OUT"]) / f"gpu-check-{self.name}.json")
+        self.say(f"gpu-check {self.name}: {'PASSED' if ok else 'FAILED'} in {self.summary['seconds']:.0f} s: {note}")
+        for f in self.logs:
+            f.close()
+        return 0 if ok else 1
+
+
+def phase_build(args: argparse.Namespace) -> int:
+    phase = Phase("build", args.limit, args.log_dir)
+    if not args.wheelhouse:
+        return phase.finish(False, "--wheelhouse DIR is required (make wheelhouse on a connected machine)")
+    r = phase.run("install", ["bash", str(REPO / "tools" / "install_offline.sh"), "--wheelhouse", args.wheelhouse,
+                              "--python", args.python])
+    ok = r["rc"] == 0 and not r["timed_out"]
+    compile_s = next((int(m.group(1)) for line in phase.last_lines
+                      if (m := re.search(r"MinkowskiEngine ready in (\d+) s", line))), None)
+    phase.summary["compile_s"] = compile_s
+    usable, what = _cuda_status(_python()) if ok else (False, "install failed")
+    phase.summary["cuda"] = what
+    return phase.finish(ok, f"MinkowskiEngine ready in {compile_s} s; {what}" if ok else "offline install failed")
+
+
+def phase_test(args: argparse.Namespace) -> int:
+    phase = Phase("test", args.limit, args.log_dir)
+    python = _python()
+    usable, what = _cuda_status(python)
+    phase.summary["cuda"] = what
+    if not usable:
+        phase.say(f"gpu-check test: {what}: the CUDA tests are collected and every one is skipped")
+    # -m cuda: the CUDA variants of the device-parametrised tests and the CUDA-only tests.
+    # pytest-timeout's thread method ends a hung test with its stack; -v names each test
+    # as it starts, so a crash is attributed to the test that was running.
+    cmd = [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", "-o", "addopts=-ra",
+           "--timeout", str(args.test_timeout), "--timeout-method", "thread", "tests"]
+    r = phase.run("pytest", cmd, started=_STARTED_TEST, env={"OMP_WAIT_POLICY": "PASSIVE"})
+    counts = next((m.group(1) for line in reversed(r["tail"]) if (m := _SUMMARY.search(line))), "no summary")
+    phase.summary["pytest"] = counts
+    if not usable:
+        ok = r["rc"] == 0 and "passed" not in counts
+        return phase.finish(ok, f"SKIPPED, nothing GPU-side verified ({what}); pytest: {counts}")
+    return phase.finish(r["rc"] == 0 and not r["timed_out"], f"{what}; pytest: {counts}")
+
+
+def phase_bench(args: argparse.Namespace) -> int:
+    phase = Phase("bench", args.limit, args.log_dir)
+    python = _python()
+    usable, what = _cuda_status(python)
+    phase.summary["cuda"] = what
+    data_json = phase.log_dir / "data_throughput.json"
+    data = phase.run("data pipeline", [python, "-m", "kernels_bench.data_throughput", "--seconds", "20",
+                                       "--out", str(data_json)])
+    if not usable:
+        return phase.finish(data["rc"] == 0, f"GPU benchmarks SKIPPED ({what}); data pipeline measured on this machine's cores")
+    gpu = subprocess.run([python, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                         capture_output=True, text=True).stdout.strip()
+    out = REPO / "kernels_bench" / "results" / ("gpu-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
+    bench = phase.run("kernels_bench", [
+        python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
+        "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "--out", str(out),
+    ], started=_STARTED_CASE)
+    if data["rc"] == 0 and data_json.exists() and out.is_dir():
+        shutil.copy(data_json, out / "data_throughput.json")
+    report = phase.run("report", [python, "-m", "kernels_bench", "report"])
+    ok = bench["rc"] == 0 and not bench["timed_out"] and report["rc"] == 0
+    return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="tools/gpu_check.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=("build", "test", "bench"))
+    p.add_argument("--limit", type=float, default=540, help="seconds the whole phase may take (default 540)")
+    p.add_argument("--log-dir", type=Path, default=LOG_DIR, help="where <phase>.log and <phase>.json go")
+    p.add_argument("--wheelhouse", default=None, help="build: the folder made by make wheelhouse")
+    p.add_argument("--python", default="python3", help="build: the Python that holds the machine's torch")
+    p.add_argument("--test-timeout", type=int, default=240, help="test: seconds one test may take")
+    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="bench: encoders")
+    p.add_argument("--repeats", type=int, default=5, help="bench: timed runs per case (median reported)")
+    args = p.parse_args(argv)
+    return {"build": phase_build, "test": phase_test, "bench": phase_bench}[args.phase](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
