@@ -116,7 +116,10 @@ def test_synced_bn_ddp_matches_single_process_on_the_global_batch(ranks, single)
     synced, unsynced = ranks[0][True], ranks[0][False]
     assert synced["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert _rel(synced["grads"], single["grads"]) < 1e-4  # DDP-averaged = full-batch gradient
-    assert _rel(synced["state"], single["state"]) < 1e-6
+    # float32 rounding (gradients agree to ~3e-6): with the official decoder and densify
+    # initialisation three SGD steps move the weights by about their own size, so the
+    # weights agree to about as much (measured 3.6e-6; 5e-8 with small trunc-normal weights)
+    assert _rel(synced["state"], single["state"]) < 1e-5
     # without synchronisation each rank normalises with its own half: measurably different
     assert _rel(unsynced["grads"], single["grads"]) > 0.1
     assert _rel(unsynced["state"], single["state"]) > 1000 * _rel(synced["state"], single["state"])
