@@ -7,18 +7,17 @@ a resumed run sees exactly the images an uninterrupted one would.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Iterator, Optional, Protocol, Sized
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spark_me.demo_data import DemoImages
 from spark_me.spark import IMAGENET_MEAN, IMAGENET_STD
@@ -192,26 +191,70 @@ def collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
     return torch.stack(images), int(sum(skipped))
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (seeded shuffle per epoch, one shard per rank, drop_last) that can
-    start an epoch after its first ``skip_batches`` batches, to resume mid-epoch exactly."""
+class ResumableSampler(Sampler[int]):
+    """The indices one rank reads in an epoch, in micro-batches of ``batch_size``.
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    Each optimizer step consumes one global batch of ``batch_size x num_replicas x
+    micro_batches_per_step`` images: a contiguous slice of the epoch's seeded permutation.
+    As in the official SparK sampler (``pretrain/sampler.py``, ``DistInfiniteBatchSampler``
+    with ``filling=True``), the last global batch is completed with the first indices of
+    the same permutation, so an epoch has ``ceil(len(dataset) / global batch)`` steps and
+    every image is seen at least once. The shards interleave (rank ``r`` reads positions
+    ``r, r + num_replicas, ...``). :meth:`set_position` starts an epoch after its first
+    ``skip_batches`` micro-batches, to resume mid-epoch exactly.
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        batch_size: int,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        micro_batches_per_step: int = 1,
+    ) -> None:
+        if min(batch_size, num_replicas, micro_batches_per_step) < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"invalid sampler layout: batch_size={batch_size}, num_replicas={num_replicas}, rank={rank}, "
+                f"micro_batches_per_step={micro_batches_per_step}"
+            )
+        self.dataset_len = len(dataset)
         self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.micro_batches_per_step = micro_batches_per_step
+        self.epoch = 0
         self.skip_batches = 0
 
     @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas * self.micro_batches_per_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the last global batch is padded, not dropped."""
+        return math.ceil(self.dataset_len / self.global_batch_size)
+
+    @property
     def batches_per_epoch(self) -> int:
-        return self.num_samples // self.batch_size
+        """Micro-batches this rank reads per epoch."""
+        return self.steps_per_epoch * self.micro_batches_per_step
 
     def set_position(self, epoch: int, skip_batches: int = 0) -> None:
-        self.set_epoch(epoch)
+        self.epoch = epoch
         self.skip_batches = skip_batches
 
-    def __iter__(self):
-        start = self.skip_batches * self.batch_size
-        return itertools.islice(super().__iter__(), start, self.batches_per_epoch * self.batch_size)
+    def epoch_indices(self) -> list[int]:
+        """This rank's indices for the whole epoch (padded permutation, one shard)."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.dataset_len, generator=g).tolist()
+        total = self.steps_per_epoch * self.global_batch_size
+        padded = (order * math.ceil(total / self.dataset_len))[:total]
+        return padded[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.skip_batches * self.batch_size :])
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.skip_batches) * self.batch_size

@@ -56,8 +56,18 @@ class LightDecoder(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        """The official initialisation (``pretrain/decoder.py``, ``LightDecoder.initialize``).
+
+        Conv2d: truncated normal, std 0.02, zero bias. ConvTranspose2d (not a Conv2d
+        subclass, so the official code reaches its second branch): Kaiming normal with
+        ``mode='fan_out', nonlinearity='relu'``, zero bias. BatchNorm: weight 1, bias 0.
+        """
+        if isinstance(m, nn.Conv2d):
             nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):

@@ -35,12 +35,11 @@ class Densify(nn.Module):
             else:
                 k = 1 if i == 0 else 3
                 self.projs.append(nn.Conv2d(cin, cout, kernel_size=k, padding=k // 2, bias=True))
+        # As the official code (pretrain/spark.py): mask embeddings truncated normal within
+        # +-0.02; the projections keep PyTorch's default Conv2d initialisation (uniform
+        # weights and biases, bound 1/sqrt(fan_in)).
         for token in self.mask_tokens:
             nn.init.trunc_normal_(token, mean=0.0, std=0.02, a=-0.02, b=0.02)
-        for proj in self.projs:
-            if isinstance(proj, nn.Conv2d):
-                nn.init.trunc_normal_(proj.weight, std=0.02)
-                nn.init.zeros_(proj.bias)
 
     def forward(
         self, features: Sequence[ME.SparseTensor], batch_size: int, image_size: tuple[int, int]

@@ -1,7 +1,7 @@
 """spark-me-pretrain: SparK pre-training as a Hydra app, on one process or under torchrun.
 
-    spark-me-pretrain data=folder data.path=/datasets/imagenet/train     # one GPU
-    torchrun --nproc_per_node 8 -m spark_me.pretrain data=folder data.path=...
+    spark-me-pretrain data.path=/datasets/imagenet/train                 # one GPU
+    torchrun --nproc_per_node 8 -m spark_me.pretrain data.path=...
     spark-me-pretrain experiment=demo                                     # CPU demo
     spark-me-pretrain --cfg job                                           # print the config
 
@@ -9,9 +9,15 @@ The config tree is ``configs/`` at the repository root, shipped in the package a
 ``spark_me/configs`` (a symlink in the source tree; real files in a wheel). A run writes
 to its output directory: ``.hydra/`` (the resolved config), ``pretrain.log``,
 ``metrics.jsonl``, ``checkpoints/step_*.pt`` and ``reconstructions/step_*.png``.
+
+``data.global_batch_size`` images make one optimizer step, whatever the number of
+processes: each process reads ``global / world size`` of them, in
+``trainer.grad_accum_steps`` micro-batches whose gradients are accumulated.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -19,14 +25,16 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import hydra
 import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -100,6 +108,38 @@ def _int(value: Any, key: str, low: int = 1) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's images are split: ``global_batch = world_size x grad_accum_steps x micro_batch``."""
+
+    global_batch: int
+    world_size: int
+    grad_accum_steps: int
+    micro_batch: int  # images in one forward/backward of one process
+
+    @property
+    def per_process(self) -> int:
+        """Images one process contributes to a step (over its micro-batches)."""
+        return self.micro_batch * self.grad_accum_steps
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch} = {self.world_size} process(es) x {self.grad_accum_steps} "
+                f"micro-batch(es) x {self.micro_batch} images")
+
+
+def plan_batches(global_batch: int, world_size: int, grad_accum_steps: int) -> BatchPlan:
+    """Split ``data.global_batch_size`` over processes and accumulation steps; ConfigError if it does not divide."""
+    parts = world_size * grad_accum_steps
+    if global_batch % parts:
+        lower = max(parts, global_batch // parts * parts)
+        raise ConfigError(
+            f"data.global_batch_size={global_batch} does not split into {world_size} process(es) x "
+            f"trainer.grad_accum_steps={grad_accum_steps} equal micro-batches: use a multiple of {parts}, e.g. "
+            f"data.global_batch_size={lower} or {lower + parts}, or change trainer.grad_accum_steps"
+        )
+    return BatchPlan(global_batch, world_size, grad_accum_steps, global_batch // parts)
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key and the fix for the first invalid value."""
     m, d, o, s, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.schedule, cfg.trainer, cfg.logger
@@ -129,7 +169,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.image_size={size} is not a multiple of the mask patch size 32; use e.g. data.image_size={lower} or {lower + PATCH_SIZE}")
     if num_visible((size // PATCH_SIZE) ** 2, float(ratio)) < 1:
         raise ConfigError(f"mask.ratio={ratio} leaves no visible patch on a {size}px image: lower mask.ratio or raise data.image_size")
-    _int(d.batch_size, "data.batch_size")
+    if "batch_size" in d:
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} (a per-process batch) is gone: set the batch of one optimizer step "
+            "over all processes, data.global_batch_size=... (default 4096, the paper's); each process then reads "
+            "global / world size images, in trainer.grad_accum_steps micro-batches"
+        )
+    global_batch = _int(d.global_batch_size, "data.global_batch_size")
+    plan_batches(global_batch, 1, _int(t.grad_accum_steps, "trainer.grad_accum_steps"))
     _int(d.num_workers, "data.num_workers", low=0)
     scale = list(d.crop_scale)
     if len(scale) != 2 or not 0 < _number(scale[0], "data.crop_scale[0]") <= _number(scale[1], "data.crop_scale[1]") <= 1:
@@ -141,8 +188,9 @@ def validate_config(cfg: DictConfig) -> None:
     elif d.kind == "folder":
         if d.path is None:
             raise ConfigError(
-                "data.path is not set: data=folder needs data.path=/path/to/images (ImageNet's train/ "
-                "or any folder of images, searched recursively); or use data=demo for built-in images"
+                "data.path is not set: pre-training reads a folder of images (data=folder, the default); pass "
+                "data.path=/path/to/images (ImageNet's train/ or any folder of images, searched recursively). "
+                "For the built-in synthetic images use experiment=demo (the CPU demo) or data=demo"
             )
         if not Path(str(d.path)).expanduser().is_dir():
             raise ConfigError(f"data.path={d.path!r} does not exist or is not a directory: fix the path")
@@ -152,6 +200,18 @@ def validate_config(cfg: DictConfig) -> None:
     if o.name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name={o.name!r} is unknown: use optimizer=lamb or optimizer=adamw")
     _number(o.base_lr, "optimizer.base_lr", 0.0)
+    try:
+        betas = list(o.betas)
+    except InterpolationResolutionError as e:
+        raise ConfigError(
+            f"optimizer.betas: {e}. The optimizer takes beta2 from model.optimizer_beta2: add "
+            "optimizer_beta2: 0.95 (ResNet-like) or 0.999 (ConvNeXt-like) to your model config, or pass "
+            "model.optimizer_beta2=... or optimizer.betas=[0.9,0.95]"
+        ) from e
+    if len(betas) != 2:
+        raise ConfigError(f"optimizer.betas={betas} must be [beta1, beta2], e.g. [0.9, 0.95]")
+    for i, beta in enumerate(betas):
+        _number(beta, f"optimizer.betas[{i}]", 0.0, 1.0, closed_high=False)
     _number(o.weight_decay, "optimizer.weight_decay", 0.0)
     _number(o.weight_decay_end, "optimizer.weight_decay_end", 0.0)
     if o.grad_clip is not None:
@@ -228,6 +288,43 @@ class SparKStep(nn.Module):
         with torch.autocast(images.device.type, dtype=self.amp_dtype):
             reconstruction = self.model.decoder(self.model.densify(features, b, (h, w)))
         return masked_reconstruction_loss(reconstruction.float(), images, active, self.model.patch_size)
+
+
+def accumulate_gradients(
+    step_fn: nn.Module,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_micro_batches: int,
+    scaler: torch.amp.GradScaler,
+) -> torch.Tensor:
+    """Forward and backward of one optimizer step's ``(images, active)`` micro-batches.
+
+    Each micro-batch's loss is divided by ``num_micro_batches`` before its backward, so the
+    accumulated gradient is that of the mean loss over the step's images: every image has
+    the same number of masked patches, so the mean of equal micro-batch means is the mean
+    over all of them. What accumulation does change is BatchNorm: its statistics are those
+    of each micro-batch. Under DDP the gradients are all-reduced once, in the last
+    micro-batch's backward (``no_sync`` before it). Returns the mean loss, detached.
+    """
+    total: Optional[torch.Tensor] = None
+    done = 0
+    for images, active in micro_batches:
+        done += 1
+        last = done == num_micro_batches
+        sync = contextlib.nullcontext() if last or not isinstance(step_fn, DistributedDataParallel) else step_fn.no_sync()
+        with sync:
+            loss = step_fn(images, active)
+            scaler.scale(loss / num_micro_batches).backward()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+    if total is None or done != num_micro_batches:
+        raise ValueError(f"expected {num_micro_batches} micro-batches, got {done}")
+    return total / num_micro_batches
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    """Consecutive lists of ``n`` items (a shorter last list is dropped)."""
+    it = iter(items)
+    while len(chunk := list(itertools.islice(it, n))) == n:
+        yield chunk
 
 
 # ----------------------------------------------------------------------------- logging
@@ -315,6 +412,8 @@ class PretrainRun:
         self.seed = int(t.seed)
         self.out = Path(broadcast_object(str(resolve_output_dir(cfg))))
         self.ckpt_dir = self.out / "checkpoints"
+        self.plan = plan_batches(int(cfg.data.global_batch_size), dist_info.world_size, int(t.grad_accum_steps))
+        self.global_batch = self.plan.global_batch
 
         try:
             source = build_source(cfg.data)
@@ -322,15 +421,14 @@ class PretrainRun:
             raise ConfigError(str(e)) from e
         self.source = source
         self.dataset = PretrainImages(source, SparKAugment(int(cfg.data.image_size), tuple(cfg.data.crop_scale)), self.seed)
-        self.batch_size = int(cfg.data.batch_size)
-        self.sampler = ResumableSampler(self.dataset, self.batch_size, dist_info.world_size, dist_info.rank, self.seed)
-        self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.global_batch = self.batch_size * dist_info.world_size
-        if self.steps_per_epoch < 1:
+        if len(self.dataset) < self.global_batch:
             raise ConfigError(
-                f"{len(self.dataset)} images are fewer than one global batch of {self.global_batch} "
-                f"(data.batch_size={self.batch_size} x {dist_info.world_size} processes): lower data.batch_size"
+                f"{len(self.dataset)} images are fewer than one global batch: lower data.global_batch_size="
+                f"{self.global_batch} to at most {len(self.dataset)}"
             )
+        self.sampler = ResumableSampler(self.dataset, self.plan.micro_batch, dist_info.world_size, dist_info.rank,
+                                        self.seed, micro_batches_per_step=self.plan.grad_accum_steps)
+        self.steps_per_epoch = self.sampler.steps_per_epoch  # the last global batch is padded (official sampler)
 
         seed_everything(self.seed)  # same initial weights on every rank
         self.model = build_model(cfg)
@@ -374,12 +472,19 @@ class PretrainRun:
 
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(
-            "SparK %s (%.1fM params, decoder %d), %d images of %dpx from %s, global batch %d over %d "
-            "process(es), %d steps/epoch x %d epochs, peak lr %.3g, device %s, precision %s, output %s",
-            cfg.model.name, n_params / 1e6, cfg.model.decoder_width, len(self.dataset), cfg.data.image_size,
-            cfg.data.kind if cfg.data.kind == "demo" else cfg.data.path, self.global_batch, dist_info.world_size,
-            self.steps_per_epoch, s.epochs, lr, self.device, t.precision if self.amp_dtype else "fp32", self.out,
+            "SparK %s (%.1fM params, decoder %d, drop path %g), %d images of %dpx from %s, %s, %d steps/epoch "
+            "x %d epochs, %s betas (%g, %g), peak lr %.3g = %g x %d / 256, device %s, precision %s, output %s",
+            cfg.model.name, n_params / 1e6, cfg.model.decoder_width, float(cfg.model.drop_path_rate),
+            len(self.dataset), cfg.data.image_size, cfg.data.kind if cfg.data.kind == "demo" else cfg.data.path,
+            self.plan.describe(), self.steps_per_epoch, s.epochs, cfg.optimizer.name, *cfg.optimizer.betas, lr,
+            cfg.optimizer.base_lr, self.global_batch, self.device, t.precision if self.amp_dtype else "fp32", self.out,
         )
+        if self.plan.grad_accum_steps > 1:
+            log.info(
+                "gradient accumulation: %d micro-batches of %d images per process and step; BatchNorm statistics "
+                "are those of each micro-batch%s", self.plan.grad_accum_steps, self.plan.micro_batch,
+                " (synchronised over the processes)" if dist_info.world_size > 1 and t.sync_bn else "",
+            )
 
     # -- checkpoints
 
@@ -485,17 +590,23 @@ class PretrainRun:
 
     # -- the loop
 
-    def train_step(self, images: torch.Tensor, skipped: int) -> dict[str, float]:
-        lr, wd = self.schedule.apply(self.optimizer, self.step)
+    def _masked(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
         b, _, h, w = images.shape
         active = random_patch_mask(b, (h // PATCH_SIZE, w // PATCH_SIZE), self.model.mask_ratio, self.mask_generator, self.device)
-        loss = self.step_fn(images, active)
-        loss_mean, skipped_mean = all_reduce_mean(torch.stack([loss.detach().float(), loss.new_tensor(float(skipped))])).tolist()
+        return images, active
+
+    def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, int]]) -> dict[str, float]:
+        """One optimizer step over this process's ``trainer.grad_accum_steps`` micro-batches ``(images, skipped)``."""
+        lr, wd = self.schedule.apply(self.optimizer, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(
+            self.step_fn, (self._masked(images) for images, _ in micro_batches), len(micro_batches), self.scaler
+        )
+        skipped = sum(int(s) for _, s in micro_batches)
+        loss_mean, skipped_mean = all_reduce_mean(torch.stack([loss, loss.new_tensor(float(skipped))])).tolist()
         if not math.isfinite(loss_mean):
             self._non_finite(f"the loss is {loss_mean}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optimizer.grad_clip
         grad_norm = float(clip_gradients(self.model, float(clip) if clip is not None else None))
@@ -533,19 +644,19 @@ class PretrainRun:
             with logging_redirect_tqdm():
                 while self.step < end:
                     epoch, skip = divmod(self.step, self.steps_per_epoch)
-                    self.sampler.set_position(epoch, skip)
+                    self.sampler.set_position(epoch, skip * self.plan.grad_accum_steps)
                     self.dataset.set_epoch(epoch)
                     loader = build_loader(self.dataset, self.sampler, int(self.cfg.data.num_workers), epoch, self.seed)
                     t_data = time.perf_counter()
-                    for images, skipped in loader:
+                    for micro_batches in _chunks(loader, self.plan.grad_accum_steps):
                         t_compute = time.perf_counter()
-                        metrics = self.train_step(images, skipped)
+                        metrics = self.train_step(micro_batches)
                         now = time.perf_counter()
                         window["data"] += t_compute - t_data
                         window["compute"] += now - t_compute
                         window["loss"] += metrics["loss"]
                         window["n"] += 1
-                        window["images"] += images.shape[0] * self.info.world_size
+                        window["images"] += self.global_batch
                         skipped_total += metrics["skipped"]
                         losses.append(metrics["loss"])
                         last_metrics = metrics

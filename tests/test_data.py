@@ -127,21 +127,32 @@ def test_flip_happens_about_half_the_time():
     assert 30 < flipped < 70
 
 
-def test_sampler_shards_are_disjoint_seeded_and_resumable():
+def test_sampler_shards_cover_the_epoch_seeded_and_resumable():
     ds = list(range(23))
     shards = [ResumableSampler(ds, batch_size=3, num_replicas=2, rank=r, seed=5) for r in range(2)]
     for s in shards:
         s.set_position(epoch=0)
     a, b = list(shards[0]), list(shards[1])
-    assert len(a) == len(b) == 9 and shards[0].batches_per_epoch == 3  # 11 per rank, 3 full batches
-    assert not set(a) & set(b)
+    # global batch 6: ceil(23 / 6) = 4 steps, the last one padded with the epoch's first image
+    assert len(a) == len(b) == 12 and shards[0].batches_per_epoch == 4 and shards[0].steps_per_epoch == 4
+    assert sorted(set(a) | set(b)) == ds and len(set(a) & set(b)) == 1
     shards[0].set_position(epoch=1)
     assert list(shards[0]) != a  # reshuffled per epoch
     shards[0].set_position(epoch=0, skip_batches=2)
-    assert list(shards[0]) == a[6:] and len(shards[0]) == 3
+    assert list(shards[0]) == a[6:] and len(shards[0]) == 6
     again = ResumableSampler(ds, batch_size=3, num_replicas=2, rank=0, seed=5)
     again.set_position(epoch=0)
     assert list(again) == a
+
+
+def test_sampler_reads_the_same_images_with_gradient_accumulation():
+    whole = ResumableSampler(range(23), batch_size=4, num_replicas=2, rank=1, seed=3)
+    micro = ResumableSampler(range(23), batch_size=2, num_replicas=2, rank=1, seed=3, micro_batches_per_step=2)
+    assert whole.steps_per_epoch == micro.steps_per_epoch == 3 and micro.batches_per_epoch == 6
+    assert list(whole) == list(micro)
+    micro.set_position(epoch=0, skip_batches=2)  # resuming after one step skips its 2 micro-batches
+    whole.set_position(epoch=0, skip_batches=1)
+    assert list(micro) == list(whole) and len(micro) == len(whole) == 8
 
 
 def test_demo_images_are_deterministic_and_varied():

@@ -12,18 +12,27 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 from PIL import Image
 
 import spark_me
 from spark_me.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_model
 from spark_me.export import export_encoder
-from spark_me.pretrain import ConfigError, NonFiniteLossError, SparKStep, build_model, run, validate_config
+from spark_me.pretrain import (
+    ConfigError,
+    NonFiniteLossError,
+    SparKStep,
+    accumulate_gradients,
+    build_model,
+    run,
+    validate_config,
+)
 
 CONFIG_DIR = Path(spark_me.__file__).parent / "configs"
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "model=resnet18", "model.decoder_width=64", "data.num_images=8", "data.image_size=64",
-    "data.batch_size=2", "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=1",
+    "model=resnet18", "model.decoder_width=64", "data=demo", "data.num_images=8", "data.image_size=64",
+    "data.global_batch_size=2", "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=1",
     "trainer.device=cpu", "trainer.progress_bar=false", "logger.log_every=1", "logger.image_every=0",
     "logger.num_images=2",
 ]
@@ -49,16 +58,33 @@ def _subprocess_env() -> dict:
 # ----------------------------------------------------------------------------- config
 
 
-def test_config_tree_ships_with_the_package_and_defaults_follow_the_paper():
+def test_config_tree_ships_with_the_package_and_defaults_follow_the_paper(tmp_path):
     assert (REPO / "configs" / "pretrain.yaml").is_file()
     assert (CONFIG_DIR / "pretrain.yaml").resolve() == (REPO / "configs" / "pretrain.yaml").resolve()
     cfg = _cfg()
-    assert cfg.model.name == "resnet50" and cfg.model.decoder_width == 768
+    assert cfg.model.name == "resnet50" and cfg.model.decoder_width == 768 and cfg.model.drop_path_rate == 0.05
     assert cfg.mask.ratio == 0.6 and cfg.data.image_size == 224 and list(cfg.data.crop_scale) == [0.67, 1.0]
+    assert cfg.data.kind == "folder" and cfg.data.global_batch_size == 4096 and cfg.trainer.grad_accum_steps == 1
     assert cfg.optimizer.name == "lamb" and cfg.optimizer.base_lr == 2e-4 and cfg.optimizer.grad_clip == 5.0
+    assert list(cfg.optimizer.betas) == [0.9, 0.95]
     assert (cfg.optimizer.weight_decay, cfg.optimizer.weight_decay_end) == (0.04, 0.2)
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1600, 40)
-    validate_config(cfg)
+    validate_config(_cfg(f"data.path={tmp_path}"))
+
+
+def test_default_data_is_a_folder_and_forgetting_its_path_names_the_fix(tmp_path):
+    # no silent fall-back to synthetic images
+    with pytest.raises(ConfigError, match=r"data.path is not set: .*data.path=/path/to/images.* experiment=demo"):
+        validate_config(_cfg("model=resnet50"))
+    validate_config(_cfg("model=resnet50", f"data.path={tmp_path}"))  # data=folder is implied
+    proc = subprocess.run(
+        [sys.executable, "-m", "spark_me.pretrain", "model=resnet50", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "ConfigError: data.path is not set" in out and "data.path=" in out and "experiment=demo" in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_every_builtin_encoder_has_a_model_config():
@@ -71,7 +97,7 @@ def test_every_builtin_encoder_has_a_model_config():
     files = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
     assert files == sorted(builtin + ["custom"])
     for name in builtin:
-        cfg = _cfg(f"model={name}")
+        cfg = _cfg(f"model={name}", "data=demo")
         assert cfg.model.name == name
         validate_config(cfg)
 
@@ -79,6 +105,11 @@ def test_every_builtin_encoder_has_a_model_config():
 def test_demo_experiment_preset_composes():
     cfg = _cfg("experiment=demo")
     assert (cfg.model.name, cfg.data.kind, cfg.trainer.device) == ("resnet18", "demo", "cpu")
+    # what the demo ran with as a per-process batch of 16 on one process (make demo): same
+    # images per step, same peak lr 0.32 x 16 / 256 = 2e-2, 512 / 16 x 6 = 192 steps
+    assert (cfg.data.global_batch_size, cfg.trainer.grad_accum_steps, cfg.data.num_images) == (16, 1, 512)
+    assert cfg.optimizer.base_lr * cfg.data.global_batch_size / 256 == pytest.approx(0.02)
+    assert cfg.data.num_images // cfg.data.global_batch_size * cfg.schedule.epochs == 192
     validate_config(cfg)
 
 
@@ -89,10 +120,14 @@ def test_demo_experiment_preset_composes():
         (["mask.ratio=1.0"], r"mask.ratio=1.0 must be in \[0, 1\)"),
         (["mask.ratio=-0.1"], r"mask.ratio=-0.1 must be in \[0, 1\)"),
         (["data.image_size=100"], r"data.image_size=100 is not a multiple of the mask patch size 32; use e.g. data.image_size=96 or 128"),
-        (["data=folder"], r"data.path is not set: data=folder needs data.path="),
+        (["data=folder"], r"data.path is not set: .*data.path=/path/to/images.*experiment=demo"),
         (["data=folder", "data.path=/nonexistent/imagenet"], r"data.path='/nonexistent/imagenet' does not exist"),
-        (["data.path=/some/folder"], r"data=demo ignores it: add data=folder"),
-        (["data.batch_size=0"], r"data.batch_size=0 must be an integer >= 1"),
+        (["data=demo", "data.path=/some/folder"], r"data=demo ignores it: add data=folder"),
+        (["data.global_batch_size=0"], r"data.global_batch_size=0 must be an integer >= 1"),
+        (["+data.batch_size=128"], r"data.batch_size=128 \(a per-process batch\) is gone: .*data.global_batch_size="),
+        (["trainer.grad_accum_steps=0"], r"trainer.grad_accum_steps=0 must be an integer >= 1"),
+        (["data.global_batch_size=4096", "trainer.grad_accum_steps=3"], r"does not split into 1 process\(es\) x trainer.grad_accum_steps=3"),
+        (["optimizer.betas=[0.9,1.0]"], r"optimizer.betas\[1\]=1.0 must be in \[0.0, 1.0\)"),
         (["model.decoder_width=100"], r"model.decoder_width=100 must be a multiple of 32"),
         (["trainer.precision=fp8"], r"trainer.precision='fp8' is unknown: use fp32, bf16 or fp16"),
         (["optimizer.base_lr=abc"], r"optimizer.base_lr='abc' must be a number"),
@@ -103,7 +138,15 @@ def test_demo_experiment_preset_composes():
 )
 def test_invalid_values_fail_naming_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(_cfg(*overrides))
+        validate_config(_cfg("data=demo", *overrides))  # the last data= wins
+
+
+def test_a_model_config_without_optimizer_beta2_gets_a_clear_error():
+    cfg = _cfg("data=demo")  # e.g. a user's model config written before optimizer_beta2 existed
+    with open_dict(cfg):
+        del cfg.model.optimizer_beta2
+    with pytest.raises(ConfigError, match=r"optimizer.betas: .*add optimizer_beta2: 0.95 \(ResNet-like\) or 0.999"):
+        validate_config(cfg)
 
 
 def test_cli_rejects_bad_values_at_start_with_exit_code_2(tmp_path):
@@ -182,17 +225,21 @@ def test_short_run_writes_metrics_checkpoints_and_reconstructions(tmp_path):
     assert grid.size == (4 * 66 - 2, 16 + 2 * 66 - 2)  # 4 views x 2 images of 64 px
 
 
-def _straight_and_split(base: str) -> None:
+def _straight_and_split(base: str, *overrides: str) -> None:
     """6 steps straight; and 3 steps, then resume (trainer.resume=auto) to 6. Run in a subprocess."""
     base = Path(base)
-    run(_tiny(base / "straight", "trainer.max_steps=6", "trainer.checkpoint_every=100"))
-    first = run(_tiny(base / "split", "trainer.max_steps=3", "trainer.checkpoint_every=100"))
+    run(_tiny(base / "straight", "trainer.max_steps=6", "trainer.checkpoint_every=100", *overrides))
+    first = run(_tiny(base / "split", "trainer.max_steps=3", "trainer.checkpoint_every=100", *overrides))
     assert first["step"] == 3 and [p.name for p in list_checkpoints(base / "split" / "checkpoints")] == ["step_00000003.pt"]
-    second = run(_tiny(base / "split", "trainer.max_steps=6", "trainer.checkpoint_every=100", "trainer.resume=auto"))
+    second = run(_tiny(base / "split", "trainer.max_steps=6", "trainer.checkpoint_every=100", "trainer.resume=auto", *overrides))
     assert second["step"] == 6
 
 
-def test_resume_continues_bitwise_identically(tmp_path):
+@pytest.mark.parametrize("overrides", [
+    (),  # 4 steps per epoch of one batch of 2
+    ("data.num_images=16", "data.global_batch_size=4", "trainer.grad_accum_steps=2"),  # 4 steps of 2 x 2
+], ids=["plain", "grad_accum"])
+def test_resume_continues_bitwise_identically(tmp_path, overrides):
     """Stop at step 3 (mid-epoch 0), resume, reach step 6 (in epoch 1): same bits as never stopping.
 
     MinkowskiEngine builds coordinate maps with OpenMP threads, so the row order of strided
@@ -200,7 +247,7 @@ def test_resume_continues_bitwise_identically(tmp_path):
     OMP_NUM_THREADS=1; the comparison runs in a subprocess with it.
     """
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_pretrain; test_pretrain._straight_and_split({str(tmp_path)!r})")
+            f"import test_pretrain; test_pretrain._straight_and_split({str(tmp_path)!r}, *{list(overrides)!r})")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**_subprocess_env(), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -221,6 +268,62 @@ def test_resume_continues_bitwise_identically(tmp_path):
     # and the weights did move between the stop and the end (not two untouched models)
     mid = load_checkpoint(split / "checkpoints" / "step_00000003.pt")
     assert not torch.equal(mid["model"]["encoder.conv1.weight"], b["model"]["encoder.conv1.weight"])
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch():
+    """Two micro-batches of 2 accumulate the gradient of one batch of 4 (float64).
+
+    In eval mode BatchNorm uses its running statistics, so the model has no batch-dependent
+    part and the two must agree to rounding; in training mode they differ only through
+    BatchNorm's per-micro-batch statistics.
+    """
+    torch.manual_seed(0)
+    model = build_model(_cfg(*TINY)).double().eval()
+    step_fn = SparKStep(model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    active = model.random_mask(x, torch.Generator().manual_seed(0))
+
+    def grads(micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(step_fn, micro_batches, len(micro_batches), scaler)
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole_loss, whole = grads([(x, active)])
+    split_loss, split = grads([(x[:2], active[:2]), (x[2:], active[2:])])
+    assert split_loss == pytest.approx(whole_loss, rel=1e-12)
+    assert whole.keys() == split.keys() and len(whole) > 50
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-9, atol=1e-14, msg=name)
+    # not an empty comparison: one micro-batch alone has a different gradient
+    _, half = grads([(x[:2], active[:2])])
+    assert not torch.allclose(half["decoder.proj.weight"], whole["decoder.proj.weight"], rtol=1e-3)
+    with pytest.raises(ValueError, match="expected 3 micro-batches, got 2"):
+        accumulate_gradients(step_fn, [(x[:2], active[:2])] * 2, 3, scaler)
+
+
+def test_run_with_gradient_accumulation_steps_once_per_global_batch(tmp_path, monkeypatch):
+    shapes: list[int] = []
+    forward = SparKStep.forward
+
+    def counted(self, images, active):
+        shapes.append(images.shape[0])
+        return forward(self, images, active)
+
+    monkeypatch.setattr(SparKStep, "forward", counted)
+    accum = run(_tiny(tmp_path / "accum", "data.global_batch_size=4", "trainer.grad_accum_steps=2", "trainer.max_steps=3"))
+    assert accum["step"] == 3 and shapes == [2] * 6  # 3 steps x 2 micro-batches of 2 (one process)
+    ckpt = load_checkpoint(tmp_path / "accum" / "checkpoints" / "step_00000003.pt")
+    assert ckpt["global_batch"] == 4 and ckpt["steps_per_epoch"] == 2  # 8 images / 4
+    shapes.clear()
+    plain = run(_tiny(tmp_path / "plain", "data.global_batch_size=4", "trainer.max_steps=3"))
+    assert plain["step"] == 3 and shapes == [4] * 3
+    # the schedules advance per optimizer step, at the lr of the global batch
+    a, b = _metrics(tmp_path / "accum"), _metrics(tmp_path / "plain")
+    assert [m["lr"] for m in a] == [m["lr"] for m in b] and [m["step"] for m in a] == [1, 2, 3]
+    assert a[0]["lr"] == pytest.approx(2e-4 * 4 / 256 * 0.005)  # warm-up start at the global batch's peak lr
+    assert [m["weight_decay"] for m in a] == [m["weight_decay"] for m in b]
+    assert all(np.isfinite(m["loss"]) for m in a)
 
 
 def test_resume_protects_saved_work(tmp_path):
