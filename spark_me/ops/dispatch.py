@@ -72,8 +72,7 @@ def conv(
             return minkowski_backend.sparse_conv(x, _tap_major(weight.to(dtype)).contiguous(), kernel_size, stride)
     tables = neighbour_tables(x, kernel_size, stride)
     with torch.autocast(device_type, enabled=False):
-        w = _tap_major(weight.to(dtype)).contiguous()
-        return torch_backend.sparse_conv(x.F.to(dtype), w, tables, algorithm), tables.out_key
+        return torch_backend.sparse_conv(x.F.to(dtype), weight.to(dtype), tables, algorithm), tables.out_key
 
 
 def depthwise_conv(x: ME.SparseTensor, weight: torch.Tensor, conv_impl: str) -> torch.Tensor:

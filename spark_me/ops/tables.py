@@ -6,10 +6,8 @@ connects. The sparse ops want it the other way round, one row per tap in PyTorch
 
 * ``forward[t, o]``: the input row at tap ``t`` of output site ``o``, or ``n_in`` (the
   zero row appended to the input) when that neighbour is absent;
-* ``backward[t, i]``: the output row that input ``i`` feeds through tap ``t``, or
-  ``n_out``. Needed only by overlapping strided convs (odd ``k``, stride > 1): a stride-1
-  table is its own transpose with the taps mirrored, and a non-overlapping conv
-  (``k <= stride``) uses each input row at most once.
+* ``pairs[t]``: the kernel map's own (input rows, output rows) of tap ``t``, for the
+  ops that skip absent neighbours instead of reading a zero row.
 
 Tables are cached per (input map, kernel, stride) on a :class:`TableCache`, a
 ``CoordinateManager`` that keeps them for the lifetime of its batch, as MinkowskiEngine
@@ -17,7 +15,6 @@ keeps its kernel maps. Tensors on a plain ``CoordinateManager`` get fresh tables
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import MinkowskiEngine as ME
@@ -35,17 +32,32 @@ def kernel_tap_order(kernel_size: int) -> torch.Tensor:
     return (ky * kernel_size + kx).flatten()
 
 
-@dataclass(frozen=True)
 class NeighbourTables:
-    """The tables of one (input map, kernel, stride); see the module docstring."""
+    """The tables of one (input map, kernel, stride); see the module docstring.
 
-    forward: torch.Tensor  # [K, n_out] int64, sentinel n_in
-    backward: Optional[torch.Tensor]  # [K, n_in] int64, sentinel n_out; None unless overlapping strided
-    out_key: ME.CoordinateMapKey
-    kernel_size: int
-    stride: int
-    n_in: int
-    n_out: int
+    ``forward`` is ``[K, n_out]``; ``pairs[t]`` is tap ``t``'s (input rows, output rows),
+    only the neighbours that exist (MinkowskiEngine's kernel map, in tap order);
+    ``complete`` says whether every output site has all its K neighbours.
+    """
+
+    def __init__(
+        self,
+        forward: torch.Tensor,
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        out_key: ME.CoordinateMapKey,
+        kernel_size: int,
+        stride: int,
+        n_in: int,
+        n_out: int,
+    ) -> None:
+        self.forward = forward  # [K, n_out] int64, sentinel n_in
+        self.pairs = pairs
+        self.out_key = out_key
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.n_in = n_in
+        self.n_out = n_out
+        self.complete = sum(len(i) for i, _ in pairs) == forward.numel()
 
 
 class TableCache(ME.CoordinateManager):
@@ -80,14 +92,13 @@ def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neigh
     volume = kernel_size * kernel_size
     taps = kernel_tap_order(kernel_size).tolist()
     forward = torch.full((volume, n_out), n_in, dtype=torch.long, device=device)
-    overlapping_strided = stride > 1 and kernel_size > stride
-    backward = torch.full((volume, n_in), n_out, dtype=torch.long, device=device) if overlapping_strided else None
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    pairs = [(empty, empty)] * volume
     for offset, in_out in kmap.items():
         in_out = in_out.to(device=device, dtype=torch.long)
         forward[taps[offset], in_out[1]] = in_out[0]
-        if backward is not None:
-            backward[taps[offset], in_out[0]] = in_out[1]
-    tables = NeighbourTables(forward, backward, out_key, kernel_size, stride, n_in, n_out)
+        pairs[taps[offset]] = (in_out[0], in_out[1])
+    tables = NeighbourTables(forward, pairs, out_key, kernel_size, stride, n_in, n_out)
     if cache is not None:
         cache[cache_key] = tables
     return tables

@@ -5,24 +5,27 @@ table (row ``n`` of the zero-padded input stands for an absent neighbour), runs 
 device and float dtype, and has a hand-written backward that keeps only the input, the
 weight and the tables (no gathered ``[N, K·C]`` copy lives between forward and backward).
 
-Convolution, with ``W`` ``[K, C_in, C_out]`` in PyTorch tap order and table ``T``:
+Convolution, with the tap ``t = ky*k + kx`` of PyTorch's weight written ``W[t]``
+(``[C_out, C_in]``) and table ``T``:
 
-* forward:       ``y[o] = Σ_t x[T[t, o]] · W[t]``;
+* forward:       ``y[o] = Σ_t x[T[t, o]] · W[t]ᵀ``;
 * input grad:    stride 1: the same gather-product of ``g`` with the taps mirrored
-  (``W[K-1-t]ᵀ``), as a centred kernel's neighbourhood is point-symmetric; overlapping
-  strided: the gather-product of ``g`` through the backward table with ``W[t]ᵀ``;
-  non-overlapping (``k <= stride``): one product ``g · Wᵀ`` scattered to the (unique)
+  (``W[K-1-t]``), as a centred kernel's neighbourhood is point-symmetric; overlapping
+  strided: the gather-product of ``g`` through the backward table with ``W[t]``;
+  non-overlapping (``k <= stride``): one product ``g · W`` scattered to the (unique)
   input rows;
-* weight grad:   ``gW[t] = Σ_o x[T[t, o]]ᵀ · g[o]``.
+* weight grad:   ``gW[t] = Σ_o g[o]ᵀ · x[T[t, o]]``.
 
 Each gather-product runs as one of two algorithms:
 
-* ``"gemm"``: gather all taps into ``[N, K·C]`` and do one matrix product (best when the
-  channels are few: one large GEMM instead of K small ones);
+* ``"gemm"``: gather all taps into ``[N, K·C]`` and do one matrix product;
 * ``"loop"``: K gathers of ``[N, C]`` and K accumulating products (less memory traffic
-  per product; the stride-1 centre tap needs no gather at all).
+  per product; the stride-1 centre tap needs no gather at all);
+* ``"pairs"``: MinkowskiEngine's algorithm: per tap, gather only the neighbours that
+  exist, multiply, scatter-add (fewest FLOPs where many neighbours are absent).
 
-Reduced-precision inputs (bf16, fp16) always take ``"gemm"``, whose single product
+Non-overlapping convs always take ``"gemm"`` (no tap is absent, and the input gradient
+is a single product). Reduced-precision inputs (bf16, fp16) always take ``"gemm"``, whose single product
 accumulates in fp32 and rounds once.
 """
 from __future__ import annotations
@@ -31,9 +34,11 @@ import torch
 
 from spark_me.ops.tables import NeighbourTables
 
-ALGORITHMS = ("auto", "gemm", "loop")
-# "loop" pays from this many input channels on (measured: kernels_bench.ops, fp32, 1 thread).
-LOOP_MIN_CHANNELS = 128
+ALGORITHMS = ("auto", "gemm", "loop", "pairs")
+# fp32 on CPU, 1 thread, 3×3 convs at ResNet-50 sizes (batch 8, 224 px, 40% visible),
+# forward+backward: "loop" was fastest or tied up to 256 input channels, "gemm" at 512;
+# "pairs" (MinkowskiEngine's algorithm) tied at 256 and lost elsewhere.
+GEMM_MIN_CHANNELS = 512
 
 
 def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto") -> str:
@@ -44,7 +49,7 @@ def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto")
         return "gemm"
     if algorithm != "auto":
         return algorithm
-    return "loop" if channels >= LOOP_MIN_CHANNELS else "gemm"
+    return "gemm" if channels >= GEMM_MIN_CHANNELS else "loop"
 
 
 def _pad(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -52,69 +57,134 @@ def _pad(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     return torch.cat([x, x.new_full((1, x.shape[1]), fill)])
 
 
-def _gather_product(
-    src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, algorithm: str, centre_identity: bool
+def _gather_columns(src: torch.Tensor, table: torch.Tensor, complete: bool = False) -> torch.Tensor:
+    """``[n, K·C]``: row ``n`` holds ``src[table[t, n]]`` for every tap ``t`` (zero if absent;
+    ``complete``: no entry is absent, so no zero row is needed)."""
+    volume, n = table.shape
+    rows = src if complete else _pad(src)
+    return rows.index_select(0, table.t().reshape(-1)).view(n, volume * src.shape[1])
+
+
+def _loop_product(
+    src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, taps: list[int], centre: int
 ) -> torch.Tensor:
-    """``out[n] = Σ_t src[table[t, n]] · weight[t]``: src ``[M, A]``, weight ``[K, A, B]``."""
-    volume, a, b = weight.shape
-    n = table.shape[1]
+    """``Σ_t src[table[t]] · weight[taps[t]]`` by tap (weight ``[K, A, B]``); tap ``centre``
+    (if ``>= 0``) reads ``src`` itself, as a stride-1 table maps each site to itself there."""
     padded = _pad(src)
-    if choose_algorithm(a, src.dtype, algorithm) == "gemm":
-        cols = padded.index_select(0, table.t().reshape(-1)).view(n, volume * a)
-        return cols @ weight.reshape(volume * a, b)
-    centre = volume // 2 if centre_identity else -1
-    out = src @ weight[centre] if centre >= 0 else padded.index_select(0, table[0]) @ weight[0]
-    for t in range(volume):
-        if t != centre and not (centre < 0 and t == 0):
-            out.addmm_(padded.index_select(0, table[t]), weight[t])
+    out = None
+    for t, w in enumerate(taps):
+        rows = src if t == centre else padded.index_select(0, table[t])
+        if out is None:
+            out = rows @ weight[w]
+        else:
+            out.addmm_(rows, weight[w])
     return out
 
 
-def _weight_grad(features: torch.Tensor, grad: torch.Tensor, table: torch.Tensor, algorithm: str) -> torch.Tensor:
-    """``gW[t] = Σ_o x[table[t, o]]ᵀ · g[o]`` as ``[K, C_in, C_out]``."""
-    volume, n = table.shape
-    c_in = features.shape[1]
-    padded = _pad(features)
-    if choose_algorithm(c_in, features.dtype, algorithm) == "gemm":
-        cols = padded.index_select(0, table.t().reshape(-1)).view(n, volume * c_in)
-        return (cols.t() @ grad).view(volume, c_in, grad.shape[1])
-    return torch.stack([padded.index_select(0, table[t]).t() @ grad for t in range(volume)])
-
-
 class SparseConvFunction(torch.autograd.Function):
-    """Sparse conv on neighbour tables; see the module docstring."""
+    """Sparse conv on neighbour tables with a PyTorch-layout weight; see the module docstring.
+
+    Weight layouts per algorithm, chosen so that every product reads its operands in place
+    (a transposed view costs a GEMM nothing): ``"gemm"`` uses ``[C_out, K·C_in]`` (a cheap
+    per-output-channel reordering of PyTorch's ``[C_out, C_in, kh, kw]``), ``"loop"`` and
+    ``"pairs"`` use ``[K, C_out, C_in]``.
+    """
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str):
-        ctx.save_for_backward(features, weight)
-        ctx.tables, ctx.algorithm = tables, algorithm
-        return _gather_product(features, weight, tables.forward, algorithm, centre_identity=tables.stride == 1)
+        c_out, c_in, k, _ = weight.shape
+        volume = k * k
+        algorithm = "gemm" if tables.stride >= k else choose_algorithm(c_in, features.dtype, algorithm)
+        ctx.tables, ctx.algorithm, ctx.shape = tables, algorithm, weight.shape
+        if algorithm == "gemm":
+            ctx.save_for_backward(features, weight)
+            w_rows = weight.permute(0, 2, 3, 1).reshape(c_out, volume * c_in)
+            return _gather_columns(features, tables.forward, tables.complete) @ w_rows.t()
+        taps_weight = weight.permute(2, 3, 0, 1).reshape(volume, c_out, c_in)
+        ctx.save_for_backward(features, taps_weight)
+        centre = volume // 2 if tables.stride == 1 else -1
+        if algorithm == "loop":
+            return _loop_product(features, taps_weight.transpose(1, 2), tables.forward, list(range(volume)), centre)
+        return _pairs_product(features, taps_weight.transpose(1, 2), tables.pairs, centre, tables.n_out, forward=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        features, weight = ctx.saved_tensors
+        features, w = ctx.saved_tensors
         tables: NeighbourTables = ctx.tables
+        c_out, c_in, k, _ = ctx.shape
+        volume = k * k
+        centre = volume // 2 if tables.stride == 1 else -1
         grad = grad.contiguous()
         grad_in = grad_w = None
         if ctx.needs_input_grad[0]:
-            if tables.stride == 1:
-                w_t = weight.flip(0).transpose(1, 2)
-                grad_in = _gather_product(grad, w_t, tables.forward, ctx.algorithm, centre_identity=True)
-            elif tables.backward is not None:
-                grad_in = _gather_product(grad, weight.transpose(1, 2), tables.backward, ctx.algorithm, False)
-            else:  # non-overlapping: each input row feeds at most one (output, tap)
-                volume, c_in, c_out = weight.shape
-                per_tap = grad @ weight.permute(2, 0, 1).reshape(c_out, volume * c_in)
-                padded = grad.new_zeros(tables.n_in + 1, c_in)
-                padded.index_copy_(0, tables.forward.t().reshape(-1), per_tap.view(-1, c_in))
-                grad_in = padded[: tables.n_in]
+            grad_in = _input_grad(grad, w, tables, ctx.algorithm, ctx.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(features, grad, tables.forward, ctx.algorithm)
+            if ctx.algorithm == "gemm":
+                grad_rows = grad.t() @ _gather_columns(features, tables.forward, tables.complete)  # [C_out, K·C_in]
+                return grad_in, grad_rows.view(c_out, k, k, c_in).permute(0, 3, 1, 2).contiguous(), None, None
+            if ctx.algorithm == "loop":
+                padded = _pad(features)
+                per_tap = [
+                    grad.t() @ (features if t == centre else padded.index_select(0, tables.forward[t]))
+                    for t in range(volume)
+                ]
+            else:
+                per_tap = [
+                    grad.t() @ features if t == centre
+                    else grad.index_select(0, out_rows).t() @ features.index_select(0, in_rows)
+                    for t, (in_rows, out_rows) in enumerate(tables.pairs)
+                ]
+            grad_w = torch.stack(per_tap).view(k, k, c_out, c_in).permute(2, 3, 0, 1).contiguous()
         return grad_in, grad_w, None, None
 
 
+def _pairs_product(
+    src: torch.Tensor, weight: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]], centre: int,
+    n_dst: int, forward: bool,
+) -> torch.Tensor:
+    """MinkowskiEngine's algorithm: per tap, gather the rows that exist, multiply, scatter-add.
+
+    ``forward``: ``dst[o] += src[i] · weight[t]`` over tap t's pairs (i, o); otherwise the
+    transposed direction ``dst[i] += src[o] · weight[t]``. Tap ``centre`` (stride 1, if
+    ``>= 0``) pairs every site with itself and initialises ``dst``.
+    """
+    if centre >= 0:
+        dst = src @ weight[centre]
+    else:
+        dst = src.new_zeros(n_dst, weight.shape[2])
+    for t, (in_rows, out_rows) in enumerate(pairs):
+        if t == centre or len(in_rows) == 0:
+            continue
+        read, write = (in_rows, out_rows) if forward else (out_rows, in_rows)
+        dst.index_add_(0, write, src.index_select(0, read) @ weight[t])
+    return dst
+
+
+def _input_grad(grad: torch.Tensor, w: torch.Tensor, tables: NeighbourTables, algorithm: str, shape) -> torch.Tensor:
+    """The input gradient of :class:`SparseConvFunction` (``w`` as saved for ``algorithm``)."""
+    c_out, c_in, k, _ = shape
+    volume = k * k
+    stride_one = tables.stride == 1
+    if algorithm == "pairs":
+        return _pairs_product(grad, w, tables.pairs, volume // 2 if stride_one else -1, tables.n_in, forward=False)
+    if not stride_one:  # one product g · W for every (output, tap), scattered to the input rows
+        w_rows = w.permute(0, 2, 3, 1) if algorithm == "gemm" else w.view(k, k, c_out, c_in).permute(2, 0, 1, 3)
+        per_tap = (grad @ w_rows.reshape(c_out, volume * c_in)).view(-1, c_in)
+        padded = grad.new_zeros(tables.n_in + 1, c_in)
+        if tables.stride >= k:  # non-overlapping: each input row feeds at most one (output, tap)
+            padded.index_copy_(0, tables.forward.t().reshape(-1), per_tap)
+        else:
+            padded.index_add_(0, tables.forward.t().reshape(-1), per_tap)
+        return padded[: tables.n_in]
+    # stride 1: T is its own transpose with the taps mirrored
+    if algorithm == "gemm":
+        w_cols = w.flip(2, 3).permute(2, 3, 0, 1).reshape(volume * c_out, c_in)
+        return _gather_columns(grad, tables.forward) @ w_cols
+    return _loop_product(grad, w, tables.forward, list(range(volume - 1, -1, -1)), volume // 2)
+
+
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> torch.Tensor:
-    """``features`` ``[n_in, C_in]``, ``weight`` ``[K, C_in, C_out]`` (PyTorch tap order) -> ``[n_out, C_out]``."""
+    """``features`` ``[n_in, C_in]``, PyTorch-layout ``weight`` ``[C_out, C_in, k, k]`` -> ``[n_out, C_out]``."""
     return SparseConvFunction.apply(features, weight, tables, algorithm)
 
 
