@@ -10,13 +10,12 @@ Convolution, with the tap ``t = ky*k + kx`` of PyTorch's weight written ``W[t]``
 
 * forward:       ``y[o] = Σ_t x[T[t, o]] · W[t]ᵀ``;
 * input grad:    stride 1: the same gather-product of ``g`` with the taps mirrored
-  (``W[K-1-t]``), as a centred kernel's neighbourhood is point-symmetric; overlapping
-  strided: the gather-product of ``g`` through the backward table with ``W[t]``;
-  non-overlapping (``k <= stride``): one product ``g · W`` scattered to the (unique)
-  input rows;
+  (``W[K-1-t]``), as a centred kernel's neighbourhood is point-symmetric; strided: one
+  product ``g · [W[0] … W[K-1]]`` for every (output, tap), scatter-added to the input rows
+  (each tap's rows are distinct; a non-overlapping conv's are distinct over all taps);
 * weight grad:   ``gW[t] = Σ_o g[o]ᵀ · x[T[t, o]]``.
 
-Each gather-product runs as one of two algorithms:
+Each gather-product runs as one of three algorithms:
 
 * ``"gemm"``: gather all taps into ``[N, K·C]`` and do one matrix product;
 * ``"loop"``: K gathers of ``[N, C]`` and K accumulating products (less memory traffic
@@ -25,7 +24,8 @@ Each gather-product runs as one of two algorithms:
   exist, multiply, scatter-add (fewest FLOPs where many neighbours are absent).
 
 Non-overlapping convs always take ``"gemm"`` (no tap is absent, and the input gradient
-is a single product). Reduced-precision inputs (bf16, fp16) always take ``"gemm"``, whose single product
+is a single product). Reduced-precision inputs (bf16, fp16) always take ``"gemm"`` (and a
+materialised mirrored gather for the stride-1 input gradient): each single product
 accumulates in fp32 and rounds once.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from spark_me.ops.tables import NeighbourTables
 
 ALGORITHMS = ("auto", "gemm", "loop", "pairs")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 # fp32 on CPU, 1 thread, 3×3 convs at ResNet-50 sizes (batch 8, 224 px, 40% visible),
 # forward+backward: "loop" was fastest or tied up to 256 input channels, "gemm" at 512;
 # "pairs" (MinkowskiEngine's algorithm) tied at 256 and lost elsewhere.
@@ -45,7 +46,7 @@ def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto")
     """The gather-product algorithm for ``channels`` gathered channels of ``dtype``."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown sparse conv algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
-    if dtype in (torch.bfloat16, torch.float16):
+    if dtype in LOW_PRECISION:
         return "gemm"
     if algorithm != "auto":
         return algorithm
@@ -65,29 +66,51 @@ def _gather_columns(src: torch.Tensor, table: torch.Tensor, complete: bool = Fal
     return rows.index_select(0, table.t().reshape(-1)).view(n, volume * src.shape[1])
 
 
+def _tap_block(w_rows: torch.Tensor, t: int, c_in: int) -> torch.Tensor:
+    """Tap ``t``'s ``[C_out, C_in]`` weight: a column block of ``[C_out, K·C_in]`` (a strided
+    view that matrix products read in place)."""
+    return w_rows[:, t * c_in : (t + 1) * c_in]
+
+
 def _loop_product(
-    src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, taps: list[int], centre: int
+    src: torch.Tensor, weights: list[torch.Tensor], table: torch.Tensor, centre: int
 ) -> torch.Tensor:
-    """``Σ_t src[table[t]] · weight[taps[t]]`` by tap (weight ``[K, A, B]``); tap ``centre``
-    (if ``>= 0``) reads ``src`` itself, as a stride-1 table maps each site to itself there."""
+    """``Σ_t src[table[t]] · weights[t]`` by tap; tap ``centre`` (if ``>= 0``) reads ``src``
+    itself, as a stride-1 table maps each site to itself there."""
     padded = _pad(src)
-    out = None
-    for t, w in enumerate(taps):
-        rows = src if t == centre else padded.index_select(0, table[t])
-        if out is None:
-            out = rows @ weight[w]
-        else:
-            out.addmm_(rows, weight[w])
+    out = src @ weights[centre] if centre >= 0 else padded.index_select(0, table[0]) @ weights[0]
+    for t, w in enumerate(weights):
+        if t != centre and (centre >= 0 or t > 0):
+            out.addmm_(padded.index_select(0, table[t]), w)
     return out
+
+
+def _pairs_product(
+    src: torch.Tensor, weights: list[torch.Tensor], pairs: list[tuple[torch.Tensor, torch.Tensor]], centre: int,
+    n_dst: int, forward: bool,
+) -> torch.Tensor:
+    """MinkowskiEngine's algorithm: per tap, gather the rows that exist, multiply, scatter-add.
+
+    ``forward``: ``dst[o] += src[i] · weights[t]`` over tap t's pairs (i, o); otherwise the
+    transposed direction ``dst[i] += src[o] · weights[t]``. Tap ``centre`` (stride 1, if
+    ``>= 0``) pairs every site with itself and initialises ``dst``.
+    """
+    dst = src @ weights[centre] if centre >= 0 else src.new_zeros(n_dst, weights[0].shape[1])
+    for t, (in_rows, out_rows) in enumerate(pairs):
+        if t == centre or len(in_rows) == 0:
+            continue
+        read, write = (in_rows, out_rows) if forward else (out_rows, in_rows)
+        dst.index_add_(0, write, src.index_select(0, read) @ weights[t])
+    return dst
 
 
 class SparseConvFunction(torch.autograd.Function):
     """Sparse conv on neighbour tables with a PyTorch-layout weight; see the module docstring.
 
-    Weight layouts per algorithm, chosen so that every product reads its operands in place
-    (a transposed view costs a GEMM nothing): ``"gemm"`` uses ``[C_out, K·C_in]`` (a cheap
-    per-output-channel reordering of PyTorch's ``[C_out, C_in, kh, kw]``), ``"loop"`` and
-    ``"pairs"`` use ``[K, C_out, C_in]``.
+    Every algorithm reads the weight as ``[C_out, K·C_in]`` (columns ``t·C_in + i``): one
+    per-output-channel reordering of PyTorch's ``[C_out, C_in, kh, kw]``, saved for
+    backward; a tap's ``[C_out, C_in]`` weight is a column block of it, which matrix
+    products read in place (no other weight copy in forward or backward).
     """
 
     @staticmethod
@@ -95,21 +118,20 @@ class SparseConvFunction(torch.autograd.Function):
         c_out, c_in, k, _ = weight.shape
         volume = k * k
         algorithm = "gemm" if tables.stride >= k else choose_algorithm(c_in, features.dtype, algorithm)
+        w_rows = weight.permute(0, 2, 3, 1).reshape(c_out, volume * c_in)
+        ctx.save_for_backward(features, w_rows)
         ctx.tables, ctx.algorithm, ctx.shape = tables, algorithm, weight.shape
         if algorithm == "gemm":
-            ctx.save_for_backward(features, weight)
-            w_rows = weight.permute(0, 2, 3, 1).reshape(c_out, volume * c_in)
             return _gather_columns(features, tables.forward, tables.complete) @ w_rows.t()
-        taps_weight = weight.permute(2, 3, 0, 1).reshape(volume, c_out, c_in)
-        ctx.save_for_backward(features, taps_weight)
+        taps = [_tap_block(w_rows, t, c_in).t() for t in range(volume)]
         centre = volume // 2 if tables.stride == 1 else -1
         if algorithm == "loop":
-            return _loop_product(features, taps_weight.transpose(1, 2), tables.forward, list(range(volume)), centre)
-        return _pairs_product(features, taps_weight.transpose(1, 2), tables.pairs, centre, tables.n_out, forward=True)
+            return _loop_product(features, taps, tables.forward, centre)
+        return _pairs_product(features, taps, tables.pairs, centre, tables.n_out, forward=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        features, w = ctx.saved_tensors
+        features, w_rows = ctx.saved_tensors
         tables: NeighbourTables = ctx.tables
         c_out, c_in, k, _ = ctx.shape
         volume = k * k
@@ -117,70 +139,52 @@ class SparseConvFunction(torch.autograd.Function):
         grad = grad.contiguous()
         grad_in = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_in = _input_grad(grad, w, tables, ctx.algorithm, ctx.shape)
+            grad_in = _input_grad(grad, w_rows, tables, ctx.algorithm, c_in)
         if ctx.needs_input_grad[1]:
             if ctx.algorithm == "gemm":
-                grad_rows = grad.t() @ _gather_columns(features, tables.forward, tables.complete)  # [C_out, K·C_in]
-                return grad_in, grad_rows.view(c_out, k, k, c_in).permute(0, 3, 1, 2).contiguous(), None, None
-            if ctx.algorithm == "loop":
-                padded = _pad(features)
-                per_tap = [
-                    grad.t() @ (features if t == centre else padded.index_select(0, tables.forward[t]))
-                    for t in range(volume)
-                ]
+                grad_rows = grad.t() @ _gather_columns(features, tables.forward, tables.complete)
             else:
-                per_tap = [
-                    grad.t() @ features if t == centre
-                    else grad.index_select(0, out_rows).t() @ features.index_select(0, in_rows)
-                    for t, (in_rows, out_rows) in enumerate(tables.pairs)
-                ]
-            grad_w = torch.stack(per_tap).view(k, k, c_out, c_in).permute(2, 3, 0, 1).contiguous()
+                grad_rows = grad.new_empty(c_out, volume * c_in)
+                padded = _pad(features) if ctx.algorithm == "loop" else None
+                for t in range(volume):
+                    if t == centre:
+                        block = grad.t() @ features
+                    elif padded is not None:
+                        block = grad.t() @ padded.index_select(0, tables.forward[t])
+                    else:
+                        in_rows, out_rows = tables.pairs[t]
+                        block = grad.index_select(0, out_rows).t() @ features.index_select(0, in_rows)
+                    _tap_block(grad_rows, t, c_in).copy_(block)
+            grad_w = grad_rows.view(c_out, k, k, c_in).permute(0, 3, 1, 2).contiguous()
         return grad_in, grad_w, None, None
 
 
-def _pairs_product(
-    src: torch.Tensor, weight: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]], centre: int,
-    n_dst: int, forward: bool,
-) -> torch.Tensor:
-    """MinkowskiEngine's algorithm: per tap, gather the rows that exist, multiply, scatter-add.
-
-    ``forward``: ``dst[o] += src[i] · weight[t]`` over tap t's pairs (i, o); otherwise the
-    transposed direction ``dst[i] += src[o] · weight[t]``. Tap ``centre`` (stride 1, if
-    ``>= 0``) pairs every site with itself and initialises ``dst``.
-    """
-    if centre >= 0:
-        dst = src @ weight[centre]
-    else:
-        dst = src.new_zeros(n_dst, weight.shape[2])
-    for t, (in_rows, out_rows) in enumerate(pairs):
-        if t == centre or len(in_rows) == 0:
-            continue
-        read, write = (in_rows, out_rows) if forward else (out_rows, in_rows)
-        dst.index_add_(0, write, src.index_select(0, read) @ weight[t])
-    return dst
-
-
-def _input_grad(grad: torch.Tensor, w: torch.Tensor, tables: NeighbourTables, algorithm: str, shape) -> torch.Tensor:
-    """The input gradient of :class:`SparseConvFunction` (``w`` as saved for ``algorithm``)."""
-    c_out, c_in, k, _ = shape
-    volume = k * k
+def _input_grad(grad: torch.Tensor, w_rows: torch.Tensor, tables: NeighbourTables, algorithm: str, c_in: int) -> torch.Tensor:
+    """The input gradient of :class:`SparseConvFunction`."""
+    volume = tables.forward.shape[0]
     stride_one = tables.stride == 1
+    low_precision = grad.dtype in LOW_PRECISION
+    if stride_one:  # T is its own transpose with the taps mirrored
+        if low_precision:  # one product, accumulated in fp32, rounded once
+            c_out = w_rows.shape[0]
+            w_cols = w_rows.view(c_out, volume, c_in).flip(1).transpose(0, 1).reshape(volume * c_out, c_in)
+            return _gather_columns(grad, tables.forward) @ w_cols
+        mirrored = [_tap_block(w_rows, volume - 1 - t, c_in) for t in range(volume)]
+        if algorithm == "pairs":
+            return _pairs_product(grad, [_tap_block(w_rows, t, c_in) for t in range(volume)], tables.pairs,
+                                  volume // 2, tables.n_in, forward=False)
+        return _loop_product(grad, mirrored, tables.forward, volume // 2)
     if algorithm == "pairs":
-        return _pairs_product(grad, w, tables.pairs, volume // 2 if stride_one else -1, tables.n_in, forward=False)
-    if not stride_one:  # one product g · W for every (output, tap), scattered to the input rows
-        w_rows = w.permute(0, 2, 3, 1) if algorithm == "gemm" else w.view(k, k, c_out, c_in).permute(2, 0, 1, 3)
-        per_tap = (grad @ w_rows.reshape(c_out, volume * c_in)).view(-1, c_in)
-        padded = grad.new_zeros(tables.n_in + 1, c_in)
-        if tables.stride >= k:  # non-overlapping: each input row feeds at most one (output, tap)
-            padded.index_copy_(0, tables.forward.t().reshape(-1), per_tap)
-        else:
-            padded.index_add_(0, tables.forward.t().reshape(-1), per_tap)
-        return padded[: tables.n_in]
-    # stride 1: T is its own transpose with the taps mirrored
-    if algorithm == "gemm":
-        w_cols = w.flip(2, 3).permute(2, 3, 0, 1).reshape(volume * c_out, c_in)
-        return _gather_columns(grad, tables.forward) @ w_cols
-    return _loop_product(grad, w, tables.forward, list(range(volume - 1, -1, -1)), volume // 2)
+        taps = [_tap_block(w_rows, t, c_in) for t in range(volume)]
+        return _pairs_product(grad, taps, tables.pairs, -1, tables.n_in, forward=False)
+    # strided: one product g · W for every (output, tap), scattered to the input rows
+    per_tap = (grad @ w_rows).view(-1, c_in)
+    padded = torch.zeros(tables.n_in + 1, c_in, dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device)
+    if tables.stride * tables.stride >= volume:  # non-overlapping: each input row feeds at most one (output, tap)
+        padded.index_copy_(0, tables.forward.t().reshape(-1), per_tap.to(padded.dtype))
+    else:
+        padded.index_add_(0, tables.forward.t().reshape(-1), per_tap.to(padded.dtype))
+    return padded[: tables.n_in].to(grad.dtype)
 
 
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> torch.Tensor:
