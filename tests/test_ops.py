@@ -261,3 +261,10 @@ def test_bf16_step_autocasts_the_encoder(conv_impl):
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.encoder.parameters() if p.requires_grad)
     reference = SparKStep(model)(images, active).detach()
     assert abs(float(loss.detach()) - float(reference)) <= 0.05 * abs(float(reference))
+
+
+def test_autocast_leaves_float64_alone():
+    """As for dense layers, autocast does not lower float64 sparse convs."""
+    _, xs, _, _ = _inputs(4, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SparseConv2d(4, 3, 3).double()(xs).F.dtype == torch.float64

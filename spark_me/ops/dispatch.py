@@ -42,9 +42,10 @@ def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
 
 
 def compute_dtype(features: torch.Tensor) -> torch.dtype:
-    """The autocast dtype where autocast is on for ``features``' device, else their dtype."""
+    """The autocast dtype where autocast is on for ``features``' device, else their dtype
+    (float64 stays float64, as autocast leaves float64 dense layers alone)."""
     device_type = features.device.type
-    if features.is_floating_point() and torch.is_autocast_enabled(device_type):
+    if features.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return features.dtype
 
