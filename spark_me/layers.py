@@ -119,12 +119,13 @@ class SparseConv2d(nn.Module):
 
 
 def _fp32_under_autocast(norm: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-    """``norm(features)``, in float32 with autocast off where autocast is on (as for dense norms)."""
+    """``norm(features)``, in (at least) float32 with autocast off where autocast is on, as
+    autocast runs dense norms."""
     device_type = features.device.type
     if not torch.is_autocast_enabled(device_type):
         return norm(features)
     with torch.autocast(device_type, enabled=False):
-        return norm(features.float())
+        return norm(features.to(torch.promote_types(features.dtype, torch.float32)))
 
 
 class SparseBatchNorm2d(nn.BatchNorm1d):

@@ -264,7 +264,8 @@ def test_bf16_step_autocasts_the_encoder(conv_impl):
 
 
 def test_autocast_leaves_float64_alone():
-    """As for dense layers, autocast does not lower float64 sparse convs."""
+    """As for dense layers, autocast does not lower float64 sparse convs and norms."""
     _, xs, _, _ = _inputs(4, torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert SparseConv2d(4, 3, 3).double()(xs).F.dtype == torch.float64
+        assert SparseBatchNorm2d(4).double()(xs).F.dtype == torch.float64
