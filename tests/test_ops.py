@@ -269,3 +269,25 @@ def test_autocast_leaves_float64_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert SparseConv2d(4, 3, 3).double()(xs).F.dtype == torch.float64
         assert SparseBatchNorm2d(4).double()(xs).F.dtype == torch.float64
+
+
+def _tables_from_kernel_map(x: ME.SparseTensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """The reference ``[K, n_out]`` table straight from MinkowskiEngine's kernel map."""
+    cm, key = x.coordinate_manager, x.coordinate_map_key
+    out_key = key if stride == 1 else cm.stride(key, stride)
+    kmap = cm.kernel_map(key, out_key, stride=stride, kernel_size=kernel_size, dilation=1)
+    n_in = x.F.shape[0]
+    table = torch.full((kernel_size**2, cm.size(out_key)), n_in, dtype=torch.long)
+    taps = ops.kernel_tap_order(kernel_size)
+    for offset, in_out in kmap.items():
+        table[taps[offset], in_out[1].long()] = in_out[0].long()
+    return table
+
+
+@pytest.mark.parametrize("tensor_stride", [1, 4])
+@pytest.mark.parametrize("kernel,stride", CONV_SHAPES + [(3, 4)])
+def test_tables_equal_minkowski_kernel_maps(kernel, stride, tensor_stride):
+    _, xs, _, _ = _inputs(2, torch.float64, tensor_stride, seed=5)
+    tables = ops.neighbour_tables(xs, kernel, stride)
+    assert torch.equal(tables.forward, _tables_from_kernel_map(xs, kernel, stride))
+    assert tables.complete == bool((tables.forward < tables.n_in).all())
