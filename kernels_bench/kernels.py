@@ -22,8 +22,8 @@ variants taking turns within each round:
   It includes ``coords_s`` (the ``SparseTensor`` construction alone, also reported), which
   a network pays once per batch rather than once per layer. A difference of medians, so
   it can come out slightly negative where it is tiny (the 1×1 conv needs no kernel map).
-  The gather depthwise conv rebuilds its ``[K, N]`` neighbour table from the cached
-  kernel map at every call, so that part counts as "cached" compute;
+  With the gather backends (``conv_impl`` torch/auto) this share is the neighbour
+  tables of :mod:`spark_me.ops.tables`, cached on the tensor's coordinate manager;
 * ``kernel_map_direct_s``: the same share measured directly, with far less noise: a fresh
   ``SparseTensor`` plus the maps the layer needs, built through MinkowskiEngine's
   ``CoordinateManager.stride`` / ``.kernel_map`` (which also copies each map out into a
