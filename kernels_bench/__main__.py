@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="results folder (default kernels_bench/results/<device>)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="import a module that registers your own encoder, then name it in --models")
+    p.add_argument("--conv-impl", nargs="+", default=None, choices=("auto", "torch", "triton", "minkowski"),
+                   help="sparse conv backend(s) of the sparse encoder; several give one set of sparse rows each")
     p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "breakdown"), help="parts of the run to leave out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                     "(add --import MODULE_OR_FILE for your own)")
         plan.models = args.models
     plan.imports = tuple(str(Path(i).resolve()) if i.endswith(".py") or "/" in i else i for i in args.imports)
+    if args.conv_impl:
+        plan.conv_impls = tuple(args.conv_impl)
     if args.repeats:
         plan.repeats = args.repeats
     if args.parts:

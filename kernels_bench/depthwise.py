@@ -3,7 +3,7 @@
     python -m kernels_bench.depthwise --model convnext_tiny --batch 8 --size 224 --mask 0.6
 
 For each implementation (``minkowski``: ME 0.5.4's channel-wise algorithm; ``gather``:
-spark_me.depthwise) it reports the median forward+backward time of a whole SparK step and
+spark_me.ops) it reports the median forward+backward time of a whole SparK step and
 of the depthwise convs alone (each block's conv_dw timed in isolation on its real input,
 summed over blocks), hence the depthwise share of the step.
 """

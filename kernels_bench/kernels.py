@@ -22,8 +22,8 @@ variants taking turns within each round:
   It includes ``coords_s`` (the ``SparseTensor`` construction alone, also reported), which
   a network pays once per batch rather than once per layer. A difference of medians, so
   it can come out slightly negative where it is tiny (the 1×1 conv needs no kernel map).
-  The gather depthwise conv rebuilds its ``[K, N]`` neighbour table from the cached
-  kernel map at every call, so that part counts as "cached" compute;
+  With the gather backends (``conv_impl`` torch/auto) this share is the neighbour
+  tables of :mod:`spark_me.ops.tables`, cached on the tensor's coordinate manager;
 * ``kernel_map_direct_s``: the same share measured directly, with far less noise: a fresh
   ``SparseTensor`` plus the maps the layer needs, built through MinkowskiEngine's
   ``CoordinateManager.stride`` / ``.kernel_map`` (which also copies each map out into a
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from spark_me.gather import to_dense
 from spark_me.layers import SparseConv2d, with_features
 from spark_me.masking import random_patch_mask, upsample_mask
+from spark_me.ops import new_coordinate_manager
 
 log = logging.getLogger("kernels_bench.kernels")
 
@@ -80,7 +81,7 @@ class LayerSpec:
 LAYERS: tuple[LayerSpec, ...] = (
     LayerSpec("conv1x1", 1),  # ResNet bottleneck conv1/conv3
     LayerSpec("conv3x3", 3),  # ResNet bottleneck conv2, submanifold
-    LayerSpec("dw7x7", 7, depthwise=True, bias=True),  # ConvNeXt conv_dw, spark_me.depthwise
+    LayerSpec("dw7x7", 7, depthwise=True, bias=True),  # ConvNeXt conv_dw, spark_me.ops gathers
     LayerSpec("dw7x7_me", 7, depthwise=True, depthwise_impl="minkowski", bias=True),  # ME's loop
     LayerSpec("conv3x3_s2", 3, stride=2),  # ResNet's first bottleneck of a stage
     LayerSpec("conv2x2_s2", 2, stride=2, bias=True),  # ConvNeXt downsample
@@ -105,7 +106,8 @@ class SparseInput:
     def sparse(self, features: torch.Tensor | None = None) -> ME.SparseTensor:
         """A fresh SparseTensor (new coordinate manager) on these sites."""
         feats = self.features if features is None else features
-        return ME.SparseTensor(feats, coordinates=self.coords, tensor_stride=self.tensor_stride)
+        return ME.SparseTensor(feats, coordinates=self.coords, tensor_stride=self.tensor_stride,
+                               coordinate_manager=new_coordinate_manager(self.coords))
 
 
 def make_input(
@@ -116,6 +118,7 @@ def make_input(
     density: float,
     generator: torch.Generator,
     device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> SparseInput:
     """Random features at the sites of a random patch mask keeping ``density`` of the patches."""
     if image_size % PATCH or PATCH % tensor_stride:
@@ -129,25 +132,28 @@ def make_input(
     dense = torch.zeros(batch, *sites.shape[1:], channels)
     dense[sites] = features
     return SparseInput(
-        features=features.to(device),
+        features=features.to(device, dtype),
         coords=coords.to(device),
         tensor_stride=tensor_stride,
-        dense=dense.permute(0, 3, 1, 2).contiguous().to(device),
+        dense=dense.permute(0, 3, 1, 2).contiguous().to(device, dtype),
         sites=sites.to(device),
         density_actual=float(active.float().mean()),
     )
 
 
-def make_layers(spec: LayerSpec, channels: int, device: str = "cpu") -> tuple[SparseConv2d, nn.Conv2d]:
+def make_layers(
+    spec: LayerSpec, channels: int, device: str = "cpu", conv_impl: str = "auto", dtype: torch.dtype = torch.float32
+) -> tuple[SparseConv2d, nn.Conv2d]:
     """The sparse conv and its dense ``nn.Conv2d`` twin, sharing the same weights."""
     k = spec.kernel_size
     groups = channels if spec.depthwise else 1
     dense = nn.Conv2d(channels, channels, k, spec.stride, padding=k // 2 if k % 2 else 0, groups=groups, bias=spec.bias)
     sparse = SparseConv2d(
-        channels, channels, k, spec.stride, bias=spec.bias, groups=groups, depthwise_impl=spec.depthwise_impl
+        channels, channels, k, spec.stride, bias=spec.bias, groups=groups, depthwise_impl=spec.depthwise_impl,
+        conv_impl=conv_impl,
     )
     sparse.load_state_dict(dense.state_dict())
-    return sparse.to(device), dense.to(device)
+    return sparse.to(device, dtype), dense.to(device, dtype)
 
 
 def check_numerics(got: torch.Tensor, expected: torch.Tensor, tolerance: float = TOLERANCE) -> float:
@@ -163,7 +169,7 @@ def check_numerics(got: torch.Tensor, expected: torch.Tensor, tolerance: float =
     return err
 
 
-def verify_layer(sparse: SparseConv2d, dense: nn.Conv2d, inp: SparseInput) -> float:
+def verify_layer(sparse: SparseConv2d, dense: nn.Conv2d, inp: SparseInput, tolerance: float = TOLERANCE) -> float:
     """Sparse output vs. the dense conv of the zero-filled map, masked to the output sites.
 
     The expected output sites are computed independently of MinkowskiEngine: a stride-s
@@ -177,7 +183,7 @@ def verify_layer(sparse: SparseConv2d, dense: nn.Conv2d, inp: SparseInput) -> fl
         if out.F.shape[0] != int(out_sites.sum()):
             raise NumericsError(f"sparse conv has {out.F.shape[0]} output sites, expected {int(out_sites.sum())}")
         got = to_dense(out, inp.dense.shape[0], tuple(expected.shape[-2:]))
-    return check_numerics(got, expected)
+    return check_numerics(got, expected, tolerance)
 
 
 def median_times(fns: dict[str, Callable[[], None]], warmup: int, repeats: int, device: str) -> dict[str, float]:
@@ -206,13 +212,9 @@ def build_maps(layer: SparseConv2d, x: ME.SparseTensor) -> None:
     """Build, through ``CoordinateManager``, the output and kernel maps ``layer`` needs on ``x``."""
     if layer.kernel_size == 1 and layer.stride == 1:
         return  # a plain matmul on the input sites
-    kg = layer.kernel_generator
     cm, key = x.coordinate_manager, x.coordinate_map_key
-    out_key = cm.stride(key, kg.kernel_stride) if layer.stride > 1 else key
-    cm.kernel_map(
-        key, out_key, stride=kg.kernel_stride, kernel_size=kg.kernel_size,
-        dilation=kg.kernel_dilation, region_type=kg.region_type,
-    )
+    out_key = cm.stride(key, layer.stride) if layer.stride > 1 else key
+    cm.kernel_map(key, out_key, stride=layer.stride, kernel_size=layer.kernel_size, dilation=1)
 
 
 def _run_sparse(layer: SparseConv2d, x: ME.SparseTensor, backward: bool) -> None:
@@ -287,6 +289,8 @@ def run_kernel_bench(
     densities: tuple[float, ...] | None = None,
     passes: tuple[str, ...] = PASSES,
     seed: int = 0,
+    conv_impls: tuple[str, ...] = ("auto",),
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
     """One row per (layer, density, pass); see the module docstring for the fields.
 
@@ -300,17 +304,23 @@ def run_kernel_bench(
     torch.manual_seed(seed)
     map_size = image_size // tensor_stride
     rows = []
-    for spec in layers:
-        sparse, dense = make_layers(spec, channels, device)
+    # bf16 sparse vs bf16 dense: both round differently from the fp32 truth, each by ~2^-8
+    tolerance = TOLERANCE if dtype != torch.bfloat16 else 3e-2
+    for spec, conv_impl in ((s, c) for s in layers for c in conv_impls):
+        if conv_impl == "minkowski" and dtype != torch.float32:
+            continue  # MinkowskiEngine computes in float32 only
+        sparse, dense = make_layers(spec, channels, device, conv_impl, dtype)
         for density in densities:
             g = torch.Generator().manual_seed(seed + int(round(density * 1000)))
-            inp = make_input(batch, channels, image_size, tensor_stride, density, g, device)
-            err = verify_layer(sparse, dense, inp)
+            inp = make_input(batch, channels, image_size, tensor_stride, density, g, device, dtype)
+            err = verify_layer(sparse, dense, inp, tolerance)
             for pass_name in passes:
                 times = time_layer(sparse, dense, inp, pass_name == "fwd_bwd", warmup, repeats, device)
                 row = {
                     "bench": "kernel",
                     "layer": spec.name,
+                    "conv_impl": conv_impl,
+                    "dtype": str(dtype).removeprefix("torch."),
                     "pass": pass_name,
                     "density": density,
                     "density_actual": inp.density_actual,
@@ -335,13 +345,13 @@ def run_kernel_bench(
 def format_table(rows: list[dict]) -> str:
     """The rows as a fixed-width text table (times in ms)."""
     head = (
-        f"{'layer':<11} {'pass':<7} {'dens':>5} {'sites':>6} {'total':>8} {'cached':>8} {'kmap':>7} "
+        f"{'layer':<11} {'impl':<9} {'dtype':<8} {'pass':<7} {'dens':>5} {'sites':>6} {'total':>8} {'cached':>8} {'kmap':>7} "
         f"{'kmap_dir':>8} {'coords':>6} {'dense':>8} {'ratio':>6} {'relerr':>7}"
     )
     lines = [head + "   (times in ms)", "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['layer']:<11} {r['pass']:<7} {r['density_actual']:>5.2f} {r['sites']:>6d} "
+            f"{r['layer']:<11} {r.get('conv_impl', 'auto'):<9} {r.get('dtype', 'float32'):<8} {r['pass']:<7} {r['density_actual']:>5.2f} {r['sites']:>6d} "
             f"{1e3 * r['sparse_total_s']:>8.1f} {1e3 * r['sparse_cached_s']:>8.1f} {1e3 * r['kernel_map_s']:>7.1f} "
             f"{1e3 * r['kernel_map_direct_s']:>8.2f} {1e3 * r['coords_s']:>6.2f} {1e3 * r['dense_s']:>8.1f} "
             f"{r['ratio']:>6.2f} {r['max_rel_err']:>7.0e}"
@@ -362,6 +372,9 @@ def main() -> None:
     p.add_argument("--layers", nargs="+", choices=[s.name for s in LAYERS], default=None)
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--conv-impl", nargs="+", default=["auto"], choices=("auto", "torch", "minkowski"),
+                   help="sparse conv backend(s), one set of rows each")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -370,7 +383,7 @@ def main() -> None:
     rows = run_kernel_bench(
         device=args.device, quick=args.quick, repeats=args.repeats, warmup=args.warmup, batch=args.batch,
         channels=args.channels, image_size=args.size, tensor_stride=args.tensor_stride, layers=layers,
-        passes=tuple(args.passes),
+        passes=tuple(args.passes), conv_impls=tuple(args.conv_impl), dtype=getattr(torch, args.dtype),
     )
     r0 = rows[0]
     log.info(

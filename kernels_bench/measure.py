@@ -51,6 +51,7 @@ class Case:
     decoder_width: int = 768
     seed: int = 0
     imports: tuple[str, ...] = ()  # modules registering users' encoders (see import_encoder_modules)
+    conv_impl: str = "auto"  # sparse conv backend of the sparse encoder (spark_me.ops.CONV_IMPLS)
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -110,7 +111,7 @@ def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.T
 def build_sparse_spark(case: Case, device: torch.device) -> SparK:
     """The reference SparK of a case; every variant copies its weights."""
     torch.manual_seed(case.seed)
-    encoder = build_sparse_encoder(case.model)
+    encoder = build_sparse_encoder(case.model, conv_impl=case.conv_impl)
     return SparK(encoder, decoder_width=case.decoder_width, mask_ratio=case.mask_ratio).to(device).train()
 
 
@@ -138,7 +139,7 @@ def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.T
     scaler = torch.amp.GradScaler("cuda", enabled=case.amp == "fp16")
     sparse_amp_step = None
     if amp is not None and not dense_encoder:
-        from spark_me.pretrain import SparKStep  # encoder in fp32, densify + decoder in amp
+        from spark_me.pretrain import SparKStep  # the whole forward in one autocast region
 
         sparse_amp_step = SparKStep(model.model, amp)
 

@@ -51,6 +51,7 @@ class Plan:
     cuda_extras: bool  # channels_last and bf16 rows for the dense baselines
     decoder_width: int = 768
     imports: tuple[str, ...] = ()  # users' encoder modules, imported in every case's process
+    conv_impls: tuple[str, ...] = ("auto",)  # sparse conv backends, one set of sparse rows each
 
     def cases(self) -> list[Case]:
         out: list[Case] = []
@@ -58,7 +59,11 @@ class Plan:
                       decoder_width=self.decoder_width, imports=tuple(self.imports))
 
         def add(model: str, variant: str, part: str, batch: int, size: int, mask: float) -> None:
-            out.append(Case(model, variant, part, batch, size, mask, **common))
+            if variant == "sparse":
+                for impl in self.conv_impls:
+                    out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, **common))
+            else:
+                out.append(Case(model, variant, part, batch, size, mask, **common))
             if self.cuda_extras and variant != "sparse":
                 out.append(Case(model, variant, part, batch, size, mask, channels_last=True, **common))
             if self.cuda_extras:
@@ -161,8 +166,9 @@ def run_cases(cases: Iterable[Case], isolate: bool) -> list[dict]:
             continue
         rows.append(row)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
+        variant = case.variant + (f"[{case.conv_impl}]" if case.variant == "sparse" else "")
         log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, len(cases),
-                 case.model, case.variant, case.part, case.batch, case.size, case.mask_ratio, extra,
+                 case.model, variant, case.part, case.batch, case.size, case.mask_ratio, extra,
                  row["median_s"], row["images_per_s"], row["peak_growth_mib"])
     return rows
 

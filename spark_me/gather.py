@@ -10,6 +10,7 @@ import MinkowskiEngine as ME
 import torch
 
 from spark_me.masking import upsample_mask
+from spark_me.ops import new_coordinate_manager
 
 
 def check_image_size(height: int, width: int, patch_size: int) -> None:
@@ -47,11 +48,14 @@ def check_inputs(images: torch.Tensor, active: torch.Tensor, patch_size: int) ->
 
 
 def to_sparse(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> ME.SparseTensor:
-    """Visible pixels of ``images`` (B, C, H, W) as a SparseTensor at tensor stride 1."""
+    """Visible pixels of ``images`` (B, C, H, W) as a SparseTensor at tensor stride 1.
+
+    Its coordinate manager caches the neighbour tables of the sparse ops for this batch.
+    """
     pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
     coords = pixel_mask.nonzero().int().contiguous()  # [b, y, x], row-major
     features = images.permute(0, 2, 3, 1)[pixel_mask]
-    return ME.SparseTensor(features, coordinates=coords)
+    return ME.SparseTensor(features, coordinates=coords, coordinate_manager=new_coordinate_manager(coords))
 
 
 def to_dense(

@@ -28,11 +28,8 @@ import MinkowskiEngine as ME
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction
-from MinkowskiEngineBackend._C import ConvolutionMode
-from MinkowskiEngine.MinkowskiPooling import MinkowskiLocalPoolingFunction
 
-from spark_me.depthwise import depthwise_conv, depthwise_conv_minkowski, neighbour_table
+from spark_me import ops
 
 DIMENSION = 2  # images: coordinates are [b, y, x]
 
@@ -44,25 +41,15 @@ def with_features(x: ME.SparseTensor, features: torch.Tensor) -> ME.SparseTensor
     )
 
 
-def kernel_tap_order(kernel_size: int) -> torch.Tensor:
-    """For each MinkowskiEngine kernel offset, the flat index ``ky*k + kx`` of the tap.
-
-    MinkowskiEngine enumerates the offsets of a hyper-cube kernel with the first spatial
-    axis (our y) varying fastest; PyTorch flattens ``[kh, kw]`` with x fastest.
-    """
-    ky, kx = torch.meshgrid(torch.arange(kernel_size), torch.arange(kernel_size), indexing="xy")
-    # meshgrid 'xy' makes ky vary along dim 1 (fastest after flatten): ME's order.
-    return (ky * kernel_size + kx).flatten()
-
-
 class SparseConv2d(nn.Module):
     """Sparse twin of ``nn.Conv2d(in, out, k, stride, padding=k//2 or 0, bias=...)``.
 
-    ``groups`` may be 1 or ``in_channels`` (depthwise, stride 1; computed by
-    :mod:`spark_me.depthwise`, or by MinkowskiEngine's own channel-wise loop with
-    ``depthwise_impl="minkowski"``, kept as a baseline). The weight lives in PyTorch's
-    layout and is rearranged into MinkowskiEngine's ``[kernel_volume, in, out]`` at each
-    call, which is cheap next to the convolution and keeps state dicts timm-compatible.
+    ``groups`` may be 1 or ``in_channels`` (depthwise, stride 1). ``conv_impl`` picks the
+    backend (:data:`spark_me.ops.CONV_IMPLS`: ``"auto"``, ``"torch"``, ``"minkowski"``;
+    ``"triton"`` is not implemented yet). A depthwise conv runs on the gather backend
+    unless ``depthwise_impl="minkowski"`` asks for MinkowskiEngine 0.5.4's channel-wise
+    loop (kept as a baseline; MinkowskiEngine has no other depthwise conv). The weight
+    lives in PyTorch's layout, so state dicts stay timm-compatible.
     """
 
     def __init__(
@@ -74,6 +61,7 @@ class SparseConv2d(nn.Module):
         bias: bool = True,
         groups: int = 1,
         depthwise_impl: str = "gather",
+        conv_impl: str = "auto",
     ) -> None:
         super().__init__()
         if groups not in (1, in_channels):
@@ -89,18 +77,16 @@ class SparseConv2d(nn.Module):
                 f"an even kernel ({kernel_size}) is supported only as a non-overlapping "
                 f"patchify conv with stride == kernel_size, got stride {stride}"
             )
+        ops.check_conv_impl(conv_impl)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
         self.groups = groups
         self.depthwise_impl = depthwise_impl
+        self.conv_impl = conv_impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.kernel_generator = ME.KernelGenerator(
-            kernel_size=kernel_size, stride=stride, dilation=1, dimension=DIMENSION
-        )
-        self.register_buffer("tap_order", kernel_tap_order(kernel_size), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -111,63 +97,49 @@ class SparseConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def me_kernel(self) -> torch.Tensor:
-        """The weight in MinkowskiEngine's layout: ``[K, in, out]`` (``[K, C]`` depthwise)."""
-        taps = self.weight.flatten(2)[:, :, self.tap_order]  # out, in/groups, K
-        if self.groups != 1:
-            return taps[:, 0, :].t().contiguous()
-        return taps.permute(2, 1, 0).contiguous()
-
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         if self.groups != 1:
-            out = self._depthwise(x)
-        elif self.kernel_size == 1 and self.stride == 1:
-            out = (x.F @ self.weight.flatten(1).t(), x.coordinate_map_key)
+            impl = "minkowski" if self.depthwise_impl == "minkowski" else self._gather_impl()
+            features, key = ops.depthwise_conv(x, self.weight, impl), x.coordinate_map_key
         else:
-            out = self._conv(x)
-        features, key = out
+            features, key = ops.conv(x, self.weight, self.stride, self.conv_impl)
         if self.bias is not None:
-            features = features + self.bias
+            features = features + self.bias.to(features.dtype)
         return ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
 
-    def _conv(self, x: ME.SparseTensor) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
-        out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
-        features = MinkowskiConvolutionFunction.apply(
-            x.F,
-            self.me_kernel(),
-            self.kernel_generator,
-            ConvolutionMode.DEFAULT,
-            x.coordinate_map_key,
-            out_key,
-            x.coordinate_manager,
-        )
-        return features, out_key
-
-    def _depthwise(self, x: ME.SparseTensor) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
-        kernel = self.me_kernel()  # [K, C]
-        if self.depthwise_impl == "minkowski":
-            return depthwise_conv_minkowski(x, kernel, self.kernel_generator), x.coordinate_map_key
-        return depthwise_conv(x.F, kernel, neighbour_table(x, self.kernel_generator)), x.coordinate_map_key
+    def _gather_impl(self) -> str:
+        """The depthwise backend: the conv backend, with ``minkowski`` meaning the gathers."""
+        return "torch" if self.conv_impl == "minkowski" else self.conv_impl
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.groups != 1:
             s += f", groups={self.groups}"
-        return s + f", bias={self.bias is not None}"
+        return s + f", bias={self.bias is not None}, conv_impl={self.conv_impl!r}"
+
+
+def _fp32_under_autocast(norm: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """``norm(features)``, in (at least) float32 with autocast off where autocast is on, as
+    autocast runs dense norms."""
+    device_type = features.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return norm(features)
+    with torch.autocast(device_type, enabled=False):
+        return norm(features.to(torch.promote_types(features.dtype, torch.float32)))
 
 
 class SparseBatchNorm2d(nn.BatchNorm1d):
     """Sparse twin of ``nn.BatchNorm2d``: statistics over existing (visible) sites only."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
-        return with_features(x, super().forward(x.F))
+        return with_features(x, _fp32_under_autocast(super().forward, x.F))
 
 
 class SparseLayerNorm(nn.LayerNorm):
     """Sparse twin of timm's ``LayerNorm2d`` / channels-last ``nn.LayerNorm``: per site."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
-        return with_features(x, super().forward(x.F))
+        return with_features(x, _fp32_under_autocast(super().forward, x.F))
 
 
 class SparseMaxPool2d(nn.Module):
@@ -177,30 +149,30 @@ class SparseMaxPool2d(nn.Module):
     non-negative (as after ReLU), because every output site sees its own centre.
     """
 
-    def __init__(self, kernel_size: int, stride: int) -> None:
+    def __init__(self, kernel_size: int, stride: int, conv_impl: str = "auto") -> None:
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"SparseMaxPool2d needs an odd kernel, got {kernel_size}")
+        ops.check_conv_impl(conv_impl)
         self.kernel_size = kernel_size
         self.stride = stride
-        self.kernel_generator = ME.KernelGenerator(
-            kernel_size=kernel_size, stride=stride, dilation=1, dimension=DIMENSION
-        )
+        self.conv_impl = conv_impl
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
-        features = MinkowskiLocalPoolingFunction.apply(
-            x.F,
-            ME.PoolingMode.LOCAL_MAX_POOLING,
-            self.kernel_generator,
-            x.coordinate_map_key,
-            out_key,
-            x.coordinate_manager,
-        )
-        return ME.SparseTensor(features, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
+        features, key = ops.max_pool(x, self.kernel_size, self.stride, self.conv_impl)
+        return ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, conv_impl={self.conv_impl!r}"
+
+
+def set_conv_impl(module: nn.Module, conv_impl: str) -> nn.Module:
+    """Switch every sparse conv and pool in ``module`` to backend ``conv_impl``; returns ``module``."""
+    ops.check_conv_impl(conv_impl)
+    for m in module.modules():
+        if isinstance(m, (SparseConv2d, SparseMaxPool2d)):
+            m.conv_impl = conv_impl
+    return module
 
 
 class SparseActivation(nn.Module):

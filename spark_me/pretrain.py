@@ -247,7 +247,7 @@ def validate_config(cfg: DictConfig) -> None:
 def build_model(cfg: DictConfig) -> SparK:
     """The SparK model of a run config (encoder by timm name, LightDecoder, mask ratio)."""
     kwargs = {"drop_path_rate": float(cfg.model.drop_path_rate)} if cfg.model.drop_path_rate else {}
-    encoder = build_sparse_encoder(cfg.model.name, **kwargs)
+    encoder = build_sparse_encoder(cfg.model.name, conv_impl=str(cfg.model.get("conv_impl") or "auto"), **kwargs)
     return SparK(encoder, decoder_width=int(cfg.model.decoder_width), mask_ratio=float(cfg.mask.ratio))
 
 
@@ -268,11 +268,11 @@ def load_init_weights(model: SparK, path: str | os.PathLike) -> None:
 
 
 class SparKStep(nn.Module):
-    """SparK's loss with mixed precision where valid.
+    """SparK's loss with mixed precision.
 
-    With ``amp_dtype`` None this is ``model(images, active)``. Otherwise the sparse encoder
-    runs in fp32 (MinkowskiEngine kernels are fp32/fp64 only), densify and the decoder run
-    under CUDA autocast, and the loss is computed in fp32.
+    With ``amp_dtype`` None this is ``model(images, active)``. Otherwise the whole forward
+    (sparse encoder, densify, decoder) runs in one autocast region (sparse convs in the
+    autocast dtype, norms in fp32) and the loss is computed in fp32.
     """
 
     def __init__(self, model: SparK, amp_dtype: Optional[torch.dtype] = None) -> None:
@@ -283,10 +283,8 @@ class SparKStep(nn.Module):
     def forward(self, images: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         if self.amp_dtype is None:
             return self.model(images, active)
-        features = self.model.encoder(images, active)
-        b, _, h, w = images.shape
         with torch.autocast(images.device.type, dtype=self.amp_dtype):
-            reconstruction = self.model.decoder(self.model.densify(features, b, (h, w)))
+            reconstruction = self.model.forward_reconstruction(images, active)
         return masked_reconstruction_loss(reconstruction.float(), images, active, self.model.patch_size)
 
 

@@ -15,7 +15,7 @@ from spark_me.masking import random_patch_mask
 DTYPES = [torch.float64, torch.float32]
 
 
-def _pair(name, dtype, device, train=False):
+def _pair(name, dtype, device, train=False, conv_impl="auto"):
     g = torch.Generator().manual_seed(1)
     dense = timm.create_model(name, pretrained=False)
     randomize_norms(dense, g)
@@ -23,7 +23,7 @@ def _pair(name, dtype, device, train=False):
         for n, p in dense.named_parameters():
             if n.endswith("gamma") or n.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    sparse = build_sparse_encoder(name)
+    sparse = build_sparse_encoder(name, conv_impl=conv_impl)
     sparse.load_timm_state_dict(dense.state_dict())
     return dense.to(device, dtype).train(train), sparse.to(device, dtype).train(train)
 
@@ -43,10 +43,10 @@ def test_all_visible_equals_timm(name, train, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["gather", "minkowski"])
+@pytest.mark.parametrize("conv_impl,impl", [("torch", "gather"), ("minkowski", "gather"), ("minkowski", "minkowski")])
 @pytest.mark.parametrize("name", ["convnext_tiny", "convnext_atto"])
-def test_random_masks_equal_masked_dense(name, impl, dtype, device):
-    dense, sparse = _pair(name, dtype, device)
+def test_random_masks_equal_masked_dense(name, conv_impl, impl, dtype, device):
+    dense, sparse = _pair(name, dtype, device, conv_impl=conv_impl)
     for m in sparse.modules():
         if hasattr(m, "depthwise_impl"):
             m.depthwise_impl = impl
@@ -59,9 +59,10 @@ def test_random_masks_equal_masked_dense(name, impl, dtype, device):
             assert rel_err(to_dense(feat, 3, size), ref) <= TOL[dtype]
 
 
-def test_gradients_match_masked_dense():
-    """Backward through the gather depthwise conv equals autograd through the dense reference."""
-    dense, sparse = _pair("convnext_atto", torch.float64, "cpu")
+@pytest.mark.parametrize("conv_impl", ["torch", "minkowski"])
+def test_gradients_match_masked_dense(conv_impl):
+    """Backward through the sparse convs equals autograd through the dense reference."""
+    dense, sparse = _pair("convnext_atto", torch.float64, "cpu", conv_impl=conv_impl)
     x = random_images(2, (2, 3), torch.float64, "cpu")
     active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(0))
     w = [torch.randn(f.shape, dtype=torch.float64) for f in masked_dense_convnext(dense, x, active)]

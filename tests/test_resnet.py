@@ -12,23 +12,25 @@ from spark_me.gather import site_mask, to_dense
 from spark_me.masking import random_patch_mask
 
 DTYPES = [torch.float64, torch.float32]
+CONV_IMPLS = ["torch", "minkowski"]
 
 
-def _pair(name: str, dtype: torch.dtype, device: torch.device, train: bool):
+def _pair(name: str, dtype: torch.dtype, device: torch.device, train: bool, conv_impl: str = "auto"):
     """A timm model with random weights/BN stats and the sparse encoder carrying the same weights."""
     g = torch.Generator().manual_seed(1)
     dense = timm.create_model(name, pretrained=False)
     randomize_norms(dense, g)
-    sparse = build_sparse_encoder(name)
+    sparse = build_sparse_encoder(name, conv_impl=conv_impl)
     sparse.load_timm_state_dict(dense.state_dict())
     return dense.to(device, dtype).train(train), sparse.to(device, dtype).train(train)
 
 
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_all_visible_equals_timm(name, train, dtype, device):
-    dense, sparse = _pair(name, dtype, device, train)
+def test_all_visible_equals_timm(name, train, dtype, conv_impl, device):
+    dense, sparse = _pair(name, dtype, device, train, conv_impl)
     x = random_images(2, (3, 2), dtype, device)
     active = torch.ones(2, 3, 2, dtype=torch.bool, device=device)
     expected = dense.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
@@ -39,11 +41,12 @@ def test_all_visible_equals_timm(name, train, dtype, device):
         assert rel_err(to_dense(feat, 2, ref.shape[-2:]), ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_random_masks_equal_masked_dense(name, train, dtype, device):
-    dense, sparse = _pair(name, dtype, device, train)
+def test_random_masks_equal_masked_dense(name, train, dtype, conv_impl, device):
+    dense, sparse = _pair(name, dtype, device, train, conv_impl)
     # Train-mode BN divides by the std of the visible sites; with very few sites in the
     # last stage, float32 rounding differences get amplified, so keep >= 16 sites there.
     for seed, ratio in [(0, 0.6), (1, 0.3), (2, 0.75)]:
@@ -59,6 +62,29 @@ def test_random_masks_equal_masked_dense(name, train, dtype, device):
             assert torch.equal(site_mask(feat, 4, size), mask_at(active, stride)[:, 0])
             assert feat.F.shape[0] == int(active.sum()) * (32 // stride) ** 2
             assert rel_err(to_dense(feat, 4, size), ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
+def test_gradients_match_masked_dense(conv_impl):
+    """float64 gradients of every parameter and of the input pixels equal the masked-dense
+    reference's, on a mask where one sample shows a single patch."""
+    dense, sparse = _pair("resnet18", torch.float64, torch.device("cpu"), True, conv_impl)
+    x = random_images(2, (2, 3), torch.float64, "cpu")
+    active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(4))
+    active[0] = False
+    active[0, 1, 1] = True
+    x_dense, x_sparse = x.clone().requires_grad_(), x.clone().requires_grad_()
+    refs = masked_dense_resnet(dense, x_dense, active)
+    weights = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
+    sum((r * w).sum() for r, w in zip(refs, weights)).backward()
+    feats = sparse(x_sparse, active)
+    sum((to_dense(f, 2, w.shape[-2:]) * w).sum() for f, w in zip(feats, weights)).backward()
+    grads = dict(sparse.named_parameters())
+    for n, p in dense.named_parameters():
+        if not n.startswith("fc."):
+            assert rel_err(grads[n].grad, p.grad) <= TOL[torch.float64], n
+    visible = mask_at(active, 1).double()
+    assert rel_err(x_sparse.grad * visible, x_dense.grad * visible) <= TOL[torch.float64]
 
 
 def test_masked_sites_do_not_influence_visible_features():

@@ -18,7 +18,7 @@ from timm.layers import Mlp
 
 from spark_me.encoders.base import SparseEncoder
 from spark_me.encoders.registry import register_encoder
-from spark_me.layers import SparseConv2d, SparseDropPath, SparseLayerNorm, sparse_add, with_features
+from spark_me.layers import SparseConv2d, SparseDropPath, SparseLayerNorm, set_conv_impl, sparse_add, with_features
 
 LN_EPS = 1e-6
 
@@ -106,6 +106,7 @@ class SparseConvNeXt(SparseEncoder):
         conv_mlp: bool = False,
         depthwise_impl: str = "gather",
         timm_name: Optional[str] = None,
+        conv_impl: str = "auto",
     ) -> None:
         super().__init__()
         if not 0.0 <= drop_path_rate < 1.0:
@@ -127,6 +128,7 @@ class SparseConvNeXt(SparseEncoder):
         self.head = nn.Module()
         self.head.norm = CarriedLayerNorm(dims[-1])
         self.init_weights()
+        set_conv_impl(self, conv_impl)
 
     def init_weights(self) -> None:
         """timm's ConvNeXt initialisation (trunc-normal std .02 weights, zero biases)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from spark_me.encoders.base import SparseEncoder
+from spark_me.layers import set_conv_impl
 
 EncoderFactory = Callable[..., SparseEncoder]
 
@@ -23,13 +24,15 @@ class EncoderRegistry:
     def names(self) -> list[str]:
         return sorted(self._factories)
 
-    def build(self, name: str, **kwargs) -> SparseEncoder:
+    def build(self, name: str, conv_impl: str = "auto", **kwargs) -> SparseEncoder:
+        """The encoder ``name`` from its factory's ``kwargs``, its sparse convs and pools on
+        backend ``conv_impl`` (see :data:`spark_me.ops.CONV_IMPLS`)."""
         if name not in self._factories:
             raise ValueError(
                 f"unknown sparse encoder '{name}'; supported: {', '.join(self.names())}. "
                 "Register your own with spark_me.register_encoder(name, factory)."
             )
-        return self._factories[name](**kwargs)
+        return set_conv_impl(self._factories[name](**kwargs), conv_impl)
 
 
 ENCODERS = EncoderRegistry()
@@ -45,9 +48,14 @@ def register_encoder(name: str, factory: EncoderFactory | None = None, overwrite
     return ENCODERS.register(name, factory, overwrite)
 
 
-def build_sparse_encoder(name: str, **kwargs) -> SparseEncoder:
-    """Build a registered sparse encoder by its timm model name (e.g. ``'resnet50'``)."""
-    return ENCODERS.build(name, **kwargs)
+def build_sparse_encoder(name: str, conv_impl: str = "auto", **kwargs) -> SparseEncoder:
+    """Build a registered sparse encoder by its timm model name (e.g. ``'resnet50'``).
+
+    ``conv_impl`` picks the backend of its sparse convs and pools: ``"auto"`` (default),
+    ``"torch"`` (gathers and GEMMs, any dtype) or ``"minkowski"`` (MinkowskiEngine's
+    kernels, the reference); ``kwargs`` go to the encoder's factory.
+    """
+    return ENCODERS.build(name, conv_impl=conv_impl, **kwargs)
 
 
 def list_encoders() -> list[str]:

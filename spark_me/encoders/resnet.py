@@ -20,6 +20,7 @@ from spark_me.layers import (
     SparseConv2d,
     SparseDropPath,
     SparseMaxPool2d,
+    set_conv_impl,
     sparse_add,
 )
 
@@ -98,6 +99,7 @@ class SparseResNet(SparseEncoder):
         drop_path_rate: float = 0.0,
         zero_init_last: bool = True,
         timm_name: Optional[str] = None,
+        conv_impl: str = "auto",
     ) -> None:
         super().__init__()
         if not 0.0 <= drop_path_rate < 1.0:
@@ -130,6 +132,7 @@ class SparseResNet(SparseEncoder):
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
             self.feature_channels.append(outplanes)
         self.init_weights(zero_init_last)
+        set_conv_impl(self, conv_impl)
 
     def init_weights(self, zero_init_last: bool = True) -> None:
         """timm's ResNet initialisation."""

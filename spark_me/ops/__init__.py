@@ -1,0 +1,22 @@
+"""Sparse arithmetic on MinkowskiEngine's coordinates: tables, ops and their backends.
+
+Data flows down: ``spark_me.layers`` (modules, PyTorch weight layouts) -> :mod:`dispatch`
+(backend choice, autocast) -> a backend (:mod:`torch_backend`, :mod:`minkowski_backend`)
+-> :mod:`tables` (neighbour tables from MinkowskiEngine's kernel maps, cached per batch).
+"""
+from spark_me.ops.dispatch import CONV_IMPLS, check_conv_impl, conv, depthwise_conv, max_pool, resolve_conv_impl
+from spark_me.ops.tables import NeighbourTables, TableCache, kernel_tap_order, neighbour_tables, new_coordinate_manager
+
+__all__ = [
+    "CONV_IMPLS",
+    "NeighbourTables",
+    "TableCache",
+    "check_conv_impl",
+    "conv",
+    "depthwise_conv",
+    "kernel_tap_order",
+    "max_pool",
+    "neighbour_tables",
+    "new_coordinate_manager",
+    "resolve_conv_impl",
+]

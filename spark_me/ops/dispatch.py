@@ -1,0 +1,101 @@
+"""One entry point per sparse op, dispatching to a backend and applying autocast.
+
+Backends (``conv_impl``):
+
+* ``"torch"``: gathers and matrix products (:mod:`spark_me.ops.torch_backend`), any
+  device and float dtype;
+* ``"minkowski"``: MinkowskiEngine's own kernels, float32/float64 only;
+* ``"triton"``: fused implicit-GEMM kernels on CUDA: not implemented yet, and asking for
+  it raises ``NotImplementedError``;
+* ``"auto"``: ``"torch"`` (the choice on CPU; on CUDA it will become ``"triton"``).
+
+Under ``torch.autocast`` the gather backends compute in the autocast dtype, as autocast
+runs dense convs; MinkowskiEngine's kernels compute in float32.
+"""
+from __future__ import annotations
+
+import MinkowskiEngine as ME
+import torch
+
+from spark_me.ops import minkowski_backend, torch_backend
+from spark_me.ops.tables import neighbour_tables
+
+CONV_IMPLS = ("auto", "torch", "triton", "minkowski")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def check_conv_impl(conv_impl: str) -> None:
+    """Raise unless ``conv_impl`` names a usable backend."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
+    if conv_impl == "triton":
+        raise NotImplementedError(
+            "conv_impl='triton' (fused implicit-GEMM kernels on CUDA) is not implemented yet; "
+            "use conv_impl='auto' or 'torch' (gathers and cuBLAS/CPU GEMMs, any dtype) or 'minkowski'"
+        )
+
+
+def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
+    """The backend that ``conv_impl`` runs on ``device``: ``"torch"`` or ``"minkowski"``."""
+    check_conv_impl(conv_impl)
+    return "torch" if conv_impl == "auto" else conv_impl
+
+
+def compute_dtype(features: torch.Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on for ``features``' device, else their dtype
+    (float64 stays float64, as autocast leaves float64 dense layers alone)."""
+    device_type = features.device.type
+    if features.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return features.dtype
+
+
+def _tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """PyTorch ``[out, in, kh, kw]`` -> ``[K, in, out]`` with taps in ``ky*k + kx`` order."""
+    return weight.flatten(2).permute(2, 1, 0)
+
+
+def conv(
+    x: ME.SparseTensor, weight: torch.Tensor, stride: int, conv_impl: str, algorithm: str = "auto"
+) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
+    """Sparse conv of ``x`` with a PyTorch-layout ``weight``; returns (features, output key)."""
+    kernel_size = weight.shape[-1]
+    impl = resolve_conv_impl(conv_impl, x.F.device)
+    dtype = compute_dtype(x.F)
+    if kernel_size == 1 and stride == 1:  # pointwise: a plain product, autocast applies itself
+        return x.F @ weight.flatten(1).t(), x.coordinate_map_key
+    device_type = x.F.device.type
+    if impl == "minkowski":
+        dtype = torch.float32 if dtype in LOW_PRECISION else dtype
+        if x.F.dtype != dtype:
+            x = ME.SparseTensor(x.F.to(dtype), coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+        with torch.autocast(device_type, enabled=False):
+            return minkowski_backend.sparse_conv(x, _tap_major(weight.to(dtype)).contiguous(), kernel_size, stride)
+    tables = neighbour_tables(x, kernel_size, stride)
+    with torch.autocast(device_type, enabled=False):
+        return torch_backend.sparse_conv(x.F.to(dtype), weight.to(dtype), tables, algorithm), tables.out_key
+
+
+def depthwise_conv(x: ME.SparseTensor, weight: torch.Tensor, conv_impl: str) -> torch.Tensor:
+    """Depthwise stride-1 conv of ``x`` with a PyTorch-layout ``[C, 1, k, k]`` ``weight``."""
+    kernel_size = weight.shape[-1]
+    impl = resolve_conv_impl(conv_impl, x.F.device)
+    dtype = compute_dtype(x.F)
+    device_type = x.F.device.type
+    w = weight.to(dtype).flatten(1).t()  # [K, C]
+    with torch.autocast(device_type, enabled=False):
+        if impl == "minkowski":
+            return minkowski_backend.depthwise_conv(x, w.contiguous(), kernel_size).to(dtype)
+        tables = neighbour_tables(x, kernel_size, 1)
+        return torch_backend.depthwise_conv(x.F.to(dtype), w.contiguous(), tables)
+
+
+def max_pool(x: ME.SparseTensor, kernel_size: int, stride: int, conv_impl: str) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
+    """Max over each output site's existing neighbours; returns (features, output key)."""
+    impl = resolve_conv_impl(conv_impl, x.F.device)
+    if impl == "minkowski":
+        if x.F.dtype in LOW_PRECISION:
+            x = ME.SparseTensor(x.F.float(), coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+        return minkowski_backend.max_pool(x, kernel_size, stride)
+    tables = neighbour_tables(x, kernel_size, stride)
+    return torch_backend.gather_max(x.F, tables), tables.out_key

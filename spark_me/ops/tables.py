@@ -1,0 +1,138 @@
+"""Neighbour tables: the (input row, output row) pairs of a conv as dense ``[K, N]`` tables.
+
+MinkowskiEngine's kernel map lists, per kernel offset, the (input row, output row) pairs
+that the offset connects. The sparse ops want it the other way round, one row per tap in
+PyTorch's ``ky*k + kx`` order and one column per output site, so that a tap becomes one
+``index_select``:
+
+* ``forward[t, o]``: the input row at tap ``t`` of output site ``o``, or ``n_in`` (the
+  zero row appended to the input) when that neighbour is absent;
+* ``pairs[t]``: the kernel map's own form (input rows, output rows) of tap ``t``, for the
+  ops that skip absent neighbours instead of reading a zero row.
+
+MinkowskiEngine provides the coordinates, their row order and the strided output maps;
+the table itself is read from a dense index grid of the input rows, which gives exactly
+the pairs of MinkowskiEngine's kernel map (tested) at a fraction of its cost on CPU
+(65 536 sites, 1 thread: 0.24-0.73 s per kernel map, 0.05-0.2 s per table including the
+strided map and the coordinates, measured side by side on a loaded machine).
+
+Tables are cached per (input map, kernel, stride) on a :class:`TableCache`, a
+``CoordinateManager`` that keeps them for the lifetime of its batch, as MinkowskiEngine
+keeps its kernel maps. Tensors on a plain ``CoordinateManager`` get fresh tables per call.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import MinkowskiEngine as ME
+import torch
+
+
+def kernel_tap_order(kernel_size: int) -> torch.Tensor:
+    """For each MinkowskiEngine kernel offset, the flat index ``ky*k + kx`` of the tap.
+
+    MinkowskiEngine enumerates the offsets of a hyper-cube kernel with the first spatial
+    axis (our y) varying fastest; PyTorch flattens ``[kh, kw]`` with x fastest.
+    """
+    ky, kx = torch.meshgrid(torch.arange(kernel_size), torch.arange(kernel_size), indexing="xy")
+    # meshgrid 'xy' makes ky vary along dim 1 (fastest after flatten): ME's order.
+    return (ky * kernel_size + kx).flatten()
+
+
+class NeighbourTables:
+    """The tables of one (input map, kernel, stride); see the module docstring.
+
+    ``forward`` is ``[K, n_out]``; ``pairs[t]`` (derived on first use) is tap ``t``'s
+    (input rows, output rows) of the neighbours that exist, MinkowskiEngine's kernel-map
+    form; ``complete`` says whether every output site has all its K neighbours.
+    """
+
+    def __init__(
+        self, forward: torch.Tensor, out_key: ME.CoordinateMapKey, kernel_size: int, stride: int, n_in: int, n_out: int
+    ) -> None:
+        self.forward = forward  # [K, n_out] int64, sentinel n_in
+        self.out_key = out_key
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.n_in = n_in
+        self.n_out = n_out
+        self.complete = bool((forward < n_in).all())
+        self._pairs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    @property
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._pairs is None:
+            self._pairs = []
+            for row in self.forward:
+                out_rows = (row < self.n_in).nonzero().flatten()
+                self._pairs.append((row[out_rows], out_rows))
+        return self._pairs
+
+
+class TableCache(ME.CoordinateManager):
+    """A ``CoordinateManager`` that also keeps the neighbour tables built on its maps."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.neighbour_tables: dict[tuple, NeighbourTables] = {}
+
+
+def new_coordinate_manager(coordinates: torch.Tensor) -> TableCache:
+    """A fresh table-caching manager for 2-D coordinates ``[N, 3]`` on their device."""
+    map_type = ME.CoordinateMapType.CUDA if coordinates.is_cuda else ME.CoordinateMapType.CPU
+    return TableCache(D=coordinates.shape[1] - 1, coordinate_map_type=map_type)
+
+
+def kernel_offsets(kernel_size: int) -> torch.Tensor:
+    """``[K, 2]`` (dy, dx) of each tap in ``ky*k + kx`` order, in units of the input stride:
+    centred for odd kernels, ``[0, k)`` for even ones (MinkowskiEngine's hyper-cube kernels)."""
+    start = -(kernel_size // 2) if kernel_size % 2 else 0
+    r = torch.arange(start, start + kernel_size)
+    dy, dx = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([dy.flatten(), dx.flatten()], 1)
+
+
+def _grid_lookup(in_coords: torch.Tensor, out_coords: torch.Tensor, tensor_stride: int, kernel_size: int) -> torch.Tensor:
+    """``[K, n_out]``: the input row at each tap of each output site, or ``n_in``.
+
+    The input rows are written into a dense ``(B, H, W)`` index grid (with a margin of
+    ``kernel_size`` sites, so no lookup leaves it) and read back at every output site
+    shifted by every tap offset: the same pairs as MinkowskiEngine's kernel map (proven in
+    tests/test_ops.py), at a fraction of its cost on CPU.
+    """
+    n_in = len(in_coords)
+    if n_in and int(in_coords[:, 1:].min()) < 0:
+        raise ValueError("sparse ops need non-negative coordinates (pixel positions [b, y, x])")
+    margin = kernel_size
+    pos_in = in_coords[:, 1:] // tensor_stride + margin
+    pos_out = out_coords[:, 1:] // tensor_stride + margin
+    batch = int(in_coords[:, 0].max()) + 1 if n_in else 1
+    height, width = (int(pos_in[:, i].max()) + margin + 1 if n_in else 1 for i in (0, 1))
+    grid = torch.full((batch * height * width,), n_in, dtype=torch.long, device=in_coords.device)
+    flat_in = (in_coords[:, 0] * height + pos_in[:, 0]) * width + pos_in[:, 1]
+    grid.index_copy_(0, flat_in, torch.arange(n_in, device=in_coords.device))
+    flat_out = (out_coords[:, 0] * height + pos_out[:, 0]) * width + pos_out[:, 1]
+    offsets = kernel_offsets(kernel_size).to(in_coords.device)
+    shifts = offsets[:, 0] * width + offsets[:, 1]  # the margin keeps every shifted site on the grid
+    return grid.index_select(0, (flat_out.unsqueeze(0) + shifts.unsqueeze(1)).view(-1)).view(len(shifts), -1)
+
+
+def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> NeighbourTables:
+    """Tables of a ``kernel_size``×``kernel_size`` / ``stride`` conv or pool on ``x``'s sites.
+
+    Output sites: the input sites for stride 1, else the input sites floored to the new
+    stride (MinkowskiEngine's strided map, shared with its own convs and pools).
+    """
+    cm, in_key = x.coordinate_manager, x.coordinate_map_key
+    cache = cm.neighbour_tables if isinstance(cm, TableCache) else None
+    cache_key = (tuple(in_key.get_key()[0]), in_key.get_key()[1], kernel_size, stride)
+    if cache is not None and cache_key in cache:
+        return cache[cache_key]
+    out_key = in_key if stride == 1 else cm.stride(in_key, stride)
+    in_coords = cm.get_coordinates(in_key).to(x.F.device).long()
+    out_coords = in_coords if stride == 1 else cm.get_coordinates(out_key).to(x.F.device).long()
+    forward = _grid_lookup(in_coords, out_coords, x.tensor_stride[0], kernel_size)
+    tables = NeighbourTables(forward, out_key, kernel_size, stride, len(in_coords), len(out_coords))
+    if cache is not None:
+        cache[cache_key] = tables
+    return tables

@@ -1,0 +1,269 @@
+"""Sparse conv, depthwise conv and max-pool as gathers and dense matrix products.
+
+Every op reads its neighbours through a :class:`~spark_me.ops.tables.NeighbourTables`
+table (row ``n`` of the zero-padded input stands for an absent neighbour), runs on any
+device and float dtype, and has a hand-written backward that keeps only the input, the
+weight and the tables (no gathered ``[N, K·C]`` copy lives between forward and backward).
+
+Convolution, with the tap ``t = ky*k + kx`` of PyTorch's weight written ``W[t]``
+(``[C_out, C_in]``) and table ``T``:
+
+* forward:       ``y[o] = Σ_t x[T[t, o]] · W[t]ᵀ``;
+* input grad:    stride 1: the same gather-product of ``g`` with the taps mirrored
+  (``W[K-1-t]``), as a centred kernel's neighbourhood is point-symmetric; strided: one
+  product ``g · [W[0] … W[K-1]]`` for every (output, tap), scatter-added to the input rows
+  (each tap's rows are distinct; a non-overlapping conv's are distinct over all taps);
+* weight grad:   ``gW[t] = Σ_o g[o]ᵀ · x[T[t, o]]``.
+
+Each gather-product runs as one of three algorithms:
+
+* ``"gemm"``: gather all taps into ``[N, K·C]`` and do one matrix product;
+* ``"loop"``: K gathers of ``[N, C]`` and K accumulating products (less memory traffic
+  per product; the stride-1 centre tap needs no gather at all);
+* ``"pairs"``: MinkowskiEngine's algorithm: per tap, gather only the neighbours that
+  exist, multiply, scatter-add (fewest FLOPs where many neighbours are absent).
+
+Non-overlapping convs always take ``"gemm"`` (no tap is absent, and the input gradient
+is a single product). Reduced-precision inputs (bf16, fp16) always take ``"gemm"`` (and a
+materialised mirrored gather for the stride-1 input gradient): each single product
+accumulates in fp32 and rounds once.
+"""
+from __future__ import annotations
+
+import torch
+
+from spark_me.ops.tables import NeighbourTables
+
+ALGORITHMS = ("auto", "gemm", "loop", "pairs")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# fp32 on CPU, 1 thread, 3×3 convs at ResNet-50 sizes (batch 8, 224 px, 40% visible),
+# forward+backward: "loop" was fastest or tied up to 256 input channels, "gemm" at 512;
+# "pairs" (MinkowskiEngine's algorithm) tied at 256 and lost elsewhere.
+GEMM_MIN_CHANNELS = 512
+
+
+def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto") -> str:
+    """The gather-product algorithm for ``channels`` gathered channels of ``dtype``."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown sparse conv algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+    if dtype in LOW_PRECISION:
+        return "gemm"
+    if algorithm != "auto":
+        return algorithm
+    return "gemm" if channels >= GEMM_MIN_CHANNELS else "loop"
+
+
+def _pad(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``x`` with one extra row of ``fill``: the row an absent neighbour's index points to."""
+    return torch.cat([x, x.new_full((1, x.shape[1]), fill)])
+
+
+def _gather_columns(src: torch.Tensor, table: torch.Tensor, complete: bool = False) -> torch.Tensor:
+    """``[n, K·C]``: row ``n`` holds ``src[table[t, n]]`` for every tap ``t`` (zero if absent;
+    ``complete``: no entry is absent, so no zero row is needed)."""
+    volume, n = table.shape
+    rows = src if complete else _pad(src)
+    return rows.index_select(0, table.t().reshape(-1)).view(n, volume * src.shape[1])
+
+
+def _tap_block(w_rows: torch.Tensor, t: int, c_in: int) -> torch.Tensor:
+    """Tap ``t``'s ``[C_out, C_in]`` weight: a column block of ``[C_out, K·C_in]`` (a strided
+    view that matrix products read in place)."""
+    return w_rows[:, t * c_in : (t + 1) * c_in]
+
+
+def _loop_product(
+    src: torch.Tensor, weights: list[torch.Tensor], table: torch.Tensor, centre: int
+) -> torch.Tensor:
+    """``Σ_t src[table[t]] · weights[t]`` by tap; tap ``centre`` (if ``>= 0``) reads ``src``
+    itself, as a stride-1 table maps each site to itself there."""
+    padded = _pad(src)
+    out = src @ weights[centre] if centre >= 0 else padded.index_select(0, table[0]) @ weights[0]
+    for t, w in enumerate(weights):
+        if t != centre and (centre >= 0 or t > 0):
+            out.addmm_(padded.index_select(0, table[t]), w)
+    return out
+
+
+def _pairs_product(
+    src: torch.Tensor, weights: list[torch.Tensor], pairs: list[tuple[torch.Tensor, torch.Tensor]], centre: int,
+    n_dst: int, forward: bool,
+) -> torch.Tensor:
+    """MinkowskiEngine's algorithm: per tap, gather the rows that exist, multiply, scatter-add.
+
+    ``forward``: ``dst[o] += src[i] · weights[t]`` over tap t's pairs (i, o); otherwise the
+    transposed direction ``dst[i] += src[o] · weights[t]``. Tap ``centre`` (stride 1, if
+    ``>= 0``) pairs every site with itself and initialises ``dst``.
+    """
+    dst = src @ weights[centre] if centre >= 0 else src.new_zeros(n_dst, weights[0].shape[1])
+    for t, (in_rows, out_rows) in enumerate(pairs):
+        if t == centre or len(in_rows) == 0:
+            continue
+        read, write = (in_rows, out_rows) if forward else (out_rows, in_rows)
+        dst.index_add_(0, write, src.index_select(0, read) @ weights[t])
+    return dst
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """Sparse conv on neighbour tables with a PyTorch-layout weight; see the module docstring.
+
+    Every algorithm reads the weight as ``[C_out, K·C_in]`` (columns ``t·C_in + i``): one
+    per-output-channel reordering of PyTorch's ``[C_out, C_in, kh, kw]``, saved for
+    backward; a tap's ``[C_out, C_in]`` weight is a column block of it, which matrix
+    products read in place (no other weight copy in forward or backward).
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str):
+        c_out, c_in, k, _ = weight.shape
+        volume = k * k
+        algorithm = "gemm" if tables.stride >= k else choose_algorithm(c_in, features.dtype, algorithm)
+        w_rows = weight.permute(0, 2, 3, 1).reshape(c_out, volume * c_in)
+        ctx.save_for_backward(features, w_rows)
+        ctx.tables, ctx.algorithm, ctx.shape = tables, algorithm, weight.shape
+        if algorithm == "gemm":
+            return _gather_columns(features, tables.forward, tables.complete) @ w_rows.t()
+        taps = [_tap_block(w_rows, t, c_in).t() for t in range(volume)]
+        centre = volume // 2 if tables.stride == 1 else -1
+        if algorithm == "loop":
+            return _loop_product(features, taps, tables.forward, centre)
+        return _pairs_product(features, taps, tables.pairs, centre, tables.n_out, forward=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        features, w_rows = ctx.saved_tensors
+        tables: NeighbourTables = ctx.tables
+        c_out, c_in, k, _ = ctx.shape
+        volume = k * k
+        centre = volume // 2 if tables.stride == 1 else -1
+        grad = grad.contiguous()
+        grad_in = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_in = _input_grad(grad, w_rows, tables, ctx.algorithm, c_in)
+        if ctx.needs_input_grad[1]:
+            if ctx.algorithm == "gemm":
+                grad_rows = grad.t() @ _gather_columns(features, tables.forward, tables.complete)
+            else:
+                grad_rows = grad.new_empty(c_out, volume * c_in)
+                padded = _pad(features) if ctx.algorithm == "loop" else None
+                for t in range(volume):
+                    if t == centre:
+                        block = grad.t() @ features
+                    elif padded is not None:
+                        block = grad.t() @ padded.index_select(0, tables.forward[t])
+                    else:
+                        in_rows, out_rows = tables.pairs[t]
+                        block = grad.index_select(0, out_rows).t() @ features.index_select(0, in_rows)
+                    _tap_block(grad_rows, t, c_in).copy_(block)
+            grad_w = grad_rows.view(c_out, k, k, c_in).permute(0, 3, 1, 2).contiguous()
+        return grad_in, grad_w, None, None
+
+
+def _input_grad(grad: torch.Tensor, w_rows: torch.Tensor, tables: NeighbourTables, algorithm: str, c_in: int) -> torch.Tensor:
+    """The input gradient of :class:`SparseConvFunction`."""
+    volume = tables.forward.shape[0]
+    stride_one = tables.stride == 1
+    low_precision = grad.dtype in LOW_PRECISION
+    if stride_one:  # T is its own transpose with the taps mirrored
+        if low_precision:  # one product, accumulated in fp32, rounded once
+            c_out = w_rows.shape[0]
+            w_cols = w_rows.view(c_out, volume, c_in).flip(1).transpose(0, 1).reshape(volume * c_out, c_in)
+            return _gather_columns(grad, tables.forward) @ w_cols
+        mirrored = [_tap_block(w_rows, volume - 1 - t, c_in) for t in range(volume)]
+        if algorithm == "pairs":
+            return _pairs_product(grad, [_tap_block(w_rows, t, c_in) for t in range(volume)], tables.pairs,
+                                  volume // 2, tables.n_in, forward=False)
+        return _loop_product(grad, mirrored, tables.forward, volume // 2)
+    if algorithm == "pairs":
+        taps = [_tap_block(w_rows, t, c_in) for t in range(volume)]
+        return _pairs_product(grad, taps, tables.pairs, -1, tables.n_in, forward=False)
+    # strided: one product g · W for every (output, tap), scattered to the input rows
+    per_tap = (grad @ w_rows).view(-1, c_in)
+    padded = torch.zeros(tables.n_in + 1, c_in, dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device)
+    if tables.stride * tables.stride >= volume:  # non-overlapping: each input row feeds at most one (output, tap)
+        padded.index_copy_(0, tables.forward.t().reshape(-1), per_tap.to(padded.dtype))
+    else:
+        padded.index_add_(0, tables.forward.t().reshape(-1), per_tap.to(padded.dtype))
+    return padded[: tables.n_in].to(grad.dtype)
+
+
+def sparse_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> torch.Tensor:
+    """``features`` ``[n_in, C_in]``, PyTorch-layout ``weight`` ``[C_out, C_in, k, k]`` -> ``[n_out, C_out]``."""
+    return SparseConvFunction.apply(features, weight, tables, algorithm)
+
+
+def _depthwise_product(src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[n] = Σ_t src[table[t, n]] ⊙ weight[t]``, accumulated in at least fp32."""
+    padded = _pad(src)
+    acc_dtype = torch.promote_types(src.dtype, torch.float32)
+    out = torch.zeros(table.shape[1], src.shape[1], dtype=acc_dtype, device=src.device)
+    for t in range(table.shape[0]):
+        out.addcmul_(padded.index_select(0, table[t]), weight[t])
+    return out.to(src.dtype)
+
+
+class DepthwiseConvFunction(torch.autograd.Function):
+    """Depthwise submanifold conv (stride 1, odd kernel): input grad by the mirrored kernel."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
+        ctx.save_for_backward(features, weight)
+        ctx.tables = tables
+        return _depthwise_product(features, weight, tables.forward)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        features, weight = ctx.saved_tensors
+        table = ctx.tables.forward
+        grad = grad.contiguous()
+        grad_in = _depthwise_product(grad, weight.flip(0), table) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            padded = _pad(features)
+            acc_dtype = torch.promote_types(features.dtype, torch.float32)
+            grad_w = torch.stack(
+                [(padded.index_select(0, table[t]).to(acc_dtype) * grad).sum(0) for t in range(table.shape[0])]
+            ).to(weight.dtype)
+        return grad_in, grad_w, None
+
+
+def depthwise_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables) -> torch.Tensor:
+    """Depthwise conv: ``features`` ``[N, C]``, ``weight`` ``[K, C]`` (PyTorch tap order)."""
+    if tables.stride != 1:
+        raise ValueError(f"the depthwise conv is submanifold (stride 1), got stride {tables.stride}")
+    return DepthwiseConvFunction.apply(features, weight, tables)
+
+
+class GatherMaxFunction(torch.autograd.Function):
+    """Max over the existing neighbours; the gradient goes to the first maximal tap."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, tables: NeighbourTables):
+        table = tables.forward
+        padded = _pad(features, float("-inf"))
+        out = padded.index_select(0, table[0])
+        best = torch.zeros(out.shape, dtype=torch.uint8, device=out.device)
+        for t in range(1, table.shape[0]):
+            candidate = padded.index_select(0, table[t])
+            better = candidate > out
+            out = torch.where(better, candidate, out)
+            best.masked_fill_(better, t)
+        ctx.save_for_backward(best)
+        ctx.tables = tables
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (best,) = ctx.saved_tensors
+        tables: NeighbourTables = ctx.tables
+        rows = torch.gather(tables.forward.t(), 1, best.long())  # [n_out, C] input row of each max
+        grad_in = grad.new_zeros(tables.n_in + 1, grad.shape[1])
+        grad_in.scatter_add_(0, rows, grad.contiguous())
+        return grad_in[: tables.n_in], None
+
+
+def gather_max(features: torch.Tensor, tables: NeighbourTables) -> torch.Tensor:
+    """Max-pool ``features`` ``[n_in, C]`` over each output site's existing neighbours."""
+    if tables.forward.shape[0] > 256:
+        raise ValueError(f"gather_max supports kernels of at most 256 taps, got {tables.forward.shape[0]}")
+    return GatherMaxFunction.apply(features, tables)

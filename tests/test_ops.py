@@ -1,0 +1,293 @@
+"""The sparse ops of every backend against dense references: forward and both gradients.
+
+References are dense PyTorch layers on a map that is zero at absent sites, re-masked at
+the output (the masked-dense semantics). Gradients are compared at the sites that exist.
+
+bf16 bound. Inputs, weights and output gradients are rounded to bf16 first, so the
+reference (float64 on the same values) sees exactly what the op sees. An op that
+accumulates in fp32 and rounds its result once to bf16 then errs, per output element,
+by at most ``u·|y| + n·2⁻²⁴·Σ|w·x|`` (``u = 2⁻⁸``, bf16's unit roundoff; ``n`` products
+summed in fp32), hence in norm ``‖Δy‖/‖y‖ ≤ u + n·2⁻²⁴·‖A‖/‖y‖`` with ``A`` the same op on
+``|x|`` and ``|w|`` (:func:`bf16_bound`). An op that rounded partial sums to bf16 would
+exceed it. Under autocast the inputs are rounded inside the op, adding ``(2u+u²)·‖A‖/‖y‖``.
+"""
+from __future__ import annotations
+
+import MinkowskiEngine as ME
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOL, rel_err
+from masked_dense import mask_at
+from spark_me import ops
+from spark_me.gather import site_mask, to_dense
+from spark_me.layers import SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, SparseMaxPool2d, set_conv_impl
+from spark_me.masking import random_patch_mask
+
+U_BF16 = 2.0**-8
+U_FP32 = 2.0**-24
+# (kernel, stride) of every conv the encoders use, plus other odd submanifold kernels.
+CONV_SHAPES = [(3, 1), (5, 1), (7, 1), (3, 2), (7, 2), (1, 2), (4, 4), (2, 2)]
+# (backend, gather algorithm); the algorithm only matters for "torch".
+BACKENDS = [("torch", "gemm"), ("torch", "loop"), ("torch", "pairs"), ("minkowski", "auto")]
+
+
+def _active(batch: int = 3, grid: tuple[int, int] = (2, 3), seed: int = 0) -> torch.Tensor:
+    """A random patch mask where sample 0 has exactly one visible patch."""
+    active = random_patch_mask(batch, grid, 0.5, torch.Generator().manual_seed(seed))
+    active[0] = False
+    active[0, -1, -1] = True
+    return active
+
+
+def _sparse(dense: torch.Tensor, active: torch.Tensor, tensor_stride: int) -> tuple[ME.SparseTensor, torch.Tensor]:
+    """The sites of ``dense`` (B, C, h, w at ``tensor_stride``) under the patch mask, as a
+    SparseTensor, and the leaf tensor of its features (its ``.grad`` is the input gradient)."""
+    m = mask_at(active, tensor_stride)[:, 0]
+    coords = m.nonzero().int()
+    leaf = dense.permute(0, 2, 3, 1)[m].detach().clone().requires_grad_()
+    coords[:, 1:] *= tensor_stride
+    x = ME.SparseTensor(
+        leaf, coordinates=coords.contiguous(), tensor_stride=tensor_stride,
+        coordinate_manager=ops.new_coordinate_manager(coords),
+    )
+    return x, leaf
+
+
+def _inputs(channels: int, dtype: torch.dtype, tensor_stride: int = 1, seed: int = 0, positive: bool = False):
+    """(dense zero-filled input requiring grad, sparse input, active) at ``tensor_stride``."""
+    active = _active(seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    h, w = 64 // tensor_stride, 96 // tensor_stride
+    x = torch.randn(3, channels, h, w, generator=g, dtype=torch.float64)
+    if positive:  # distinct positive values: max-pool has no ties
+        x = x.abs() + 0.1
+    x = (x * mask_at(active, tensor_stride)).to(dtype)
+    xs, leaf = _sparse(x, active, tensor_stride)
+    return x.clone().requires_grad_(), xs, leaf, active
+
+
+def _dense_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int = 1) -> torch.Tensor:
+    k = weight.shape[-1]
+    return F.conv2d(x, weight, stride=stride, padding=k // 2 if k % 2 else 0, groups=groups)
+
+
+def _compare(out: ME.SparseTensor, features: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
+             dense_w: torch.Tensor, expected: torch.Tensor, active: torch.Tensor, in_stride: int,
+             out_stride: int, tol: float) -> None:
+    """Forward, input gradient and weight gradient of a sparse op against the dense one."""
+    b, _, h, w = expected.shape
+    assert torch.equal(site_mask(out, b, (h, w)), mask_at(active, out_stride)[:, 0])
+    assert rel_err(to_dense(out, b, (h, w)), expected) <= tol
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grad_out = (grad_out * mask_at(active, out_stride)).to(expected.dtype)
+    (to_dense(out, b, (h, w)) * grad_out).sum().backward()
+    (expected * grad_out).sum().backward()
+    m = mask_at(active, in_stride)
+    got_grad_in = _scatter(features.grad, x.shape, active, in_stride)
+    assert rel_err(got_grad_in, x.grad * m) <= tol
+    if weight is not None:
+        assert rel_err(weight.grad.reshape(dense_w.grad.shape), dense_w.grad) <= tol
+
+
+def _scatter(features: torch.Tensor, shape, active: torch.Tensor, stride: int) -> torch.Tensor:
+    """Rows in the site order of :func:`_sparse` back into a dense (B, C, h, w) map."""
+    m = mask_at(active, stride)[:, 0]
+    dense = features.new_zeros(shape[0], shape[2], shape[3], shape[1])
+    dense[m] = features
+    return dense.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend,algorithm", BACKENDS)
+@pytest.mark.parametrize("kernel,stride", CONV_SHAPES)
+def test_conv_forward_and_gradients(kernel, stride, backend, algorithm, dtype):
+    tensor_stride = 2 if stride == 2 and kernel == 3 else 1  # also a strided conv on a strided map
+    x, xs, leaf, active = _inputs(5, dtype, tensor_stride)
+    dense_w = torch.randn(6, 5, kernel, kernel, dtype=dtype, requires_grad=True)
+    weight = dense_w.detach().clone().requires_grad_()
+    features, key = ops.conv(xs, weight, stride, backend, algorithm)
+    out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
+    expected = _dense_conv(x, dense_w, stride) * mask_at(active, tensor_stride * stride)
+    _compare(out, leaf, weight, x, dense_w, expected, active, tensor_stride, tensor_stride * stride, TOL[dtype])
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 2), (2, 2)])
+def test_gather_algorithms_equal_minkowski(kernel, stride):
+    """Every gather algorithm gives MinkowskiEngine's own result (float64, same sites)."""
+    _, xs, _, _ = _inputs(4, torch.float64, seed=3)
+    weight = torch.randn(5, 4, kernel, kernel, dtype=torch.float64)
+    ref, ref_key = ops.conv(xs, weight, stride, "minkowski")
+    for algorithm in ("gemm", "loop", "pairs"):
+        got, key = ops.conv(xs, weight, stride, "torch", algorithm)
+        assert key == ref_key
+        assert rel_err(got, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "minkowski"])
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_depthwise_forward_and_gradients(kernel, backend, dtype):
+    x, xs, leaf, active = _inputs(4, dtype)
+    dense_w = torch.randn(4, 1, kernel, kernel, dtype=dtype, requires_grad=True)
+    weight = dense_w.detach().clone().requires_grad_()
+    features = ops.depthwise_conv(xs, weight, backend)
+    out = ME.SparseTensor(features, coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
+    expected = _dense_conv(x, dense_w, 1, groups=4) * mask_at(active, 1)
+    _compare(out, leaf, weight, x, dense_w, expected, active, 1, 1, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "minkowski"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_forward_and_gradient(stride, backend, dtype):
+    x, xs, leaf, active = _inputs(4, dtype, positive=True)
+    features, key = ops.max_pool(xs, 3, stride, backend)
+    out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
+    expected = F.max_pool2d(x, 3, stride, 1) * mask_at(active, stride)
+    _compare(out, leaf, None, x, None, expected, active, 1, stride, TOL[dtype])
+
+
+def bf16_bound(y: torch.Tensor, abs_y: torch.Tensor, terms: int, inputs_rounded: bool) -> float:
+    """The norm-wise bf16 error bound of the module docstring for result ``y`` and the
+    same op on absolute values ``abs_y``; ``terms`` products per output element."""
+    spread = float(abs_y.detach().double().norm() / y.detach().double().norm())
+    input_rounding = 0.0 if inputs_rounded else 2 * U_BF16 + U_BF16**2
+    return U_BF16 + (terms * U_FP32 + input_rounding) * spread
+
+
+@pytest.mark.parametrize("kernel,stride", CONV_SHAPES)
+def test_conv_bf16_within_derived_bound(kernel, stride):
+    x64, _, _, active = _inputs(16, torch.float64)
+    x64 = x64.detach().to(torch.bfloat16).double().requires_grad_()
+    xs, leaf = _sparse(x64.detach().to(torch.bfloat16), active, 1)
+    w64 = torch.randn(8, 16, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
+    w = w64.detach().to(torch.bfloat16).requires_grad_()
+    features, key = ops.conv(xs, w, stride, "torch")
+    assert features.dtype == torch.bfloat16
+    out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
+    m_out = mask_at(active, stride)
+    expected = _dense_conv(x64, w64, stride) * m_out
+    abs_expected = _dense_conv(x64.detach().abs(), w64.detach().abs(), stride) * m_out
+    b, _, h, wd = expected.shape
+    terms = 16 * kernel * kernel
+    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, terms, True)
+    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m_out).to(torch.bfloat16)
+    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
+    (expected * grad_out.double()).sum().backward()
+    m_in = mask_at(active, 1)
+    got = _scatter(leaf.grad, x64.shape, active, 1)
+    # the same op on absolute values gives the bounds' A for both gradients
+    x_abs = x64.detach().abs().requires_grad_()
+    w_abs = w64.detach().abs().requires_grad_()
+    (_dense_conv(x_abs, w_abs, stride) * m_out * grad_out.double().abs()).sum().backward()
+    assert rel_err(got, x64.grad * m_in) <= bf16_bound(x64.grad * m_in, x_abs.grad * m_in, terms, True)
+    n_sites = int(m_out.sum())
+    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, n_sites, True)
+
+
+def test_autocast_runs_convs_in_bf16_and_norms_in_fp32():
+    x, xs, leaf, active = _inputs(16, torch.float32)
+    conv = SparseConv2d(16, 8, 3, 1, bias=True)
+    bn, ln = SparseBatchNorm2d(8), SparseLayerNorm(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(xs)
+        assert y.F.dtype == torch.bfloat16
+        assert bn(y).F.dtype == torch.float32 and ln(y).F.dtype == torch.float32
+        assert SparseMaxPool2d(3, 2)(y).F.dtype == torch.bfloat16
+    m = mask_at(active, 1)
+    expected = (_dense_conv(x.detach(), conv.weight.detach(), 1) + conv.bias.detach().view(1, -1, 1, 1)) * m
+    abs_expected = (_dense_conv(x.detach().abs(), conv.weight.detach().abs(), 1) + conv.bias.detach().abs().view(1, -1, 1, 1)) * m
+    # the bias is added after the product's rounding: one more rounding of the sum
+    bound = bf16_bound(expected, abs_expected, 16 * 9, inputs_rounded=False) + U_BF16
+    assert rel_err(to_dense(y, 3, (64, 96)), expected) <= bound
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the reference backend runs in fp32
+        assert set_conv_impl(conv, "minkowski")(xs).F.dtype == torch.float32
+
+
+def test_tables_are_cached_per_batch_and_shared_by_strided_ops():
+    _, xs, _, _ = _inputs(3, torch.float64)
+    t1 = ops.neighbour_tables(xs, 3, 2)
+    assert ops.neighbour_tables(xs, 3, 2) is t1
+    assert ops.neighbour_tables(xs, 3, 1) is not t1
+    assert ops.neighbour_tables(xs, 1, 2).out_key == t1.out_key  # same output sites
+    # a plain CoordinateManager gets equal tables, built afresh
+    plain = ME.SparseTensor(xs.F.detach(), coordinates=xs.C)
+    p1, p2 = ops.neighbour_tables(plain, 3, 2), ops.neighbour_tables(plain, 3, 2)
+    assert p1 is not p2 and torch.equal(p1.forward, t1.forward)
+    # the pairs are the table's present entries
+    for t, (in_rows, out_rows) in enumerate(t1.pairs):
+        assert torch.equal(t1.forward[t, out_rows], in_rows)
+        assert int((t1.forward[t] < t1.n_in).sum()) == len(in_rows)
+
+
+def test_stride_one_tables_are_point_symmetric():
+    """The mirrored-tap input gradient relies on: T[t, o] = i  <=>  T[K-1-t, i] = o."""
+    _, xs, _, _ = _inputs(3, torch.float64)
+    table = ops.neighbour_tables(xs, 5, 1).forward
+    n = table.shape[1]
+    for t in range(table.shape[0]):
+        present = table[t] < n
+        outs = present.nonzero().flatten()
+        assert torch.equal(table[table.shape[0] - 1 - t, table[t, present]], outs)
+
+
+def test_conv_impl_choices():
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        SparseConv2d(3, 4, 3, conv_impl="cuda")
+    with pytest.raises(NotImplementedError, match="triton"):
+        SparseConv2d(3, 4, 3, conv_impl="triton")
+    assert ops.resolve_conv_impl("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("conv_impl", ["torch", "minkowski"])
+def test_bf16_step_autocasts_the_encoder(conv_impl):
+    """SparKStep with bf16 runs the encoder's convs in bf16 (the gather backend) or fp32
+    (MinkowskiEngine), and its loss stays near the fp32 loss."""
+    from spark_me import SparK, build_sparse_encoder
+    from spark_me.pretrain import SparKStep
+
+    torch.manual_seed(0)
+    model = SparK(build_sparse_encoder("resnet18", conv_impl=conv_impl), decoder_width=64)
+    images = torch.randn(2, 3, 64, 64)
+    active = _active(2, (2, 2), seed=1)
+    seen: list[torch.dtype] = []
+    hook = model.encoder.layer1[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.F.dtype))
+    loss = SparKStep(model, torch.bfloat16)(images, active)
+    hook.remove()
+    assert seen == [torch.bfloat16 if conv_impl == "torch" else torch.float32]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.encoder.parameters() if p.requires_grad)
+    reference = SparKStep(model)(images, active).detach()
+    assert abs(float(loss.detach()) - float(reference)) <= 0.05 * abs(float(reference))
+
+
+def test_autocast_leaves_float64_alone():
+    """As for dense layers, autocast does not lower float64 sparse convs and norms."""
+    _, xs, _, _ = _inputs(4, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SparseConv2d(4, 3, 3).double()(xs).F.dtype == torch.float64
+        assert SparseBatchNorm2d(4).double()(xs).F.dtype == torch.float64
+
+
+def _tables_from_kernel_map(x: ME.SparseTensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """The reference ``[K, n_out]`` table straight from MinkowskiEngine's kernel map."""
+    cm, key = x.coordinate_manager, x.coordinate_map_key
+    out_key = key if stride == 1 else cm.stride(key, stride)
+    kmap = cm.kernel_map(key, out_key, stride=stride, kernel_size=kernel_size, dilation=1)
+    n_in = x.F.shape[0]
+    table = torch.full((kernel_size**2, cm.size(out_key)), n_in, dtype=torch.long)
+    taps = ops.kernel_tap_order(kernel_size)
+    for offset, in_out in kmap.items():
+        table[taps[offset], in_out[1].long()] = in_out[0].long()
+    return table
+
+
+@pytest.mark.parametrize("tensor_stride", [1, 4])
+@pytest.mark.parametrize("kernel,stride", CONV_SHAPES + [(3, 4)])
+def test_tables_equal_minkowski_kernel_maps(kernel, stride, tensor_stride):
+    _, xs, _, _ = _inputs(2, torch.float64, tensor_stride, seed=5)
+    tables = ops.neighbour_tables(xs, kernel, stride)
+    assert torch.equal(tables.forward, _tables_from_kernel_map(xs, kernel, stride))
+    assert tables.complete == bool((tables.forward < tables.n_in).all())
