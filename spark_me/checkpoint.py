@@ -189,8 +189,9 @@ _DAMAGE = ("PytorchStreamReader", "corrupted", "central directory", "Ran out of 
 
 
 def _read_error(e: Exception, path: Path) -> CheckpointError:
-    """A CheckpointError for a failed ``torch.load``: damaged (truncated, corrupted zip) or
-    refused (a global that would run code, not a weights file). torch's advice to load with
+    """A CheckpointError for a failed ``torch.load``: refused (a global that would run code;
+    not a weights file) or damaged (a torch zip file that no longer reads: truncated,
+    corrupted). torch's advice to load with
     ``weights_only=False`` is never repeated: that would run the file's code."""
     text = str(e)
     found = _GLOBAL.search(text)
@@ -200,7 +201,7 @@ def _read_error(e: Exception, path: Path) -> CheckpointError:
             "plain weights file and may run code). Do not load it; use a checkpoint written by spark_me or "
             "a state dict of tensors"
         )
-    if isinstance(e, EOFError) or any(marker in text for marker in _DAMAGE):
+    if isinstance(e, (EOFError, OSError)) or _is_zip(path) or any(marker in text for marker in _DAMAGE):
         return CheckpointDamagedError(
             f"cannot read checkpoint {path}: the file is truncated or corrupted ({type(e).__name__}: "
             f"{text.splitlines()[0][:160] if text else 'end of file'}). Move it away to fall back to an older "
@@ -212,6 +213,15 @@ def _read_error(e: Exception, path: Path) -> CheckpointError:
         f"cannot read checkpoint {path}: it is not a PyTorch weights file ({reason}), or it needs code to "
         "load. Pass a checkpoints/step_*.pt file of a spark_me run or a state dict of tensors"
     )
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether ``path`` starts like the zip files ``torch.save`` writes (every checkpoint)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -160,3 +160,27 @@ def write_hydra_record(task_cfg: DictConfig) -> Optional[Path]:
     OmegaConf.save(record, folder / "hydra.yaml", resolve=False)
     OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
     return folder
+
+
+# ----------------------------------------------------------------------------- Hydra's run dir
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover (hydra is a dependency)
+    _HydraCallback = object  # type: ignore[misc,assignment]
+
+RUN_DIR_CALLBACK = "spark_me.preflight.RunDirCheck"
+
+
+class RunDirCheck(_HydraCallback):  # type: ignore[misc,valid-type]
+    """Hydra callback: the run directory must be writable before Hydra writes its log there
+    (otherwise Hydra itself fails with a traceback). Exit code 2 with the fix."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        try:
+            check_writable([Path(str(config.hydra.run.dir))])
+        except ConfigError as e:
+            log.error("ConfigError: %s", str(e).replace(" (and hydra.run.dir=...)", "").replace(
+                "trainer.output_dir=...", "hydra.run.dir=..."))
+            raise SystemExit(2) from e

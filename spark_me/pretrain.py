@@ -425,12 +425,14 @@ class PretrainRun:
                     "would overwrite: pass trainer.resume=auto to continue it, or use a new output directory"
                 )
             return
-        if mode == "auto":
-            found = load_latest_intact(self.ckpt_dir)
-            if found is None:
+        if mode == "auto":  # rank 0 picks (and sets damaged files aside), the others follow
+            found = load_latest_intact(self.ckpt_dir) if self.is_main else None
+            chosen = broadcast_object(str(found[0]) if found else None)
+            if chosen is None:
                 log.info("no checkpoint in %s: starting a fresh run", self.ckpt_dir)
                 return
-            path, ckpt = found
+            path = Path(chosen)
+            ckpt = found[1] if found else load_checkpoint(path)
         else:
             path = Path(str(mode)).expanduser()
             if existing and path.resolve().parent != self.ckpt_dir.resolve():
@@ -718,7 +720,7 @@ def main() -> None:
         # .hydra/ is written once the run has started, so a rejected start (wrong model or
         # optimizer for the run's checkpoints) does not rewrite the record of that run.
         os.environ[preflight.DEFERRED_SUBDIR_ENV] = ".hydra"
-        sys.argv.append("hydra.output_subdir=null")
+        sys.argv += ["hydra.output_subdir=null", f"+hydra.callbacks.spark_me_run_dir._target_={preflight.RUN_DIR_CALLBACK}"]
     _hydra_main()
 
 
