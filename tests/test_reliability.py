@@ -300,14 +300,17 @@ def test_a_symlink_loop_in_the_data_folder_is_followed_once(tmp_path):
     (root / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(root / "a" / "x.png")
     Image.new("RGB", (8, 8)).save(root / "y.png")
-    (root / "a" / "loop").symlink_to(root)  # a loop
-    (root / "b").symlink_to(root / "a")  # a second way into a/
+    (root / "a" / "loop").symlink_to(root)  # a loop: x.png appeared 41 times
     other = tmp_path / "elsewhere"
     other.mkdir()
     Image.new("RGB", (8, 8)).save(other / "z.png")
     (root / "linked").symlink_to(other)  # a real folder reached by a link: followed
-    names = sorted(p.name for p in find_images(root))
-    assert names == ["x.png", "y.png", "z.png"]
+    assert sorted(p.name for p in find_images(root)) == ["x.png", "y.png", "z.png"]
+    twice = tmp_path / "twice"
+    (twice / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(twice / "a" / "x.png")
+    (twice / "b").symlink_to(twice / "a")  # a second way into a/
+    assert [p.name for p in find_images(twice)] == ["x.png"]
 
 
 # ----------------------------------------------------------------------------- 11-15. clear errors
@@ -398,6 +401,7 @@ def test_resuming_a_finished_run_says_so(trained, tmp_path, caplog):
 
 
 def test_reconstruct_rejects_max_images_0(trained, tmp_path, capsys):
+    Image.new("RGB", (64, 64), (90, 20, 200)).save(tmp_path / "fine.png")  # readable: 0 was the problem
     with pytest.raises(SystemExit) as exc:
         reconstruct_main([str(trained / "checkpoints" / "step_00000004.pt"), str(tmp_path), "--out",
                           str(tmp_path / "g.png"), "--max-images", "0"])
