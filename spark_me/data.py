@@ -48,12 +48,17 @@ def find_images(root: str | os.PathLike) -> list[Path]:
             f"data.path={str(root)!r} is not a directory: point it at a folder of images, e.g. "
             "data.path=/datasets/imagenet/train"
         )
-    files = sorted(
-        Path(dirpath) / f
-        for dirpath, _, names in os.walk(root, followlinks=True)
-        for f in names
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    files = []
+    seen: set[str] = set()  # real directories walked: a symlink loop or a second link to a
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):  # folder is followed once
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen]
+        files.extend(Path(dirpath) / f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
+    files.sort()
     if not files:
         raise ValueError(
             f"no images found under data.path={str(root)!r} (searched recursively for "

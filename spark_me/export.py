@@ -20,8 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from spark_me.checkpoint import EXPORT_FORMAT, load_model, save_atomic
-from spark_me.encoders.plugins import import_encoder_modules
+from spark_me.checkpoint import EXPORT_FORMAT, CheckpointError, load_model, save_atomic, with_checksum
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,37 @@ def with_new_head(name: str, state_dict: dict[str, torch.Tensor], num_classes: i
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, num_classes: int = 0) -> Path:
+def check_output(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Raise ValueError when ``out`` is the input file (same file, through links too) or
+    cannot be written (missing or read-only folder)."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    if out.exists() and checkpoint.exists() and os.path.samefile(out, checkpoint):
+        raise ValueError(f"--out {out} is the checkpoint being exported ({checkpoint}): choose another output file")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ValueError(f"the folder of --out {out} does not exist: create {folder} first, or write elsewhere")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / 'encoder.pth'}")
+    probe = folder / f".{out.name}.write-test-{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError as e:
+        raise ValueError(f"cannot write into {folder} ({e.strerror or e}): pick a writable --out folder") from e
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def export_encoder(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, num_classes: int = 0, imports: Sequence[str] = (),
+) -> Path:
     """Write the encoder of ``checkpoint`` as a timm state dict (``.safetensors`` or torch),
-    with a fresh ``num_classes`` classifier when ``num_classes`` > 0."""
-    model, ckpt = load_model(checkpoint)
+    with a fresh ``num_classes`` classifier when ``num_classes`` > 0. ``imports``: modules or
+    ``.py`` files that register a user encoder (never taken from the checkpoint)."""
+    model, ckpt = load_model(checkpoint, imports=imports)
+    check_output(checkpoint, out)
     state = model.encoder.timm_state_dict()
     verify_timm(ckpt["model_name"], state)
     if num_classes > 0:
@@ -63,17 +89,23 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, num_cl
         from safetensors.torch import save_file
 
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"timm_name": ckpt["model_name"]})
-        os.replace(tmp, out)
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"timm_name": ckpt["model_name"]})
+            os.replace(tmp, out)
+        except Exception as e:  # safetensors raises its own error type for OS failures
+            raise CheckpointError(f"could not write {out}: {e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
     else:
         save_atomic(state, out)
     log.info("wrote %s encoder weights (step %s) to %s", ckpt["model_name"], ckpt.get("step"), out)
     return out
 
 
-def export_full(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_full(checkpoint: str | os.PathLike, out: str | os.PathLike, imports: Sequence[str] = ()) -> Path:
     """Write encoder + densify + decoder weights (no optimizer) for continued pre-training."""
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = load_model(checkpoint, imports=imports)
+    check_output(checkpoint, out)
     state = {
         "format": EXPORT_FORMAT,
         "model_name": ckpt["model_name"],
@@ -84,7 +116,7 @@ def export_full(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
         "model": model.state_dict(),
         "config": ckpt.get("config", {}),
     }
-    save_atomic(state, out)
+    save_atomic(with_checksum(state), out)
     log.info("wrote the full SparK model (%s, step %s) to %s", ckpt["model_name"], ckpt.get("step"), out)
     return Path(out)
 
@@ -101,21 +133,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
+    try:
+        check_output(args.checkpoint, out)
+    except ValueError as e:
+        p.error(str(e))
     if out.exists() and not args.force:
         p.error(f"{out} exists; pass --force to overwrite it")
     if args.full and out.suffix == ".safetensors":
         p.error("--full writes a torch file (it carries the model config); use a .pt name")
-    from spark_me.checkpoint import CheckpointError
-
-    try:
-        import_encoder_modules(args.imports)
-    except ValueError as e:
-        p.error(str(e))
     try:
         if args.full:
-            export_full(args.checkpoint, out)
+            export_full(args.checkpoint, out, args.imports)
         else:
-            export_encoder(args.checkpoint, out, args.num_classes)
+            export_encoder(args.checkpoint, out, args.num_classes, args.imports)
     except CheckpointError as e:
         p.exit(1, f"spark-me-export: error: {e}\n")
 

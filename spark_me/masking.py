@@ -48,6 +48,21 @@ def random_patch_mask(
     return active.view(batch_size, h, w).to(device)
 
 
+def check_mask_hides_something(active: torch.Tensor) -> None:
+    """Raise ValueError unless every sample of a (B, h, w) mask has a masked and a visible patch.
+
+    A mask that hides nothing gives a loss of exactly 0 and no gradient: training would
+    silently do nothing but weight decay."""
+    flat = active.flatten(1)
+    if not bool(flat.any(dim=1).all()):
+        raise ValueError("a mask leaves no visible patch in some sample: lower the mask ratio or use larger images")
+    if bool(flat.all(dim=1).any()):
+        raise ValueError(
+            f"a mask hides no patch in some sample ({flat.shape[1]} patches, all visible): the loss would be 0 "
+            "and nothing would be learned; raise the mask ratio (e.g. 0.6) or use larger images"
+        )
+
+
 def upsample_mask(active: torch.Tensor, scale: int) -> torch.Tensor:
     """Repeat each patch of a (B, h, w) mask ``scale`` times along both spatial axes."""
     return active.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)

@@ -45,13 +45,17 @@ from spark_me.checkpoint import (
     EXPORT_FORMAT,
     FORMAT,
     CheckpointError,
+    CheckpointWriteError,
     capture_rng_state,
     check_model,
     latest_checkpoint,
+    later_checkpoints,
     list_checkpoints,
     load_checkpoint,
     load_file,
+    load_latest_intact,
     load_model_state,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -68,6 +72,8 @@ from spark_me.distributed import (
 from spark_me.loss import masked_reconstruction_loss
 from spark_me.masking import num_visible
 from spark_me.optim import OPTIMIZERS, build_optimizer, clip_gradients, peak_lr
+from spark_me import preflight
+from spark_me.preflight import ConfigError
 from spark_me.schedule import CosineSchedule
 from spark_me.visualize import save_reconstruction_grid
 
@@ -80,10 +86,6 @@ PATCH_SIZE = 32  # total stride of every built-in encoder = mask patch size
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGGERS = ("jsonl", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value, reported before any heavy work."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -169,6 +171,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.image_size={size} is not a multiple of the mask patch size 32; use e.g. data.image_size={lower} or {lower + PATCH_SIZE}")
     if num_visible((size // PATCH_SIZE) ** 2, float(ratio)) < 1:
         raise ConfigError(f"mask.ratio={ratio} leaves no visible patch on a {size}px image: lower mask.ratio or raise data.image_size")
+    if num_visible((size // PATCH_SIZE) ** 2, float(ratio)) >= (size // PATCH_SIZE) ** 2:
+        raise ConfigError(
+            f"mask.ratio={ratio} masks no patch of a {size}px image ({(size // PATCH_SIZE) ** 2} patches of 32px): "
+            "nothing would be reconstructed and the loss would be 0; raise mask.ratio (e.g. 0.6) or data.image_size"
+        )
     if "batch_size" in d:
         raise ConfigError(
             f"data.batch_size={d.batch_size} (a per-process batch) is gone: set the batch of one optimizer step "
@@ -331,9 +338,10 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
 class RunLogger:
     """metrics.jsonl always; Weights & Biases too with logger=wandb. Main process only."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, wandb_id: Optional[str]) -> None:
+    def __init__(self, cfg: DictConfig, out_dir: Path, wandb_id: Optional[str], start_step: int = 0) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, start_step)
         self.file = open(self.path, "a", encoding="utf-8")
         self.wandb = None
         if cfg.logger.name == "wandb":
@@ -343,7 +351,7 @@ class RunLogger:
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 name=cfg.logger.run_name,
-                mode=cfg.logger.mode,
+                mode=preflight.wandb_mode(cfg.logger),
                 tags=list(cfg.logger.tags),
                 dir=str(out_dir),
                 config=OmegaConf.to_container(cfg, resolve=True),
@@ -373,6 +381,27 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of ``path`` logged after ``step`` (by a run that went on past its last
+    checkpoint and was interrupted): after a resume, each step appears once."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill: dropped too
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d line(s) logged after step %d, where this run continues", len(lines) - len(kept), step)
 
 
 # ----------------------------------------------------------------------------- training
@@ -412,6 +441,9 @@ class PretrainRun:
         self.ckpt_dir = self.out / "checkpoints"
         self.plan = plan_batches(int(cfg.data.global_batch_size), dist_info.world_size, int(t.grad_accum_steps))
         self.global_batch = self.plan.global_batch
+        if self.is_main:
+            preflight.check_writable([self.out, self.ckpt_dir, self.out / "reconstructions"])
+            remove_stale_temporaries(self.ckpt_dir)
 
         try:
             source = build_source(cfg.data)
@@ -465,7 +497,7 @@ class PretrainRun:
             self.step_fn: nn.Module = DistributedDataParallel(step_module, device_ids=ids)
         else:
             self.step_fn = step_module
-        self.logger = RunLogger(cfg, self.out, self.wandb_id) if self.is_main else None
+        self.logger = RunLogger(cfg, self.out, self.wandb_id, self.step) if self.is_main else None
         self._vis: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -496,24 +528,40 @@ class PretrainRun:
                     "would overwrite: pass trainer.resume=auto to continue it, or use a new output directory"
                 )
             return
-        if mode == "auto":
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
+        if mode == "auto":  # rank 0 picks (and sets damaged files aside), the others follow
+            found = load_latest_intact(self.ckpt_dir) if self.is_main else None
+            chosen = broadcast_object(str(found[0]) if found else None)
+            if chosen is None:
                 log.info("no checkpoint in %s: starting a fresh run", self.ckpt_dir)
                 return
+            path = Path(chosen)
+            ckpt = found[1] if found else load_checkpoint(path)
         else:
             path = Path(str(mode)).expanduser()
             if existing and path.resolve().parent != self.ckpt_dir.resolve():
                 raise ConfigError(
                     f"{self.ckpt_dir} already holds checkpoints of another run; resume from {path} into a new output directory"
                 )
-        ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path)
+            later = later_checkpoints(self.ckpt_dir, int(ckpt["step"])) if existing else []
+            if later:
+                raise ConfigError(
+                    f"resuming from {path.name} (step {ckpt['step']}) inside its own run would overwrite and prune "
+                    f"the later checkpoints {', '.join(p.name for p in later)} of that run. To branch, write the new "
+                    f"line of training elsewhere: trainer.resume={path} trainer.output_dir=<new folder> "
+                    "hydra.run.dir=<new folder>; to continue the run itself use trainer.resume=auto"
+                )
         check_model(ckpt, path, self.cfg.model.name, int(self.cfg.model.decoder_width))
         load_model_state(self.model, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"the optimizer state in {path} does not fit optimizer={self.cfg.optimizer.name}: {e}") from e
+            theirs = ((ckpt.get("config") or {}).get("optimizer") or {}).get("name", "unknown")
+            raise CheckpointError(
+                f"the optimizer state in {path} does not fit optimizer={self.cfg.optimizer.name}: the checkpoint was "
+                f"written by optimizer={theirs} ({type(e).__name__}: {e}). Resume with optimizer={theirs}, or start "
+                "a new run in another output directory (model.init=<checkpoint> keeps its weights)"
+            ) from e
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -555,7 +603,14 @@ class PretrainRun:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "wandb_id": self.logger.wandb_id if self.logger else None,
         }
-        path = save_checkpoint(state, self.ckpt_dir, int(self.cfg.trainer.keep_checkpoints))
+        try:
+            path = save_checkpoint(state, self.ckpt_dir, int(self.cfg.trainer.keep_checkpoints))
+        except CheckpointWriteError as e:
+            last = latest_checkpoint(self.ckpt_dir)
+            raise CheckpointWriteError(
+                f"{e}. Stopping at step {self.step}; {f'the previous checkpoint {last} is intact' if last else 'no earlier checkpoint exists'}. "
+                "Free space (or fix the folder), then continue with trainer.resume=auto"
+            ) from e
         log.info("saved checkpoint %s", path)
         return path
 
@@ -573,6 +628,11 @@ class PretrainRun:
                     continue
                 if len(views) == n:
                     break
+            if not views:
+                raise ConfigError(
+                    f"none of the {len(self.source)} images of data.path={self.cfg.data.path} could be read "
+                    "(see the warnings above): check the dataset or point data.path elsewhere"
+                )
             images = torch.stack(views).to(self.device)
             grid = (size // PATCH_SIZE, size // PATCH_SIZE)
             g = torch.Generator().manual_seed(self.seed)
@@ -634,6 +694,12 @@ class PretrainRun:
         start = time.perf_counter()
         window_start = start
         saved_at = self.step  # a resumed state is already on disk
+        if self.step >= end:
+            log.warning(
+                "nothing to train: the run is already at step %d and ends at step %d (trainer.max_steps=%s, "
+                "schedule %d steps); raise trainer.max_steps or schedule.epochs to train further, or start a new "
+                "output directory", self.step, end, t.max_steps, self.schedule.total_steps,
+            )
         if self.is_main and self.step == 0 and end > 0:
             self.save_reconstructions()
         bar = tqdm(total=end, initial=self.step, unit="step", dynamic_ncols=True, desc=f"pretrain {self.cfg.model.name}",
@@ -731,11 +797,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if imports:  # absolute file paths, so checkpoints load from any working directory
         cfg.model.imports = [str(Path(i).expanduser().resolve()) if is_file_spec(str(i)) else str(i) for i in imports]
     validate_config(cfg)
+    preflight.check_device(str(cfg.trainer.device))
+    preflight.check_wandb(cfg.logger)
     info = init_distributed(str(cfg.trainer.device))
     if not info.is_main:  # only rank 0 reports progress (root: this module is __main__ under -m)
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        return PretrainRun(cfg, info).fit()
+        pretrain_run = PretrainRun(cfg, info)
+        if info.is_main:
+            preflight.write_hydra_record(cfg)
+        return pretrain_run.fit()
     finally:
         cleanup_distributed()
 
@@ -754,6 +825,11 @@ def main() -> None:
     """Console entry point ``spark-me-pretrain`` (also ``python -m spark_me.pretrain``)."""
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
+    elif not any(a.startswith(("hydra.output_subdir=", "--cfg", "-c", "--info", "--help", "-h", "--hydra-help")) for a in sys.argv[1:]):
+        # .hydra/ is written once the run has started, so a rejected start (wrong model or
+        # optimizer for the run's checkpoints) does not rewrite the record of that run.
+        os.environ[preflight.DEFERRED_SUBDIR_ENV] = ".hydra"
+        sys.argv += ["hydra.output_subdir=null", f"+hydra.callbacks.spark_me_run_dir._target_={preflight.RUN_DIR_CALLBACK}"]
     _hydra_main()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,8 +18,8 @@ import torch
 
 from spark_me.checkpoint import CheckpointError, load_model
 from spark_me.data import center_view, find_images, load_rgb
-from spark_me.encoders.plugins import import_encoder_modules
 from spark_me.masking import random_patch_mask
+from spark_me.preflight import ConfigError, check_device
 from spark_me.visualize import save_reconstruction_grid
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,11 @@ def collect_images(inputs: Sequence[str], limit: int) -> list[Path]:
 def reconstruct_images(
     checkpoint: str, images: Sequence[str], out: str, size: Optional[int] = None,
     mask_ratio: Optional[float] = None, seed: int = 0, max_images: int = 16, device: str = "cpu",
+    imports: Sequence[str] = (),
 ) -> Path:
-    model, ckpt = load_model(checkpoint)
+    if max_images < 1:
+        raise ValueError(f"--max-images {max_images} must be at least 1")
+    model, ckpt = load_model(checkpoint, imports=imports)
     size = size or int(ckpt.get("image_size") or 224)
     patch = model.patch_size
     if size % patch:
@@ -50,13 +54,16 @@ def reconstruct_images(
         except Exception as e:  # noqa: BLE001
             log.warning("skipping %s: %s", path, e)
     if not batch:
-        raise ValueError("none of the given images could be read")
+        raise ValueError(f"none of the given images could be read: {', '.join(images)}")
     x = torch.stack(batch).to(device)
     g = torch.Generator().manual_seed(seed)
     active = random_patch_mask(len(batch), (size // patch, size // patch), ratio, g, device)
     model.to(device).eval()
     views = model.reconstruct(x, active)
-    path = save_reconstruction_grid(views, out, max_images=len(batch))
+    try:
+        path = save_reconstruction_grid(views, out, max_images=len(batch))
+    except OSError as e:
+        raise ValueError(f"could not write {out}: {e.strerror or e}; pick a writable --out") from e
     log.info("wrote %s (%d images, %s step %s, mask ratio %.2f)", path, len(batch), ckpt["model_name"], ckpt.get("step"), ratio)
     return path
 
@@ -75,9 +82,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="import a module (or .py file) that registers your own encoder; repeatable")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.max_images < 1:
+        p.error(f"--max-images {args.max_images} must be at least 1")
     try:
-        import_encoder_modules(args.imports)
-        reconstruct_images(args.checkpoint, args.images, args.out, args.size, args.mask_ratio, args.seed, args.max_images, args.device)
+        check_device(args.device, key="--device")
+    except ConfigError as e:
+        p.error(str(e))
+    folder = Path(args.out).parent
+    if folder.exists() and (not folder.is_dir() or not os.access(folder, os.W_OK)):
+        p.error(f"cannot write into {folder}: pick a writable --out folder")
+    try:
+        reconstruct_images(args.checkpoint, args.images, args.out, args.size, args.mask_ratio, args.seed,
+                           args.max_images, args.device, args.imports)
     except (CheckpointError, ValueError) as e:
         p.exit(1, f"spark-me-reconstruct: error: {e}\n")
 

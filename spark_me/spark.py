@@ -16,7 +16,7 @@ from spark_me.densify import Densify
 from spark_me.encoders.base import SparseEncoder
 from spark_me.gather import check_image_size
 from spark_me.loss import masked_reconstruction_loss, patch_statistics, patchify, unpatchify
-from spark_me.masking import check_mask_ratio, random_patch_mask, upsample_mask
+from spark_me.masking import check_mask_hides_something, check_mask_ratio, random_patch_mask, upsample_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,7 +73,8 @@ class SparK(nn.Module):
         """The pre-training loss; a random mask is drawn when ``active`` is None."""
         if active is None:
             active = self.random_mask(images, generator)
-        reconstruction = self.forward_reconstruction(images, active)
+        reconstruction = self.forward_reconstruction(images, active)  # validates images and mask
+        check_mask_hides_something(active)
         return masked_reconstruction_loss(reconstruction, images, active, self.patch_size)
 
     @torch.no_grad()

@@ -9,7 +9,9 @@ import torch
 
 from spark_me.checkpoint import (
     FORMAT,
+    CheckpointDamagedError,
     CheckpointError,
+    CheckpointWriteError,
     capture_rng_state,
     check_model,
     latest_checkpoint,
@@ -46,10 +48,19 @@ def test_a_failed_write_leaves_existing_checkpoints_intact(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match=r"could not write .*step_00000002.pt: disk full \(\d+ MiB free"):
         save_checkpoint(_state(2), tmp_path, keep=1)
     assert list_checkpoints(tmp_path) == [good] and good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # no temp file, no step_2
+
+    def full_disk(obj, f, *a, **k):  # what torch raises when the disk fills mid-write
+        f.write(b"partial bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4544 vs 4432")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"step_00000002.pt: the disk is probably full"):
+        save_checkpoint(_state(2), tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name] and good.read_bytes() == before
 
 
 def test_truncated_file_gets_a_clear_error(tmp_path):

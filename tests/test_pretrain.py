@@ -170,10 +170,17 @@ def test_cli_trains_a_user_encoder_by_name_and_its_checkpoint_loads_elsewhere(tm
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     ckpt = list_checkpoints(out / "checkpoints")[-1]
     assert load_checkpoint(ckpt)["config"]["model"]["imports"] == [str(example)]
-    # The checkpoint names its import, so loading it registers the encoder by itself.
-    model, meta = load_model(ckpt)
+    # Loading never imports the module a checkpoint names: without --import, the error names
+    # the recorded module and the flag to pass (a fresh interpreter: nothing registered yet).
+    proc = subprocess.run([sys.executable, "-m", "spark_me.export", str(ckpt), "--out", str(tmp_path / "x.pth")],
+                          capture_output=True, text=True, env=_subprocess_env(), timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "'tiny_convnet', which is not registered" in proc.stderr and f"--import {example}" in proc.stderr
+    assert not (tmp_path / "x.pth").exists()
+    # The user names the import: loading works anywhere.
+    model, meta = load_model(ckpt, imports=[str(example)])
     assert meta["model_name"] == "tiny_convnet" and "tiny_convnet" in spark_me.list_encoders()
-    export_encoder(ckpt, tmp_path / "enc.pth")
+    export_encoder(ckpt, tmp_path / "enc.pth", imports=[str(example)])
     assert torch.load(tmp_path / "enc.pth", weights_only=True).keys() == model.encoder.state_dict().keys()
 
 
