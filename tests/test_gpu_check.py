@@ -63,3 +63,16 @@ def test_test_phase_without_a_gpu_skips_every_cuda_test_and_says_so(tmp_path):
     summary = json.loads((tmp_path / "gpu-check-test.json").read_text())
     assert "skipped" in summary["pytest"] and "passed" not in summary["pytest"], summary["pytest"]
     assert (tmp_path / "gpu-check-test.log").read_text().count("SKIPPED") >= 50
+
+
+def test_data_pipeline_is_compared_with_the_fastest_step(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": [
+        {"part": "step", "model": "resnet50", "variant": "sparse", "amp": "bf16", "images_per_s": 2000.0},
+        {"part": "step", "model": "resnet50", "variant": "dense", "amp": None, "images_per_s": 900.0},
+        {"part": "encoder_fwd", "model": "resnet50", "variant": "sparse", "images_per_s": 9000.0},
+    ]}))
+    slow = gpu_check.data_vs_step({"images_per_s": 800.0, "workers": 16}, results)
+    assert "2.5x slower than the fastest step (resnet50 sparse bf16, 2000 img/s)" in slow
+    fast = gpu_check.data_vs_step({"images_per_s": 2500.0, "workers": 16}, results)
+    assert "keeps up with the fastest step" in fast

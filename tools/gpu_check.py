@@ -196,13 +196,31 @@ def phase_bench(args: argparse.Namespace) -> int:
     out = REPO / "kernels_bench" / "results" / ("gpu-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
     bench = phase.run("kernels_bench", [
         python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
+        "--conv-impl", "torch", "minkowski",
         "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "--out", str(out),
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
         shutil.copy(data_json, out / "data_throughput.json")
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
     ok = bench["rc"] == 0 and not bench["timed_out"] and report["rc"] == 0
+    if ok and data_json.exists():
+        phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
     return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}")
+
+
+def data_vs_step(data: dict, results_json: Path) -> str:
+    """Whether the data pipeline keeps up with the fastest measured training step."""
+    rows = [r for r in json.loads(results_json.read_text())["rows"] if r.get("part") == "step" and "images_per_s" in r]
+    if not rows:
+        return "no step rows to compare the data pipeline with"
+    fastest = max(rows, key=lambda r: r["images_per_s"])
+    need, have = fastest["images_per_s"], data["images_per_s"]
+    name = f"{fastest['model']} {fastest['variant']}{' ' + fastest['amp'] if fastest.get('amp') else ''}"
+    if have >= need:
+        return f"the data pipeline ({have:.0f} img/s on {data['workers']} workers) keeps up with the fastest step ({name}, {need:.0f} img/s)"
+    return (f"the data pipeline ({have:.0f} img/s on {data['workers']} workers) is {need / have:.1f}x slower than the "
+            f"fastest step ({name}, {need:.0f} img/s): the GPU would wait for data. More loader cores, JPEGs stored "
+            "pre-resized to about 256 px, or decoding on the GPU (torchvision.io.decode_jpeg on CUDA) would close it")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
