@@ -71,6 +71,7 @@ class Phase:
             Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
             self.logs.append(open(Path(os.environ["OUT"]) / f"gpu-check-{name}.log", "w"))
         self.summary: dict = {"phase": name, "steps": []}
+        self.last_lines: list[str] = []  # the output of the latest run()
 
     def say(self, line: str) -> None:
         for f in [sys.stdout, *self.logs]:
@@ -120,9 +121,10 @@ class Phase:
             lines.append(partial)
         rc = proc.wait()
         result = {"label": label, "rc": rc, "seconds": round(time.monotonic() - t0, 1), "timed_out": timed_out}
-        if timed_out or any("+ Timeout +" in line for line in lines[-200:]):
+        if timed_out or any("+ Timeout +" in line for line in lines[-200:]):  # phase limit, or pytest-timeout
             result["hung_in"] = current
-            self.say(f"gpu-check {self.name}: TIMEOUT: {label} did not finish within the phase limit; "
+            limit = "the phase limit" if timed_out else "its per-test timeout"
+            self.say(f"gpu-check {self.name}: TIMEOUT: {label} did not finish within {limit}; "
                      f"it was running {current or 'an unknown step'}")
         elif rc < 0 or rc in (132, 134, 135, 139):  # killed by a signal: SIGILL, SIGABRT, SIGBUS, SIGSEGV
             sig = -rc if rc < 0 else rc - 128
