@@ -54,9 +54,11 @@ def check_mask_hides_something(active: torch.Tensor) -> None:
     A mask that hides nothing gives a loss of exactly 0 and no gradient: training would
     silently do nothing but weight decay."""
     flat = active.flatten(1)
-    if not bool(flat.any(dim=1).all()):
+    # One host read for both conditions (this runs every training step).
+    each_sees_some, some_sees_all = torch.stack([flat.any(dim=1).all(), flat.all(dim=1).any()]).tolist()
+    if not each_sees_some:
         raise ValueError("a mask leaves no visible patch in some sample: lower the mask ratio or use larger images")
-    if bool(flat.all(dim=1).any()):
+    if some_sees_all:
         raise ValueError(
             f"a mask hides no patch in some sample ({flat.shape[1]} patches, all visible): the loss would be 0 "
             "and nothing would be learned; raise the mask ratio (e.g. 0.6) or use larger images"
