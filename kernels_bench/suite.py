@@ -62,12 +62,13 @@ class Plan:
             if variant == "sparse":
                 for impl in self.conv_impls:
                     out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, **common))
-            else:
-                out.append(Case(model, variant, part, batch, size, mask, **common))
-            if self.cuda_extras and variant != "sparse":
+                    if self.cuda_extras and impl != "minkowski":  # ME's kernels are fp32-only
+                        out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp="bf16", **common))
+                return
+            out.append(Case(model, variant, part, batch, size, mask, **common))
+            if self.cuda_extras:  # the dense baselines at their fastest: channels_last, and bf16 in it
                 out.append(Case(model, variant, part, batch, size, mask, channels_last=True, **common))
-            if self.cuda_extras:
-                out.append(Case(model, variant, part, batch, size, mask, amp="bf16", **common))
+                out.append(Case(model, variant, part, batch, size, mask, channels_last=True, amp="bf16", **common))
 
         for model in self.models:
             for part in self.parts:

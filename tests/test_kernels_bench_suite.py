@@ -29,6 +29,11 @@ def test_plan_covers_every_variant_and_sweep():
     gpu = _plan(device="cuda", cuda_extras=True).cases()
     assert any(c.amp == "bf16" and c.variant == "sparse" for c in gpu)
     assert any(c.channels_last for c in gpu) and not any(c.channels_last and c.variant == "sparse" for c in gpu)
+    # the dense baselines in bf16 run channels_last (their fastest); ME's fp32-only kernels get no bf16 row
+    assert all(c.channels_last for c in gpu if c.amp == "bf16" and c.variant != "sparse")
+    both = _plan(device="cuda", cuda_extras=True, conv_impls=("torch", "minkowski")).cases()
+    assert {(c.conv_impl, c.amp) for c in both if c.variant == "sparse"} == {
+        ("torch", None), ("torch", "bf16"), ("minkowski", None)}
 
 
 def test_bad_cases_are_rejected():
