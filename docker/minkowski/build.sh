@@ -135,7 +135,7 @@ case "$blas" in
   auto) die "no BLAS found: apt-get install libopenblas-dev, or pip install scipy-openblas32 into '$python''s environment" ;;
 esac
 # The wheel's OpenBLAS is a different library file, so it gets its own cache slot.
-[ "$blas" = system ] || key="$key-blaswheel"
+[ "$blas" = system ] || key="$key-blaswheel2"  # 2: the library linked by path (see below)
 if [ "$target" = cuda ]; then
   # The CUDA wheel also depends on the toolkit and the architectures compiled for.
   export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -194,7 +194,11 @@ else
     ln -sf "$blas_lib/libscipy_openblas.so" "$work/blas/lib/libopenblas.so"
     export CPATH="$work/blas/include${CPATH:+:$CPATH}"
     export LIBRARY_PATH="$work/blas/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
-    export LDFLAGS="${LDFLAGS:+$LDFLAGS }-Wl,-rpath,$blas_lib"
+    # -lopenblas alone is not enough: where another libopenblas.so comes first on the
+    # linker's path (as on a CUDA node), the linker picks that one, finds none of the
+    # scipy_ symbols in it and (--as-needed) drops it, leaving them undefined at import.
+    # Naming the wheel's library by path, outside --as-needed, always links it.
+    export LDFLAGS="${LDFLAGS:+$LDFLAGS }-Wl,--push-state,--no-as-needed $blas_lib/libscipy_openblas.so -Wl,--pop-state -Wl,-rpath,$blas_lib"
     echo "build.sh: BLAS from scipy-openblas32 in $blas_lib"
   else
     echo "build.sh: BLAS from the system ($system_cblas)"
