@@ -82,26 +82,65 @@ def _fmt(x: Optional[float], spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _baseline(rows: list[dict], variant: str, like: dict) -> Optional[dict]:
+    """The fastest ``variant`` row at ``like``'s model, part, batch, size and precision
+    (on GPU the dense baselines also run channels_last: the faster layout is the baseline)."""
+    same = [r for r in rows if r["variant"] == variant and (r["model"], r["part"], r["batch"], r["size"], r.get("amp"))
+            == (like["model"], like["part"], like["batch"], like["size"], like.get("amp"))]
+    return min(same, key=lambda r: r["median_s"]) if same else None
+
+
 def headline(results: dict) -> list[dict]:
-    """(a), (b), (c) at the headline mask for every model, part, batch and size, with a/b."""
+    """Each sparse row at the headline mask (one per backend and precision) against (b) and
+    (c) at the same precision, with a/b for time and memory."""
     plan = results["plan"]
     rows = [r for r in measured(results) if r["variant"] == "dense" or r["mask_ratio"] == 0.6]
-    by: dict[tuple, dict] = defaultdict(dict)
-    for r in rows:
-        by[_key(r)][r["variant"]] = r
+    sparse = [r for r in rows if r["variant"] == "sparse"]
+    order = {k: i for i, k in enumerate(PART_LABELS)}
+    sparse.sort(key=lambda r: (r["model"], order[r["part"]], (r["batch"], r["size"]) != (plan["batch"], plan["size"]),
+                               r["batch"], r["size"], r.get("amp") or "", r.get("conv_impl") or ""))
     out = []
-    for key, v in sorted(by.items(), key=lambda kv: (kv[0][0], list(PART_LABELS).index(kv[0][1]), kv[0][2:4] != (plan["batch"], plan["size"]), str(kv[0][2:]))):
-        a, b, c = v.get("sparse"), v.get("masked_dense"), v.get("dense")
+    for a in sparse:
+        b, c = _baseline(rows, "masked_dense", a), _baseline(rows, "dense", a)
         out.append({
-            "model": key[0], "part": key[1], "batch": key[2], "size": key[3],
-            "setting": " ".join(s for s in (key[4], "channels_last" if key[5] else "") if s) or "fp32",
-            "a_img_s": a and a["images_per_s"], "b_img_s": b and b["images_per_s"], "c_img_s": c and c["images_per_s"],
-            "a_mib": a and a.get("peak_growth_mib"), "b_mib": b and b.get("peak_growth_mib"),
-            "c_mib": c and c.get("peak_growth_mib"),
-            "time_a_over_b": a and b and a["median_s"] / b["median_s"],
-            "mem_a_over_b": a and b and a.get("peak_growth_mib") and b.get("peak_growth_mib")
+            "model": a["model"], "part": a["part"], "batch": a["batch"], "size": a["size"],
+            "backend": a.get("conv_impl") or "auto", "setting": a.get("amp") or "fp32",
+            "b_layout": b and ("channels_last" if b.get("channels_last") else "NCHW"),
+            "a_img_s": a["images_per_s"], "b_img_s": b and b["images_per_s"], "c_img_s": c and c["images_per_s"],
+            "a_mib": a.get("peak_growth_mib"), "b_mib": b and b.get("peak_growth_mib"), "c_mib": c and c.get("peak_growth_mib"),
+            "time_a_over_b": b and a["median_s"] / b["median_s"],
+            "mem_a_over_b": b and a.get("peak_growth_mib") and b.get("peak_growth_mib")
             and a["peak_growth_mib"] / b["peak_growth_mib"],
         })
+    return out
+
+
+# Issue #11's GPU targets (batch 128, 224 px, mask 0.6, bf16, dense baselines in channels_last).
+GPU_TARGETS = (
+    ("encoder forward+backward time, a/b (bf16)", "encoder_fwd_bwd", "time", 0.5),
+    ("encoder forward+backward memory, a/b (bf16)", "encoder_fwd_bwd", "mem", 0.5),
+    ("whole step time, a/b (bf16)", "step", "time", 0.92),
+    ("whole step memory, a/b (bf16)", "step", "mem", 0.75),
+)
+
+
+def gpu_targets(results: dict) -> list[dict]:
+    """Issue #11's GPU targets per model and sparse backend, measured against their bound."""
+    head = [h for h in headline(results) if h["setting"] == "bf16" and (h["batch"], h["size"]) == (128, 224)]
+    rows = measured(results)
+    out = []
+    for h in head:
+        for label, part, what, bound in GPU_TARGETS:
+            if h["part"] == part:
+                value = h["time_a_over_b" if what == "time" else "mem_a_over_b"]
+                out.append({"model": h["model"], "backend": h["backend"], "target": label, "bound": f"<= {bound}",
+                            "value": value, "met": value is not None and value <= bound})
+        if h["part"] == "step":  # against the official recipe as shipped: fp32 masked-dense, NCHW
+            official = [r for r in rows if r["variant"] == "masked_dense" and r["part"] == "step" and not r.get("amp")
+                        and not r.get("channels_last") and (r["model"], r["batch"], r["size"]) == (h["model"], 128, 224)]
+            value = official and h["a_img_s"] / official[0]["images_per_s"]
+            out.append({"model": h["model"], "backend": h["backend"], "target": "whole step images/s vs the official fp32 masked-dense",
+                        "bound": ">= 2.5", "value": value or None, "met": bool(value) and value >= 2.5})
     return out
 
 
@@ -133,20 +172,30 @@ def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[st
         f"{env['date']}; torch {env['torch']}, MinkowskiEngine {env['minkowskiengine']}, timm {env['timm']}, "
         f"Python {env['python']}, {env['cpu_count']} cores, {measured(results)[0]['threads']} torch thread(s), "
         f"commit {env.get('git_commit')}. Median of {plan['repeats']} timed runs after {plan['warmup']} warm-up. "
-        f"Memory: {memory}.",
+        f"Memory: {memory}." + (f" {results['notes']}" if results.get("notes") else ""),
         "",
         "Sanity before timing ((a) vs (b), same weights and mask, float32): " + "; ".join(
             f"{s['model']} features {max(s['feature_rel_err']):.1e}, loss {s['loss_rel_err']:.1e}" for s in results["sanity"]),
         "",
-        "| model | part | batch | size | setting | (a) img/s | (b) img/s | (c) img/s | (a) MiB | (b) MiB | (c) MiB | time a/b | mem a/b |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Each sparse row (one per conv backend and precision) is compared with (b) and (c) at the same "
+        "precision, in their faster layout (the layout column).",
+        "",
+        "| model | part | batch | size | backend | precision | (a) img/s | (b) img/s | (b) layout | (c) img/s "
+        "| (a) MiB | (b) MiB | (c) MiB | time a/b | mem a/b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in headline(results):
         lines.append(
-            f"| {h['model']} | {PART_LABELS[h['part']]} | {h['batch']} | {h['size']} | {h['setting']} | "
-            f"{_fmt(h['a_img_s'], '.2f')} | {_fmt(h['b_img_s'], '.2f')} | {_fmt(h['c_img_s'], '.2f')} | "
+            f"| {h['model']} | {PART_LABELS[h['part']]} | {h['batch']} | {h['size']} | {h['backend']} | {h['setting']} | "
+            f"{_fmt(h['a_img_s'], '.2f')} | {_fmt(h['b_img_s'], '.2f')} | {h['b_layout'] or 'n/a'} | {_fmt(h['c_img_s'], '.2f')} | "
             f"{_fmt(h['a_mib'], '.0f')} | {_fmt(h['b_mib'], '.0f')} | {_fmt(h['c_mib'], '.0f')} | "
             f"{_fmt(h['time_a_over_b'], '.2f')} | {_fmt(h['mem_a_over_b'], '.2f')} |")
+    targets = gpu_targets(results) if plan["device"].startswith("cuda") else []
+    if targets:
+        lines += ["", "Issue #11's GPU targets (batch 128, 224 px, mask 0.6):", "",
+                  "| model | backend | target | bound | measured | met |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t['model']} | {t['backend']} | {t['target']} | {t['bound']} | {_fmt(t['value'], '.2f')} | "
+                  f"{'yes' if t['met'] else '**no**'} |" for t in targets]
     sc = scaling(results)
     if sc:
         lines += ["", "Time against mask ratio, relative to mask 0 (ideal: the visible fraction):", "",
@@ -155,9 +204,10 @@ def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[st
                   f"{s['visible']:.2f} | {s['median_s']:.3f} | {s['relative_to_mask0']:.2f} |" for s in sc]
     if results.get("kernels"):
         lines += ["", "Kernel level (one layer; kernel-map construction shown separately):", "",
-                  "| layer | pass | density | sites | sparse total s | coordinates + kernel map s | dense s | sparse/dense |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {k['layer']} | {k['pass']} | {k['density_actual']:.2f} | {k['sites']} | {k['sparse_total_s']:.4f} | "
+                  "| layer | backend | dtype | pass | density | sites | sparse total s | coordinates + kernel map s | dense s | sparse/dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {k['layer']} | {k.get('conv_impl', 'auto')} | {k.get('dtype', 'float32')} | {k['pass']} | "
+                  f"{k['density_actual']:.2f} | {k['sites']} | {k['sparse_total_s']:.4f} | "
                   f"{k['kernel_map_direct_s']:.4f} | {k['dense_s']:.4f} | {k['ratio']:.2f} |" for k in results["kernels"]]
     if results.get("breakdown"):
         bd = results["breakdown"]

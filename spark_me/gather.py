@@ -55,7 +55,8 @@ def to_sparse(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> ME
     pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
     coords = pixel_mask.nonzero().int().contiguous()  # [b, y, x], row-major
     features = images.permute(0, 2, 3, 1)[pixel_mask]
-    return ME.SparseTensor(features, coordinates=coords, coordinate_manager=new_coordinate_manager(coords))
+    manager = new_coordinate_manager(coords, extent=tuple(pixel_mask.shape))
+    return ME.SparseTensor(features, coordinates=coords, coordinate_manager=manager)
 
 
 def to_dense(

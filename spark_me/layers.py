@@ -120,7 +120,7 @@ class SparseConv2d(nn.Module):
 
 def _fp32_under_autocast(norm: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> torch.Tensor:
     """``norm(features)``, in (at least) float32 with autocast off where autocast is on, as
-    autocast runs dense norms."""
+    CUDA's autocast runs dense layer norms."""
     device_type = features.device.type
     if not torch.is_autocast_enabled(device_type):
         return norm(features)
@@ -129,10 +129,16 @@ def _fp32_under_autocast(norm: Callable[[torch.Tensor], torch.Tensor], features:
 
 
 class SparseBatchNorm2d(nn.BatchNorm1d):
-    """Sparse twin of ``nn.BatchNorm2d``: statistics over existing (visible) sites only."""
+    """Sparse twin of ``nn.BatchNorm2d``: statistics over existing (visible) sites only.
+
+    Under autocast it runs as autocast runs a dense ``BatchNorm2d``: in the input's dtype
+    with float32 parameters and statistics (PyTorch's mixed-precision batch norm computes
+    in float32 and rounds its output once), so a bf16 conv's output stays bf16 through the
+    norm and the activation after it, and is saved for backward at half the bytes.
+    """
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
-        return with_features(x, _fp32_under_autocast(super().forward, x.F))
+        return with_features(x, super().forward(x.F))
 
 
 class SparseLayerNorm(nn.LayerNorm):

@@ -77,7 +77,7 @@ def test_results_files_and_report(tmp_path):
     head = [h for h in headline(saved) if h["part"] == "encoder_fwd_bwd"]
     assert len(head) == 1 and head[0]["time_a_over_b"] > 0
     report = write_report(tmp_path / "results", tmp_path / "docs" / "benchmarks.md").read_text()
-    assert "| resnet18 | encoder forward+backward | 4 | 128 | fp32 |" in report
+    assert "| resnet18 | encoder forward+backward | 4 | 128 | auto | fp32 |" in report
     assert "GPU rows are missing" in report
     assert (tmp_path / "results" / "cpu" / "plots" / "resnet18_encoder_fwd_bwd.png").stat().st_size > 1000
 
@@ -87,3 +87,37 @@ def test_user_encoder_case_in_its_own_process():
     row = _run_isolated(Case("tiny_convnet", "masked_dense", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1,
                              threads=1, decoder_width=64, imports=(example,)))
     assert row["model"] == "tiny_convnet" and row["median_s"] > 0
+
+
+def _row(variant: str, part: str, seconds: float, mib: float, amp=None, channels_last=False, conv_impl="auto") -> dict:
+    return {"model": "resnet50", "variant": variant, "part": part, "batch": 128, "size": 224, "mask_ratio": 0.6,
+            "amp": amp, "channels_last": channels_last, "conv_impl": conv_impl, "median_s": seconds,
+            "images_per_s": 128 / seconds, "peak_growth_mib": mib}
+
+
+def test_headline_pairs_each_backend_with_the_fastest_baseline_of_its_precision():
+    from kernels_bench.report import gpu_targets
+
+    rows = [
+        _row("sparse", "encoder_fwd_bwd", 0.10, 5000, "bf16", conv_impl="torch"),
+        _row("sparse", "encoder_fwd_bwd", 0.16, 5200, conv_impl="minkowski"),
+        _row("masked_dense", "encoder_fwd_bwd", 0.14, 7500),
+        _row("masked_dense", "encoder_fwd_bwd", 0.13, 7400, channels_last=True),
+        _row("masked_dense", "encoder_fwd_bwd", 0.20, 4000, "bf16"),  # slower than channels_last: not the baseline
+        _row("masked_dense", "encoder_fwd_bwd", 0.125, 4200, "bf16", channels_last=True),
+        _row("sparse", "step", 0.11, 12000, "bf16", conv_impl="torch"),
+        _row("masked_dense", "step", 0.285, 22000),
+        _row("masked_dense", "step", 0.18, 11000, "bf16", channels_last=True),
+    ]
+    results = {"plan": {"batch": 128, "size": 224, "device": "cuda"}, "rows": rows}
+    head = {(h["part"], h["backend"], h["setting"]): h for h in headline(results)}
+    bf16 = head[("encoder_fwd_bwd", "torch", "bf16")]
+    assert bf16["b_layout"] == "channels_last" and bf16["time_a_over_b"] == pytest.approx(0.10 / 0.125)
+    assert bf16["mem_a_over_b"] == pytest.approx(5000 / 4200)
+    fp32 = head[("encoder_fwd_bwd", "minkowski", "fp32")]
+    assert fp32["time_a_over_b"] == pytest.approx(0.16 / 0.13)
+    met = {t["target"]: (t["value"], t["met"]) for t in gpu_targets(results)}
+    assert met["whole step time, a/b (bf16)"] == (pytest.approx(0.11 / 0.18), True)
+    assert met["whole step memory, a/b (bf16)"][1] is False
+    assert met["whole step images/s vs the official fp32 masked-dense"] == (pytest.approx(0.285 / 0.11), True)
+    assert met["encoder forward+backward time, a/b (bf16)"][1] is False

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from conftest import TOL, rel_err
 from masked_dense import mask_at
 from spark_me import ops
+from spark_me.ops import torch_backend
 from spark_me.gather import site_mask, to_dense
 from spark_me.layers import SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, SparseMaxPool2d, set_conv_impl
 from spark_me.masking import random_patch_mask
@@ -125,17 +126,58 @@ def test_gather_algorithms_equal_minkowski(kernel, stride):
         assert rel_err(got, ref) <= 1e-12
 
 
+def _depthwise(xs: ME.SparseTensor, weight: torch.Tensor, backend: str, algorithm: str) -> torch.Tensor:
+    """The depthwise op through the dispatcher, or the torch backend with a given algorithm."""
+    if backend == "minkowski" or algorithm == "auto":
+        return ops.depthwise_conv(xs, weight, backend)
+    tables = ops.neighbour_tables(xs, weight.shape[-1], 1)
+    return torch_backend.depthwise_conv(xs.F, weight.flatten(1).t(), tables, algorithm)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("backend", ["torch", "minkowski"])
+@pytest.mark.parametrize("backend,algorithm", [("torch", "gather"), ("torch", "dense"), ("minkowski", "auto")])
 @pytest.mark.parametrize("kernel", [3, 7])
-def test_depthwise_forward_and_gradients(kernel, backend, dtype):
+def test_depthwise_forward_and_gradients(kernel, backend, algorithm, dtype):
     x, xs, leaf, active = _inputs(4, dtype)
     dense_w = torch.randn(4, 1, kernel, kernel, dtype=dtype, requires_grad=True)
     weight = dense_w.detach().clone().requires_grad_()
-    features = ops.depthwise_conv(xs, weight, backend)
+    features = _depthwise(xs, weight, backend, algorithm)
     out = ME.SparseTensor(features, coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
     expected = _dense_conv(x, dense_w, 1, groups=4) * mask_at(active, 1)
     _compare(out, leaf, weight, x, dense_w, expected, active, 1, 1, TOL[dtype])
+
+
+@pytest.mark.parametrize("algorithm", ["gather", "dense"])
+def test_depthwise_bf16_within_derived_bound(algorithm):
+    x64, _, _, active = _inputs(16, torch.float64)
+    x64 = x64.detach().to(torch.bfloat16).double().requires_grad_()
+    xs, leaf = _sparse(x64.detach().to(torch.bfloat16), active, 1)
+    w64 = torch.randn(16, 1, 7, 7, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
+    w = w64.detach().to(torch.bfloat16).requires_grad_()
+    out = ME.SparseTensor(_depthwise(xs, w, "torch", algorithm), coordinate_map_key=xs.coordinate_map_key,
+                          coordinate_manager=xs.coordinate_manager)
+    assert out.F.dtype == torch.bfloat16
+    m = mask_at(active, 1)
+    expected = _dense_conv(x64, w64, 1, groups=16) * m
+    abs_expected = _dense_conv(x64.detach().abs(), w64.detach().abs(), 1, groups=16) * m
+    b, _, h, wd = expected.shape
+    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, 49, True)
+    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m).to(torch.bfloat16)
+    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
+    (expected * grad_out.double()).sum().backward()
+    x_abs, w_abs = x64.detach().abs().requires_grad_(), w64.detach().abs().requires_grad_()
+    (_dense_conv(x_abs, w_abs, 1, groups=16) * m * grad_out.double().abs()).sum().backward()
+    got = _scatter(leaf.grad, x64.shape, active, 1)
+    assert rel_err(got, x64.grad * m) <= bf16_bound(x64.grad * m, x_abs.grad * m, 49, True)
+    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, int(m.sum()), True)
+
+
+def test_depthwise_algorithm_choice():
+    choose = torch_backend.choose_depthwise_algorithm
+    assert choose(torch.device("cuda"), torch.bfloat16) == choose(torch.device("cpu"), torch.float32) == "dense"
+    assert choose(torch.device("cpu"), torch.bfloat16) == "gather"
+    with pytest.raises(ValueError, match="unknown depthwise algorithm"):
+        choose(torch.device("cpu"), torch.float32, "loop")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -187,14 +229,19 @@ def test_conv_bf16_within_derived_bound(kernel, stride):
     assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, n_sites, True)
 
 
-def test_autocast_runs_convs_in_bf16_and_norms_in_fp32():
+def test_autocast_runs_convs_in_bf16_and_norms_as_for_dense_layers():
     x, xs, leaf, active = _inputs(16, torch.float32)
     conv = SparseConv2d(16, 8, 3, 1, bias=True)
     bn, ln = SparseBatchNorm2d(8), SparseLayerNorm(8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(xs)
         assert y.F.dtype == torch.bfloat16
-        assert bn(y).F.dtype == torch.float32 and ln(y).F.dtype == torch.float32
+        # batch norm: the input's dtype, float32 statistics (as for nn.BatchNorm2d); layer norm: float32
+        normed = bn(y)
+        assert normed.F.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+        assert ln(y).F.dtype == torch.float32
+        ref = torch.nn.functional.batch_norm(y.F.detach().double(), None, None, training=True)
+        assert rel_err(normed.F, ref) <= 2 * U_BF16  # statistics in fp32, the output rounded once
         assert SparseMaxPool2d(3, 2)(y).F.dtype == torch.bfloat16
     m = mask_at(active, 1)
     expected = (_dense_conv(x.detach(), conv.weight.detach(), 1) + conv.bias.detach().view(1, -1, 1, 1)) * m
@@ -220,6 +267,27 @@ def test_tables_are_cached_per_batch_and_shared_by_strided_ops():
     for t, (in_rows, out_rows) in enumerate(t1.pairs):
         assert torch.equal(t1.forward[t, out_rows], in_rows)
         assert int((t1.forward[t] < t1.n_in).sum()) == len(in_rows)
+
+
+@pytest.mark.parametrize("kernel_size,stride", [(3, 1), (7, 2), (3, 2), (4, 4), (1, 2)])
+def test_tables_from_the_known_extent_equal_tables_from_the_coordinates(kernel_size, stride):
+    """The batch's extent sizes the index grid without reading the coordinates back (GPU
+    syncs); the tables must not change, at the input's and at coarser tensor strides."""
+    from spark_me.gather import to_sparse
+
+    active = _active(seed=3)
+    images = torch.randn(3, 3, 64, 96, dtype=torch.float64)
+    xs = to_sparse(images, active, 32)
+    assert xs.coordinate_manager.extent == (3, 64, 96)
+    plain = ME.SparseTensor(xs.F, coordinates=xs.C)  # no extent: sized from the coordinates
+    for _ in range(2):  # at tensor stride 1, then at the strided sites
+        ours, ref = ops.neighbour_tables(xs, kernel_size, stride), ops.neighbour_tables(plain, kernel_size, stride)
+        assert torch.equal(ours.forward, ref.forward)
+        xs = ME.SparseTensor(torch.zeros(ours.n_out, 1, dtype=torch.float64), coordinate_map_key=ours.out_key,
+                             coordinate_manager=xs.coordinate_manager)
+        plain = ME.SparseTensor(torch.zeros(ref.n_out, 1, dtype=torch.float64), coordinate_map_key=ref.out_key,
+                                coordinate_manager=plain.coordinate_manager)
+        kernel_size, stride = 3, 2
 
 
 def test_stride_one_tables_are_point_symmetric():

@@ -56,8 +56,36 @@ class NeighbourTables:
         self.stride = stride
         self.n_in = n_in
         self.n_out = n_out
-        self.complete = bool((forward < n_in).all())
+        self._complete: Optional[bool] = None
         self._pairs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        self._site_source: Optional[tuple[torch.Tensor, int, Optional[tuple[int, int, int]]]] = None
+        self._dense_sites: Optional[tuple[tuple[int, int, int], torch.Tensor]] = None
+
+    @property
+    def dense_sites(self) -> tuple[tuple[int, int, int], torch.Tensor]:
+        """``((B, H, W), flat)``: the smallest dense grid at the input's tensor stride that
+        holds every input site, and each input row's flat index in it (stride-1 tables
+        only; for ops that scatter into a dense map and run a dense kernel there)."""
+        if self._dense_sites is None:
+            if self._site_source is None:
+                raise ValueError("dense_sites is kept for stride-1 tables only")
+            coords, tensor_stride, extent = self._site_source
+            pos = coords[:, 1:] // tensor_stride
+            if extent is not None:
+                shape = (extent[0], (extent[1] - 1) // tensor_stride + 1, (extent[2] - 1) // tensor_stride + 1)
+            else:
+                shape = (int(coords[:, 0].max()) + 1, int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1)
+            flat = (coords[:, 0] * shape[1] + pos[:, 0]) * shape[2] + pos[:, 1]
+            self._dense_sites = (shape, flat)
+        return self._dense_sites
+
+    @property
+    def complete(self) -> bool:
+        """Whether every output site has all K neighbours (read once, on first use: a
+        device-to-host copy that a GPU step should not pay per table)."""
+        if self._complete is None:
+            self._complete = bool((self.forward < self.n_in).all())
+        return self._complete
 
     @property
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,17 +98,24 @@ class NeighbourTables:
 
 
 class TableCache(ME.CoordinateManager):
-    """A ``CoordinateManager`` that also keeps the neighbour tables built on its maps."""
+    """A ``CoordinateManager`` that also keeps the neighbour tables built on its maps.
 
-    def __init__(self, *args, **kwargs) -> None:
+    ``extent`` (batch, height, width in pixels), when the creator knows it, bounds every
+    coordinate, so tables are built without reading the coordinates' range back from the
+    device (four host synchronisations per table on a GPU).
+    """
+
+    def __init__(self, *args, extent: Optional[tuple[int, int, int]] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.neighbour_tables: dict[tuple, NeighbourTables] = {}
+        self.extent = extent
 
 
-def new_coordinate_manager(coordinates: torch.Tensor) -> TableCache:
-    """A fresh table-caching manager for 2-D coordinates ``[N, 3]`` on their device."""
+def new_coordinate_manager(coordinates: torch.Tensor, extent: Optional[tuple[int, int, int]] = None) -> TableCache:
+    """A fresh table-caching manager for 2-D coordinates ``[N, 3]`` on their device;
+    ``extent`` = (batch, height, width): every coordinate lies in ``[0, extent)``."""
     map_type = ME.CoordinateMapType.CUDA if coordinates.is_cuda else ME.CoordinateMapType.CPU
-    return TableCache(D=coordinates.shape[1] - 1, coordinate_map_type=map_type)
+    return TableCache(D=coordinates.shape[1] - 1, coordinate_map_type=map_type, extent=extent)
 
 
 def kernel_offsets(kernel_size: int) -> torch.Tensor:
@@ -92,22 +127,30 @@ def kernel_offsets(kernel_size: int) -> torch.Tensor:
     return torch.stack([dy.flatten(), dx.flatten()], 1)
 
 
-def _grid_lookup(in_coords: torch.Tensor, out_coords: torch.Tensor, tensor_stride: int, kernel_size: int) -> torch.Tensor:
+def _grid_lookup(
+    in_coords: torch.Tensor, out_coords: torch.Tensor, tensor_stride: int, kernel_size: int,
+    extent: Optional[tuple[int, int, int]] = None,
+) -> torch.Tensor:
     """``[K, n_out]``: the input row at each tap of each output site, or ``n_in``.
 
     The input rows are written into a dense ``(B, H, W)`` index grid (with a margin of
     ``kernel_size`` sites, so no lookup leaves it) and read back at every output site
     shifted by every tap offset: the same pairs as MinkowskiEngine's kernel map (proven in
-    tests/test_ops.py), at a fraction of its cost on CPU.
+    tests/test_ops.py), at a fraction of its cost on CPU. The grid's size comes from
+    ``extent`` (pixels) when given, else from the coordinates' range.
     """
     n_in = len(in_coords)
-    if n_in and int(in_coords[:, 1:].min()) < 0:
-        raise ValueError("sparse ops need non-negative coordinates (pixel positions [b, y, x])")
     margin = kernel_size
     pos_in = in_coords[:, 1:] // tensor_stride + margin
     pos_out = out_coords[:, 1:] // tensor_stride + margin
-    batch = int(in_coords[:, 0].max()) + 1 if n_in else 1
-    height, width = (int(pos_in[:, i].max()) + margin + 1 if n_in else 1 for i in (0, 1))
+    if extent is not None:
+        batch = extent[0]
+        height, width = ((extent[i] - 1) // tensor_stride + 2 * margin + 1 for i in (1, 2))
+    else:
+        if n_in and int(in_coords[:, 1:].min()) < 0:
+            raise ValueError("sparse ops need non-negative coordinates (pixel positions [b, y, x])")
+        batch = int(in_coords[:, 0].max()) + 1 if n_in else 1
+        height, width = (int(pos_in[:, i].max()) + margin + 1 if n_in else 1 for i in (0, 1))
     grid = torch.full((batch * height * width,), n_in, dtype=torch.long, device=in_coords.device)
     flat_in = (in_coords[:, 0] * height + pos_in[:, 0]) * width + pos_in[:, 1]
     grid.index_copy_(0, flat_in, torch.arange(n_in, device=in_coords.device))
@@ -131,8 +174,11 @@ def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neigh
     out_key = in_key if stride == 1 else cm.stride(in_key, stride)
     in_coords = cm.get_coordinates(in_key).to(x.F.device).long()
     out_coords = in_coords if stride == 1 else cm.get_coordinates(out_key).to(x.F.device).long()
-    forward = _grid_lookup(in_coords, out_coords, x.tensor_stride[0], kernel_size)
+    extent = cm.extent if cache is not None else None
+    forward = _grid_lookup(in_coords, out_coords, x.tensor_stride[0], kernel_size, extent)
     tables = NeighbourTables(forward, out_key, kernel_size, stride, len(in_coords), len(out_coords))
+    if stride == 1:
+        tables._site_source = (in_coords, x.tensor_stride[0], extent)
     if cache is not None:
         cache[cache_key] = tables
     return tables

@@ -31,6 +31,7 @@ accumulates in fp32 and rounds once.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from spark_me.ops.tables import NeighbourTables
 
@@ -227,10 +228,89 @@ class DepthwiseConvFunction(torch.autograd.Function):
         return grad_in, grad_w, None
 
 
-def depthwise_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables) -> torch.Tensor:
-    """Depthwise conv: ``features`` ``[N, C]``, ``weight`` ``[K, C]`` (PyTorch tap order)."""
+def _scatter_dense(features: torch.Tensor, shape: tuple[int, int, int], flat: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` rows into a zero ``(B, C, H, W)`` map in channels_last memory at ``flat``."""
+    b, h, w = shape
+    dense = features.new_zeros(b * h * w, features.shape[1])
+    dense.index_copy_(0, flat, features)
+    return dense.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _gather_sites(dense: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The rows at ``flat`` of a ``(B, C, H, W)`` map, as ``[N, C]``."""
+    return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, flat)
+
+
+class DenseDepthwiseConvFunction(torch.autograd.Function):
+    """Depthwise submanifold conv by a dense depthwise conv on the zero-filled map.
+
+    A submanifold conv's output at a site is the dense conv of the map that is zero at
+    absent sites, read at that site: exact, not an approximation. Per site it does K
+    multiply-adds per channel over the whole map instead of the visible sites only, but
+    as one cuDNN/oneDNN kernel rather than K gathers and K elementwise kernels (on a GPU
+    the per-tap launches, not the arithmetic, dominated: 49 taps × 3 passes per 7×7
+    layer). Only the sparse features, the weight and the tables are kept for backward;
+    the dense maps are rebuilt there. The input gradient is the forward conv with the taps
+    mirrored (a dense backward-input kernel missed the bf16 bound of tests/test_ops.py on
+    CPU, the forward kernel meets it); the weight gradient is the dense weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
+        shape, flat = tables.dense_sites
+        k = tables.kernel_size
+        w = weight.t().reshape(-1, 1, k, k)
+        out = F.conv2d(_scatter_dense(features, shape, flat), w, padding=k // 2, groups=w.shape[0])
+        ctx.save_for_backward(features, weight)
+        ctx.tables = tables
+        return _gather_sites(out, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        features, weight = ctx.saved_tensors
+        tables: NeighbourTables = ctx.tables
+        shape, flat = tables.dense_sites
+        k = tables.kernel_size
+        w = weight.t().reshape(-1, 1, k, k)
+        grad_dense = _scatter_dense(grad.contiguous(), shape, flat)
+        grad_in = grad_weight = None
+        if ctx.needs_input_grad[0]:  # the forward conv with the taps mirrored (stride 1, centred kernel)
+            grad_in = _gather_sites(F.conv2d(grad_dense, w.flip(-2, -1), padding=k // 2, groups=w.shape[0]), flat)
+        if ctx.needs_input_grad[1]:
+            _, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_dense, _scatter_dense(features, shape, flat), w, None,
+                [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], w.shape[0], [False, True, False],
+            )
+            grad_weight = grad_w.reshape(w.shape[0], k * k).t()
+        return grad_in, grad_weight, None
+
+
+DEPTHWISE_ALGORITHMS = ("auto", "gather", "dense")
+
+
+def choose_depthwise_algorithm(device: torch.device, dtype: torch.dtype, algorithm: str = "auto") -> str:
+    """``"dense"`` (one dense depthwise kernel instead of K gathers per pass) except for
+    bf16/fp16 on CPU, where oneDNN's dense depthwise conv was 6-16× slower than the gathers.
+
+    Measured on CPU, 1 thread, 7×7 forward+backward at ConvNeXt-T's stages (batch 8, mask
+    0.6; 640-10 240 sites): fp32 dense 0.24-0.46× of the gathers' time, bf16 dense 6-16×.
+    On CUDA the gathers cost K launches per pass (tens of ms per layer, measured on an H200).
+    """
+    if algorithm not in DEPTHWISE_ALGORITHMS:
+        raise ValueError(f"unknown depthwise algorithm {algorithm!r}; choose from {', '.join(DEPTHWISE_ALGORITHMS)}")
+    if algorithm != "auto":
+        return algorithm
+    return "gather" if device.type == "cpu" and dtype in LOW_PRECISION else "dense"
+
+
+def depthwise_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> torch.Tensor:
+    """Depthwise conv: ``features`` ``[N, C]``, ``weight`` ``[K, C]`` (PyTorch tap order);
+    ``algorithm``: ``"gather"`` (per-tap gathers), ``"dense"`` (a dense depthwise conv on
+    the zero-filled map) or ``"auto"`` (:func:`choose_depthwise_algorithm`)."""
     if tables.stride != 1:
         raise ValueError(f"the depthwise conv is submanifold (stride 1), got stride {tables.stride}")
+    if choose_depthwise_algorithm(features.device, features.dtype, algorithm) == "dense":
+        return DenseDepthwiseConvFunction.apply(features, weight, tables)
     return DepthwiseConvFunction.apply(features, weight, tables)
 
 
