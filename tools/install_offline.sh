@@ -76,5 +76,9 @@ start=$(date +%s)
 "$REPO/docker/minkowski/build.sh" --python "$vpy" --target "$target" --sdist "$sdist" --blas wheel
 echo "install_offline.sh: MinkowskiEngine ready in $(( $(date +%s) - start )) s ($target, $MAX_JOBS jobs)"
 
-"$vpy" -m pip --disable-pip-version-check install --quiet --no-index --no-deps --no-build-isolation -e "$REPO"
+# --use-pep517: an editable install through setuptools' PEP 660 hook, in this process's
+# setuptools. Without it pip falls back to `setup.py develop`, which recent setuptools
+# turns into a second `pip install -e` without --no-index: it tries the network and fails
+# (seen on the GPU node, whose setuptools is the image's).
+"$vpy" -m pip --disable-pip-version-check install --quiet --no-index --no-deps --no-build-isolation --use-pep517 -e "$REPO"
 "$vpy" -c "import spark_me, MinkowskiEngine as ME, torch; print('install_offline.sh: spark_me', spark_me.__version__, '| torch', torch.__version__, '| MinkowskiEngine', ME.__version__, '| CUDA', ME.is_cuda_available())"
