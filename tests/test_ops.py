@@ -31,7 +31,7 @@ U_FP32 = 2.0**-24
 # (kernel, stride) of every conv the encoders use, plus other odd submanifold kernels.
 CONV_SHAPES = [(3, 1), (5, 1), (7, 1), (3, 2), (7, 2), (1, 2), (4, 4), (2, 2)]
 # (backend, gather algorithm); the algorithm only matters for "torch".
-BACKENDS = [("torch", "gemm"), ("torch", "loop"), ("torch", "pairs"), ("minkowski", "auto")]
+BACKENDS = [("torch", "gemm"), ("torch", "loop"), ("torch", "pairs"), ("torch", "dense"), ("minkowski", "auto")]
 
 
 def _active(batch: int = 3, grid: tuple[int, int] = (2, 3), seed: int = 0) -> torch.Tensor:
@@ -108,6 +108,10 @@ def test_conv_forward_and_gradients(kernel, stride, backend, algorithm, dtype):
     x, xs, leaf, active = _inputs(5, dtype, tensor_stride)
     dense_w = torch.randn(6, 5, kernel, kernel, dtype=dtype, requires_grad=True)
     weight = dense_w.detach().clone().requires_grad_()
+    if algorithm == "dense" and kernel == 1:
+        with pytest.raises(ValueError, match="kernel > 1"):
+            ops.conv(xs, weight, stride, backend, algorithm)
+        return
     features, key = ops.conv(xs, weight, stride, backend, algorithm)
     out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
     expected = _dense_conv(x, dense_w, stride) * mask_at(active, tensor_stride * stride)
@@ -120,7 +124,7 @@ def test_gather_algorithms_equal_minkowski(kernel, stride):
     _, xs, _, _ = _inputs(4, torch.float64, seed=3)
     weight = torch.randn(5, 4, kernel, kernel, dtype=torch.float64)
     ref, ref_key = ops.conv(xs, weight, stride, "minkowski")
-    for algorithm in ("gemm", "loop", "pairs"):
+    for algorithm in ("gemm", "loop", "pairs") + (("dense",) if kernel > 1 else ()):
         got, key = ops.conv(xs, weight, stride, "torch", algorithm)
         assert key == ref_key
         assert rel_err(got, ref) <= 1e-12
@@ -172,6 +176,24 @@ def test_depthwise_bf16_within_derived_bound(algorithm):
     assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, int(m.sum()), True)
 
 
+def test_auto_takes_the_dense_conv_only_where_nearly_every_site_exists():
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    full = torch.ones(2, 2, 2, dtype=torch.bool)
+    half = full.clone()
+    half[:, 0] = False
+    from spark_me.gather import to_sparse
+
+    for active, path in ((full, "dense"), (half, "gather")):
+        xs = to_sparse(images, active, 32)
+        for k, s in ((3, 1), (3, 2), (2, 2)):
+            assert torch_backend.choose_conv_path(xs.F, ops.neighbour_tables(xs, k, s)) == path
+    xs = to_sparse(images, full, 32)
+    assert torch_backend.choose_conv_path(xs.F, ops.neighbour_tables(xs, 4, 2)) == "gather"  # unsupported
+    assert torch_backend.choose_conv_path(xs.F.bfloat16(), ops.neighbour_tables(xs, 3, 1)) == "gather"
+    with pytest.raises(ValueError, match="kernel > 1, odd or equal to the stride"):
+        torch_backend.choose_conv_path(xs.F, ops.neighbour_tables(xs, 4, 2), "dense")
+
+
 def test_depthwise_algorithm_choice():
     choose = torch_backend.choose_depthwise_algorithm
     assert choose(torch.device("cuda"), torch.bfloat16) == choose(torch.device("cpu"), torch.float32) == "dense"
@@ -199,14 +221,15 @@ def bf16_bound(y: torch.Tensor, abs_y: torch.Tensor, terms: int, inputs_rounded:
     return U_BF16 + (terms * U_FP32 + input_rounding) * spread
 
 
-@pytest.mark.parametrize("kernel,stride", CONV_SHAPES)
-def test_conv_bf16_within_derived_bound(kernel, stride):
+@pytest.mark.parametrize("kernel,stride,algorithm", [
+    (k, s, a) for k, s in CONV_SHAPES for a in ("auto", "dense") if a == "auto" or k > 1])  # dense: no 1×1
+def test_conv_bf16_within_derived_bound(kernel, stride, algorithm):
     x64, _, _, active = _inputs(16, torch.float64)
     x64 = x64.detach().to(torch.bfloat16).double().requires_grad_()
     xs, leaf = _sparse(x64.detach().to(torch.bfloat16), active, 1)
     w64 = torch.randn(8, 16, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
     w = w64.detach().to(torch.bfloat16).requires_grad_()
-    features, key = ops.conv(xs, w, stride, "torch")
+    features, key = ops.conv(xs, w, stride, "torch", algorithm)
     assert features.dtype == torch.bfloat16
     out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
     m_out = mask_at(active, stride)

@@ -22,7 +22,7 @@ keeps its kernel maps. Tensors on a plain ``CoordinateManager`` get fresh tables
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import MinkowskiEngine as ME
 import torch
@@ -58,26 +58,29 @@ class NeighbourTables:
         self.n_out = n_out
         self._complete: Optional[bool] = None
         self._pairs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
-        self._site_source: Optional[tuple[torch.Tensor, int, Optional[tuple[int, int, int]]]] = None
-        self._dense_sites: Optional[tuple[tuple[int, int, int], torch.Tensor]] = None
+        self._site_source: Optional[tuple[torch.Tensor, torch.Tensor, int, Optional[tuple[int, int, int]]]] = None
+        self._dense_grid: Optional[DenseGrid] = None
 
     @property
-    def dense_sites(self) -> tuple[tuple[int, int, int], torch.Tensor]:
-        """``((B, H, W), flat)``: the smallest dense grid at the input's tensor stride that
-        holds every input site, and each input row's flat index in it (stride-1 tables
-        only; for ops that scatter into a dense map and run a dense kernel there)."""
-        if self._dense_sites is None:
+    def dense_grid(self) -> "DenseGrid":
+        """Where the input and output sites lie on dense maps, for ops that scatter into a
+        dense map, run a dense kernel there and read the output sites back."""
+        if self._dense_grid is None:
             if self._site_source is None:
-                raise ValueError("dense_sites is kept for stride-1 tables only")
-            coords, tensor_stride, extent = self._site_source
-            pos = coords[:, 1:] // tensor_stride
+                raise ValueError("these tables were built without their sites' coordinates")
+            in_coords, out_coords, tensor_stride, extent = self._site_source
+            s = self.stride
             if extent is not None:
-                shape = (extent[0], (extent[1] - 1) // tensor_stride + 1, (extent[2] - 1) // tensor_stride + 1)
+                batch, height, width = extent[0], (extent[1] - 1) // tensor_stride + 1, (extent[2] - 1) // tensor_stride + 1
             else:
-                shape = (int(coords[:, 0].max()) + 1, int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1)
-            flat = (coords[:, 0] * shape[1] + pos[:, 0]) * shape[2] + pos[:, 1]
-            self._dense_sites = (shape, flat)
-        return self._dense_sites
+                batch = int(in_coords[:, 0].max()) + 1
+                height, width = (int(in_coords[:, i].max()) // tensor_stride + 1 for i in (1, 2))
+            height, width = -(-height // s) * s, -(-width // s) * s  # whole output rows and columns
+            in_shape = (batch, height, width)
+            out_shape = (batch, height // s, width // s)
+            self._dense_grid = DenseGrid(in_shape, _flat(in_coords, tensor_stride, in_shape),
+                                         out_shape, _flat(out_coords, tensor_stride * s, out_shape))
+        return self._dense_grid
 
     @property
     def complete(self) -> bool:
@@ -95,6 +98,23 @@ class NeighbourTables:
                 out_rows = (row < self.n_in).nonzero().flatten()
                 self._pairs.append((row[out_rows], out_rows))
         return self._pairs
+
+
+class DenseGrid(NamedTuple):
+    """Input and output sites on dense ``(B, H, W)`` maps: ``in_flat[i]`` is input row i's
+    flat index in the input map, ``out_flat[o]`` output row o's in the output map (the
+    input map's shape is a multiple of the stride, so a stride-s conv of it yields exactly
+    the output map)."""
+
+    in_shape: tuple[int, int, int]
+    in_flat: torch.Tensor
+    out_shape: tuple[int, int, int]
+    out_flat: torch.Tensor
+
+
+def _flat(coords: torch.Tensor, tensor_stride: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Flat ``(b·H + y)·W + x`` indices of ``[b, y, x]`` pixel coordinates at ``tensor_stride``."""
+    return (coords[:, 0] * shape[1] + coords[:, 1] // tensor_stride) * shape[2] + coords[:, 2] // tensor_stride
 
 
 class TableCache(ME.CoordinateManager):
@@ -177,8 +197,7 @@ def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neigh
     extent = cm.extent if cache is not None else None
     forward = _grid_lookup(in_coords, out_coords, x.tensor_stride[0], kernel_size, extent)
     tables = NeighbourTables(forward, out_key, kernel_size, stride, len(in_coords), len(out_coords))
-    if stride == 1:
-        tables._site_source = (in_coords, x.tensor_stride[0], extent)
+    tables._site_source = (in_coords, out_coords, x.tensor_stride[0], extent)
     if cache is not None:
         cache[cache_key] = tables
     return tables

@@ -15,13 +15,17 @@ Convolution, with the tap ``t = ky*k + kx`` of PyTorch's weight written ``W[t]``
   (each tap's rows are distinct; a non-overlapping conv's are distinct over all taps);
 * weight grad:   ``gW[t] = Σ_o g[o]ᵀ · x[T[t, o]]``.
 
-Each gather-product runs as one of three algorithms:
+Each gather-product runs as one of three gather algorithms:
 
 * ``"gemm"``: gather all taps into ``[N, K·C]`` and do one matrix product;
 * ``"loop"``: K gathers of ``[N, C]`` and K accumulating products (less memory traffic
   per product; the stride-1 centre tap needs no gather at all);
 * ``"pairs"``: MinkowskiEngine's algorithm: per tap, gather only the neighbours that
   exist, multiply, scatter-add (fewest FLOPs where many neighbours are absent).
+
+A fourth, ``"dense"``, skips the tables' gathers altogether: the dense conv of the
+zero-filled map, read at the output sites (:class:`DenseConvFunction`); ``"auto"`` takes it
+where nearly every site exists (:func:`choose_conv_path`), as at mask ratio 0.
 
 Non-overlapping convs always take ``"gemm"`` (no tap is absent, and the input gradient
 is a single product). Reduced-precision inputs (bf16, fp16) always take ``"gemm"`` (and a
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 
 from spark_me.ops.tables import NeighbourTables
 
-ALGORITHMS = ("auto", "gemm", "loop", "pairs")
+ALGORITHMS = ("auto", "gemm", "loop", "pairs", "dense")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # fp32 on CPU, 1 thread, 3×3 convs at ResNet-50 sizes (batch 8, 224 px, 40% visible),
 # forward+backward: "loop" was fastest or tied up to 256 input channels, "gemm" at 512;
@@ -188,8 +192,77 @@ def _input_grad(grad: torch.Tensor, w_rows: torch.Tensor, tables: NeighbourTable
     return padded[: tables.n_in].to(grad.dtype)
 
 
+class DenseConvFunction(torch.autograd.Function):
+    """Sparse conv by the dense conv of the zero-filled map, read at the output sites.
+
+    Exact (absent sites are zero, and a site's output only reads its neighbourhood), and
+    the choice where nearly every site exists: one oneDNN/cuDNN kernel beats K gathers and
+    products once the masked sites' wasted arithmetic is small. Odd kernels pad by k//2
+    (centred taps), even ones (k = stride, MinkowskiEngine's [0, k) taps) not at all. Only
+    the sparse features, the weight and the tables are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
+        grid = tables.dense_grid
+        k, s = tables.kernel_size, tables.stride
+        dense = _scatter_dense(features, grid.in_shape, grid.in_flat)
+        out = F.conv2d(dense, weight, stride=s, padding=k // 2 if k % 2 else 0)
+        ctx.save_for_backward(features, weight)
+        ctx.tables = tables
+        return _gather_sites(out, grid.out_flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        features, weight = ctx.saved_tensors
+        tables: NeighbourTables = ctx.tables
+        grid = tables.dense_grid
+        k, s = tables.kernel_size, tables.stride
+        pad = k // 2 if k % 2 else 0
+        # bf16/fp16: the backward in fp32, rounded once (oneDNN's bf16 input gradient of a
+        # 3×3 conv missed the bound of tests/test_ops.py by 6%)
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+            _scatter_dense(grad.contiguous().to(dtype), grid.out_shape, grid.out_flat),
+            _scatter_dense(features.to(dtype), grid.in_shape, grid.in_flat), weight.to(dtype), None,
+            [s, s], [pad, pad], [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )
+        grad_in = _gather_sites(grad_in, grid.in_flat).to(features.dtype) if ctx.needs_input_grad[0] else None
+        return grad_in, (grad_w.to(weight.dtype) if grad_w is not None else None), None
+
+
+# The densest share of existing sites at which the gather algorithms still beat the dense
+# conv of the zero-filled map (see choose_conv_path); below it sparse arithmetic pays.
+DENSE_MIN_DENSITY = 0.9
+
+
+def choose_conv_path(features: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> str:
+    """``"dense"`` (:class:`DenseConvFunction`) or ``"gather"`` (:class:`SparseConvFunction`).
+
+    ``"auto"`` takes the dense conv where at least ``DENSE_MIN_DENSITY`` of the input map's
+    sites exist (at SparK's mask ratios, 0.25-0.9 of the patches are hidden: the gathers),
+    except in bf16/fp16 (whose dense backward runs in fp32)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown sparse conv algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+    k, s = tables.kernel_size, tables.stride
+    # 1×1 convs gain nothing from it (one gather and one product already), and torch
+    # 2.14.1's CPU weight gradient of a channels_last 1×1/2 conv is wrong for some channel
+    # counts (0.95 relative error at 3 -> 64 channels; seen in tests/test_ops.py).
+    supported = k > 1 and (k % 2 == 1 or k == s)
+    if algorithm == "dense":
+        if not supported:
+            raise ValueError(f"the dense algorithm needs a kernel > 1, odd or equal to the stride, got {k}×{k}/{s}")
+        return "dense"
+    if algorithm != "auto" or not supported or features.dtype in LOW_PRECISION:
+        return "gather"
+    b, h, w = tables.dense_grid.in_shape
+    return "dense" if features.shape[0] >= DENSE_MIN_DENSITY * b * h * w else "gather"
+
+
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> torch.Tensor:
     """``features`` ``[n_in, C_in]``, PyTorch-layout ``weight`` ``[C_out, C_in, k, k]`` -> ``[n_out, C_out]``."""
+    if choose_conv_path(features, tables, algorithm) == "dense":
+        return DenseConvFunction.apply(features, weight, tables)
     return SparseConvFunction.apply(features, weight, tables, algorithm)
 
 
@@ -257,7 +330,8 @@ class DenseDepthwiseConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
-        shape, flat = tables.dense_sites
+        grid = tables.dense_grid
+        shape, flat = grid.in_shape, grid.in_flat
         k = tables.kernel_size
         w = weight.t().reshape(-1, 1, k, k)
         out = F.conv2d(_scatter_dense(features, shape, flat), w, padding=k // 2, groups=w.shape[0])
@@ -269,7 +343,8 @@ class DenseDepthwiseConvFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         features, weight = ctx.saved_tensors
         tables: NeighbourTables = ctx.tables
-        shape, flat = tables.dense_sites
+        grid = tables.dense_grid
+        shape, flat = grid.in_shape, grid.in_flat
         k = tables.kernel_size
         w = weight.t().reshape(-1, 1, k, k)
         grad_dense = _scatter_dense(grad.contiguous(), shape, flat)
