@@ -26,10 +26,13 @@ load of zeros).
   comparison per tap; nothing to fuse worth a kernel yet).
 
 Precision: inputs load in their dtype (float32, bfloat16, float16), every product
-accumulates in fp32 and rounds once to the output dtype. float32 products run with
-``input_precision="ieee"`` (exact fp32 FMAs, no TF32), so float32 matches the torch
-backend to ~1e-6; the kwarg exists in Triton 3.0 and later (3.6 on the GPU nodes, 3.8
-here). float64 is refused (``tl.dot`` has no float64): use ``conv_impl="torch"``.
+accumulates in fp32 and rounds once to the output dtype. float32 tiles multiply with
+``tl.dot(..., input_precision="ieee")`` (exact fp32 FMAs, no TF32, whatever
+``allow_tf32`` says), so float32 matches the torch backend to ~1e-6; that kwarg exists
+from Triton 3.0 (3.6 on the GPU nodes, 3.8 here; the older ``allow_tf32=`` is deprecated).
+bf16/fp16 tiles take ``tl.dot``'s default (tensor cores, fp32 accumulator). float64 is
+refused with an error naming ``conv_impl="torch"`` (fp64 training is no use case here,
+and fp64 ``tl.dot`` is not in every Triton this project meets).
 
 Tiles: ``triton.autotune`` over a few configs, keyed on the channel counts (and tap
 count): each new key costs one benchmark of every config (once per process), so the
@@ -51,6 +54,8 @@ on the host side:
   columns by a product with ones in the interpreter (``tl.sum`` on the GPU).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -242,6 +247,12 @@ def _check(features: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
+def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current one for a launch (Triton launches on the current
+    device); nothing to do on the CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _row_splits(device: torch.device, tiles: int, row_blocks: int) -> int:
     """Row splits of a weight grad: about ``PROGRAMS_PER_SM`` programs per SM over all
     tiles, at most one per row block; one under deterministic algorithms (each element
@@ -270,12 +281,13 @@ def gather_gemm(src: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, n_
         return triton.cdiv(n_dst, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
 
     args = (src, table, weight, out, len(src), n_dst, c_in, c_out, taps)
-    if INTERPRETED:
-        meta = {"BLOCK_M": _interpreter_tile(n_dst, 1024), "BLOCK_N": _interpreter_tile(c_out, 256),
-                "BLOCK_K": _interpreter_tile(c_in, 128)}
-        _gather_gemm_kernel[grid(meta)](*args, INTERPRETER=INTERPRETED, **meta)
-    else:
-        _gather_gemm[grid](*args, INTERPRETER=INTERPRETED)
+    with _on_device(src):
+        if INTERPRETED:
+            meta = {"BLOCK_M": _interpreter_tile(n_dst, 1024), "BLOCK_N": _interpreter_tile(c_out, 256),
+                    "BLOCK_K": _interpreter_tile(c_in, 128)}
+            _gather_gemm_kernel[grid(meta)](*args, INTERPRETER=INTERPRETED, **meta)
+        else:
+            _gather_gemm[grid](*args, INTERPRETER=INTERPRETED)
     return out
 
 
@@ -293,12 +305,13 @@ def gather_weight_grad(src: torch.Tensor, table: torch.Tensor, grad: torch.Tenso
         return tiles, _row_splits(src.device, tiles, triton.cdiv(n_dst, meta["BLOCK_R"]))
 
     args = (src, table, grad, gw, len(src), n_dst, c_in, c_out)
-    if INTERPRETED:
-        meta = {"BLOCK_CO": _interpreter_tile(c_out, 256), "BLOCK_CI": _interpreter_tile(c_in, 128),
-                "BLOCK_R": _interpreter_tile(n_dst, 1024)}
-        _weight_grad_kernel[grid(meta)](*args, INTERPRETER=INTERPRETED, **meta)
-    else:
-        _weight_grad[grid](*args, INTERPRETER=INTERPRETED)
+    with _on_device(src):
+        if INTERPRETED:
+            meta = {"BLOCK_CO": _interpreter_tile(c_out, 256), "BLOCK_CI": _interpreter_tile(c_in, 128),
+                    "BLOCK_R": _interpreter_tile(n_dst, 1024)}
+            _weight_grad_kernel[grid(meta)](*args, INTERPRETER=INTERPRETED, **meta)
+        else:
+            _weight_grad[grid](*args, INTERPRETER=INTERPRETED)
     return gw
 
 
@@ -371,10 +384,11 @@ def _depthwise(src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> 
     if INTERPRETED:
         block_m, block_c = _interpreter_tile(n_dst, 1024), _interpreter_tile(channels, 128)
     grid = (triton.cdiv(n_dst, block_m), triton.cdiv(channels, block_c))
-    _depthwise_kernel[grid](
-        src.contiguous(), table.contiguous(), weight.contiguous(), out, len(src), n_dst, channels, taps,
-        BLOCK_M=block_m, BLOCK_C=block_c,
-    )
+    with _on_device(src):
+        _depthwise_kernel[grid](
+            src.contiguous(), table.contiguous(), weight.contiguous(), out, len(src), n_dst, channels, taps,
+            BLOCK_M=block_m, BLOCK_C=block_c,
+        )
     return out
 
 
@@ -390,10 +404,11 @@ def _depthwise_weight_grad(src: torch.Tensor, table: torch.Tensor, grad: torch.T
         block_r, block_c = _interpreter_tile(n_dst, 1024), _interpreter_tile(channels, 128)
     tiles = taps * triton.cdiv(channels, block_c)
     grid = (tiles, _row_splits(src.device, tiles, triton.cdiv(n_dst, block_r)))
-    _depthwise_weight_grad_kernel[grid](
-        src.contiguous(), table.contiguous(), grad.contiguous(), gw, len(src), n_dst, channels,
-        INTERPRETER=INTERPRETED, BLOCK_R=block_r, BLOCK_C=block_c,
-    )
+    with _on_device(src):
+        _depthwise_weight_grad_kernel[grid](
+            src.contiguous(), table.contiguous(), grad.contiguous(), gw, len(src), n_dst, channels,
+            INTERPRETER=INTERPRETED, BLOCK_R=block_r, BLOCK_C=block_c,
+        )
     return gw
 
 
