@@ -45,11 +45,12 @@ class SparseConv2d(nn.Module):
     """Sparse twin of ``nn.Conv2d(in, out, k, stride, padding=k//2 or 0, bias=...)``.
 
     ``groups`` may be 1 or ``in_channels`` (depthwise, stride 1). ``conv_impl`` picks the
-    backend (:data:`spark_me.ops.CONV_IMPLS`: ``"auto"``, ``"torch"``, ``"minkowski"``;
-    ``"triton"`` is not implemented yet). A depthwise conv runs on the gather backend
-    unless ``depthwise_impl="minkowski"`` asks for MinkowskiEngine 0.5.4's channel-wise
-    loop (kept as a baseline; MinkowskiEngine has no other depthwise conv). The weight
-    lives in PyTorch's layout, so state dicts stay timm-compatible.
+    backend (:data:`spark_me.ops.CONV_IMPLS`: ``"auto"``, ``"torch"``, ``"minkowski"``,
+    ``"triton"``: CUDA, or CPU under the Triton interpreter). A depthwise conv runs on the
+    gather backend (torch, or triton with ``conv_impl="triton"``) unless
+    ``depthwise_impl="minkowski"`` asks for MinkowskiEngine 0.5.4's channel-wise loop (kept
+    as a baseline; MinkowskiEngine has no other depthwise conv). The weight lives in
+    PyTorch's layout, so state dicts stay timm-compatible.
     """
 
     def __init__(

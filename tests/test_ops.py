@@ -327,9 +327,18 @@ def test_stride_one_tables_are_point_symmetric():
 def test_conv_impl_choices():
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         SparseConv2d(3, 4, 3, conv_impl="cuda")
-    with pytest.raises(NotImplementedError, match="triton"):
-        SparseConv2d(3, 4, 3, conv_impl="triton")
-    assert ops.resolve_conv_impl("auto", torch.device("cpu")) == "torch"
+    for device in ("cpu", "cuda"):  # auto stays torch until the triton kernels are measured on a GPU
+        assert ops.resolve_conv_impl("auto", torch.device(device)) == "torch"
+    pytest.importorskip("triton")
+    SparseConv2d(3, 4, 3, conv_impl="triton")  # built anywhere; the device is checked when it runs
+    assert ops.resolve_conv_impl("triton", torch.device("cuda")) == "triton"
+    from spark_me.ops import triton_backend
+
+    if triton_backend.INTERPRETED:  # tests/test_ops_triton.py imported it under the interpreter
+        assert ops.resolve_conv_impl("triton", torch.device("cpu")) == "triton"
+    else:
+        with pytest.raises(ValueError, match="use conv_impl='torch' on CPU"):
+            ops.resolve_conv_impl("triton", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("conv_impl", ["torch", "minkowski"])

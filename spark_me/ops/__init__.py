@@ -1,8 +1,10 @@
 """Sparse arithmetic on MinkowskiEngine's coordinates: tables, ops and their backends.
 
 Data flows down: ``spark_me.layers`` (modules, PyTorch weight layouts) -> :mod:`dispatch`
-(backend choice, autocast) -> a backend (:mod:`torch_backend`, :mod:`minkowski_backend`)
--> :mod:`tables` (neighbour tables from MinkowskiEngine's kernel maps, cached per batch).
+(backend choice, autocast) -> a backend (:mod:`torch_backend`, :mod:`triton_backend`,
+:mod:`minkowski_backend`) -> :mod:`tables` (neighbour tables from MinkowskiEngine's kernel
+maps, cached per batch). :mod:`triton_backend` is imported on first use: it needs Triton,
+which decides at that import whether its kernels run in the interpreter.
 """
 from spark_me.ops.dispatch import CONV_IMPLS, check_conv_impl, conv, depthwise_conv, max_pool, resolve_conv_impl
 from spark_me.ops.tables import NeighbourTables, TableCache, kernel_tap_order, neighbour_tables, new_coordinate_manager

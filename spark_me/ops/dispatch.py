@@ -5,14 +5,21 @@ Backends (``conv_impl``):
 * ``"torch"``: gathers and matrix products (:mod:`spark_me.ops.torch_backend`), any
   device and float dtype;
 * ``"minkowski"``: MinkowskiEngine's own kernels, float32/float64 only;
-* ``"triton"``: fused implicit-GEMM kernels on CUDA: not implemented yet, and asking for
-  it raises ``NotImplementedError``;
-* ``"auto"``: ``"torch"`` (the choice on CPU; on CUDA it will become ``"triton"``).
+* ``"triton"``: fused implicit-GEMM Triton kernels (:mod:`spark_me.ops.triton_backend`)
+  on CUDA tensors, float32/bfloat16/float16; on CPU tensors only under the Triton
+  interpreter (``TRITON_INTERPRET=1`` when the backend is first imported), which is how
+  the tests check it. Correct under the interpreter, not yet measured on a GPU;
+* ``"auto"``: ``"torch"`` on every device (``"triton"`` becomes the CUDA choice only once
+  a GPU measurement shows it faster).
 
-Under ``torch.autocast`` the gather backends compute in the autocast dtype, as autocast
-runs dense convs; MinkowskiEngine's kernels compute in float32.
+Under ``torch.autocast`` the gather backends (torch, triton) compute in the autocast
+dtype, as autocast runs dense convs; MinkowskiEngine's kernels compute in float32. The
+triton backend's max-pool is the torch backend's.
 """
 from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
 
 import MinkowskiEngine as ME
 import torch
@@ -25,19 +32,39 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def check_conv_impl(conv_impl: str) -> None:
-    """Raise unless ``conv_impl`` names a usable backend."""
+    """Raise unless ``conv_impl`` names a backend that is installed (the device is checked
+    when an op runs: :func:`resolve_conv_impl`)."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
-    if conv_impl == "triton":
-        raise NotImplementedError(
-            "conv_impl='triton' (fused implicit-GEMM kernels on CUDA) is not implemented yet; "
-            "use conv_impl='auto' or 'torch' (gathers and cuBLAS/CPU GEMMs, any dtype) or 'minkowski'"
+    if conv_impl == "triton" and importlib.util.find_spec("triton") is None:
+        raise ImportError(
+            "conv_impl='triton' needs the triton package (it comes with PyTorch's CUDA wheels); "
+            "use conv_impl='torch'"
         )
 
 
+def load_triton_backend(device: torch.device) -> ModuleType:
+    """:mod:`spark_me.ops.triton_backend`, imported on first use, if it can run on ``device``:
+    CUDA, or CPU under the Triton interpreter."""
+    try:
+        from spark_me.ops import triton_backend as backend
+    except ImportError as e:
+        raise ImportError(f"conv_impl='triton' could not import Triton ({e}); use conv_impl='torch'") from e
+    if device.type == "cuda" or (device.type == "cpu" and backend.INTERPRETED):
+        return backend
+    raise ValueError(
+        f"conv_impl='triton' runs on CUDA tensors, got {device.type} tensors (CPU runs it only under the "
+        "Triton interpreter: TRITON_INTERPRET=1 before spark_me.ops.triton_backend is first imported); "
+        "use conv_impl='torch' on CPU"
+    )
+
+
 def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
-    """The backend that ``conv_impl`` runs on ``device``: ``"torch"`` or ``"minkowski"``."""
+    """The backend that ``conv_impl`` runs on ``device``: ``"torch"``, ``"triton"`` or
+    ``"minkowski"``; raises where ``"triton"`` cannot run on ``device``."""
     check_conv_impl(conv_impl)
+    if conv_impl == "triton":
+        load_triton_backend(device)
     return "torch" if conv_impl == "auto" else conv_impl
 
 
@@ -58,7 +85,8 @@ def _tap_major(weight: torch.Tensor) -> torch.Tensor:
 def conv(
     x: ME.SparseTensor, weight: torch.Tensor, stride: int, conv_impl: str, algorithm: str = "auto"
 ) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
-    """Sparse conv of ``x`` with a PyTorch-layout ``weight``; returns (features, output key)."""
+    """Sparse conv of ``x`` with a PyTorch-layout ``weight``; returns (features, output key).
+    ``algorithm`` picks the torch backend's gather algorithm (the others ignore it)."""
     kernel_size = weight.shape[-1]
     impl = resolve_conv_impl(conv_impl, x.F.device)
     dtype = compute_dtype(x.F)
@@ -73,6 +101,8 @@ def conv(
             return minkowski_backend.sparse_conv(x, _tap_major(weight.to(dtype)).contiguous(), kernel_size, stride)
     tables = neighbour_tables(x, kernel_size, stride)
     with torch.autocast(device_type, enabled=False):
+        if impl == "triton":  # no gather algorithms to choose: the kernels gather inside their tiles
+            return load_triton_backend(x.F.device).sparse_conv(x.F.to(dtype), weight.to(dtype), tables), tables.out_key
         return torch_backend.sparse_conv(x.F.to(dtype), weight.to(dtype), tables, algorithm), tables.out_key
 
 
@@ -87,7 +117,8 @@ def depthwise_conv(x: ME.SparseTensor, weight: torch.Tensor, conv_impl: str) -> 
         if impl == "minkowski":
             return minkowski_backend.depthwise_conv(x, w.contiguous(), kernel_size).to(dtype)
         tables = neighbour_tables(x, kernel_size, 1)
-        return torch_backend.depthwise_conv(x.F.to(dtype), w.contiguous(), tables)
+        backend = load_triton_backend(x.F.device) if impl == "triton" else torch_backend
+        return backend.depthwise_conv(x.F.to(dtype), w.contiguous(), tables)
 
 
 def max_pool(x: ME.SparseTensor, kernel_size: int, stride: int, conv_impl: str) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
@@ -98,4 +129,5 @@ def max_pool(x: ME.SparseTensor, kernel_size: int, stride: int, conv_impl: str) 
             x = ME.SparseTensor(x.F.float(), coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
         return minkowski_backend.max_pool(x, kernel_size, stride)
     tables = neighbour_tables(x, kernel_size, stride)
-    return torch_backend.gather_max(x.F, tables), tables.out_key
+    backend = load_triton_backend(x.F.device) if impl == "triton" else torch_backend
+    return backend.gather_max(x.F, tables), tables.out_key

@@ -1,0 +1,446 @@
+"""Sparse conv and depthwise conv as fused Triton kernels (implicit GEMM on neighbour tables).
+
+Same maths and signatures as :mod:`spark_me.ops.torch_backend` (read its docstring), with
+no gathered ``[N, K·C]`` copy anywhere: each kernel reads its neighbours through the
+``[K, N]`` table inside the tile loads (an absent neighbour, the sentinel, is a masked
+load of zeros).
+
+* conv forward: a program per ``[BLOCK_M rows × BLOCK_N output channels]`` tile loops
+  over taps and ``BLOCK_K`` input-channel blocks, loads the input tile gathered through
+  ``table[t, rows]`` and the weight tile of tap ``t``, and accumulates ``tl.dot`` in fp32;
+* conv input grad: the same kernel on ``grad``: stride 1 (odd kernel) with the forward
+  table and the taps mirrored (``W[K-1-t]``); strided with the inverse table
+  (:func:`inverse_table`, built once per tables object) and the taps as they are;
+* conv weight grad: a program per (tap, ``C_out`` block, ``C_in`` block, row split)
+  reduces ``g[o]ᵀ · x[T[t, o]]`` over its rows in fp32 and adds its tile to an fp32
+  buffer with ``tl.atomic_add``. Splitting the rows keeps the GPU busy where channels are
+  few (64×64×9 is 9 tiles; ResNet-50's stage 1 needs hundreds of programs); without a
+  split the partial sums would need a buffer per split sized by the tile config. The
+  order of the atomic adds varies, so the last bits of the weight grad do too, as with
+  the ``index_add_`` of the torch backend on CUDA; under
+  ``torch.use_deterministic_algorithms(True)`` one split per tile keeps it exact;
+* depthwise: a program per (row block, channel block) loops over taps with gathered
+  loads and fp32 products; input grad by the mirrored taps; weight grad per (tap,
+  channel block, row split) with atomics, as the conv's;
+* max-pool: :func:`gather_max` is :func:`spark_me.ops.torch_backend.gather_max` (a
+  comparison per tap; nothing to fuse worth a kernel yet).
+
+Precision: inputs load in their dtype (float32, bfloat16, float16), every product
+accumulates in fp32 and rounds once to the output dtype. float32 tiles multiply with
+``tl.dot(..., input_precision="ieee")`` (exact fp32 FMAs, no TF32, whatever
+``allow_tf32`` says), so float32 matches the torch backend to ~1e-6; that kwarg exists
+from Triton 3.0 (3.6 on the GPU nodes, 3.8 here; the older ``allow_tf32=`` is deprecated).
+bf16/fp16 tiles take ``tl.dot``'s default (tensor cores, fp32 accumulator). float64 is
+refused with an error naming ``conv_impl="torch"`` (fp64 training is no use case here,
+and fp64 ``tl.dot`` is not in every Triton this project meets).
+
+Tiles: ``triton.autotune`` over a few configs, keyed on the channel counts (and tap
+count): each new key costs one benchmark of every config (once per process), so the
+lists stay short. The depthwise kernels have fixed tiles.
+
+The Triton interpreter (CPU tensors; ``TRITON_INTERPRET=1`` in the environment when this
+module is imported, as Triton decides at decoration; :data:`INTERPRETED`) runs tiles as
+NumPy arrays, which makes three differences, all behind the ``INTERPRETER`` constexpr or
+on the host side:
+
+* tiles are sized to the problem, large (:func:`_interpreter_tile`), without autotuning:
+  the interpreter pays per operation, not per element;
+* ``tl.dot`` operands go to fp32 first: the interpreter's ``tl.dot`` multiplies bfloat16
+  tiles as their raw uint16 bits (Triton 3.8). The products are the same (a bf16 or fp16
+  product is exact in fp32), as is the fp32 accumulation;
+* Triton's standard library (``tl.sum``, ``tl.zeros``, ``tl.cdiv`` ...) is decorated when
+  ``triton`` is first imported, usually by torch without the interpreter, and cannot run
+  in it then; so the kernels use builtins only, and the depthwise weight grad sums its
+  columns by a product with ones in the interpreter (``tl.sum`` on the GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from spark_me.ops import torch_backend
+from spark_me.ops.tables import NeighbourTables
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Programs per streaming multiprocessor the weight-grad row split aims at.
+PROGRAMS_PER_SM = 4
+# Row splits of a weight grad on CPU (interpreter): enough to exercise the atomics.
+CPU_SPLIT_PROGRAMS = 32
+
+
+@triton.jit(do_not_specialize=["n_src", "n_dst"])  # row counts change every batch
+def _gather_gemm_kernel(
+    src_ptr, table_ptr, weight_ptr, out_ptr, n_src, n_dst, c_in, c_out, taps,
+    INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[o] = Σ_t src[table[t, o]] · weight[t]``: src ``[n_src, c_in]``, table
+    ``[taps, n_dst]`` (sentinel ``n_src``), weight ``[taps, c_in, c_out]``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_dst
+    col_ok = cols < c_out
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for t in range(taps):
+        idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
+        present = idx < n_src
+        src_rows = src_ptr + idx.to(tl.int64)[:, None] * c_in
+        w_tap = weight_ptr + t * c_in * c_out
+        for k0 in range(0, c_in, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < c_in
+            a = tl.load(src_rows + k[None, :], mask=present[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_tap + k[:, None] * c_out + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if INTERPRETER:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if a.dtype == tl.float32:  # exact fp32 products, not TF32
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+    out = out_ptr + rows.to(tl.int64)[:, None] * c_out + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["n_src", "n_dst"])  # row counts change every batch
+def _weight_grad_kernel(
+    src_ptr, table_ptr, grad_ptr, gw_ptr, n_src, n_dst, c_in, c_out,
+    INTERPRETER: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``gw[t] += Σ_o grad[o]ᵀ · src[table[t, o]]`` over this program's row split:
+    ``gw`` fp32 ``[taps, c_out, c_in]``, axis 1 of the grid splits the rows."""
+    n_co = (c_out + BLOCK_CO - 1) // BLOCK_CO
+    n_ci = (c_in + BLOCK_CI - 1) // BLOCK_CI
+    pid = tl.program_id(0)
+    t = pid // (n_co * n_ci)
+    co = (pid // n_ci) % n_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci = pid % n_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co_ok = co < c_out
+    ci_ok = ci < c_in
+    row_blocks = (n_dst + BLOCK_R - 1) // BLOCK_R
+    chunk = (row_blocks + tl.num_programs(1) - 1) // tl.num_programs(1) * BLOCK_R
+    start = tl.program_id(1) * chunk
+    end = tl.minimum(start + chunk, n_dst)
+    acc = tl.full((BLOCK_CO, BLOCK_CI), 0.0, tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < end
+        idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
+        present = idx < n_src
+        g = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * c_out + co[None, :],
+                    mask=row_ok[:, None] & co_ok[None, :], other=0.0)
+        x = tl.load(src_ptr + idx.to(tl.int64)[:, None] * c_in + ci[None, :],
+                    mask=present[:, None] & ci_ok[None, :], other=0.0)
+        if INTERPRETER:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        if x.dtype == tl.float32:  # exact fp32 products, not TF32
+            acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(g), x, acc)
+    gw = gw_ptr + t * c_out * c_in + co[:, None] * c_in + ci[None, :]
+    tl.atomic_add(gw, acc, mask=co_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["n_src", "n_dst"])  # row counts change every batch
+def _depthwise_kernel(
+    src_ptr, table_ptr, weight_ptr, out_ptr, n_src, n_dst, channels, taps,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``out[o, c] = Σ_t src[table[t, o], c] · weight[t, c]`` in fp32."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_dst
+    c_ok = cs < channels
+    acc = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+    for t in range(taps):
+        idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
+        present = idx < n_src
+        x = tl.load(src_ptr + idx.to(tl.int64)[:, None] * channels + cs[None, :],
+                    mask=present[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + t * channels + cs, mask=c_ok, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * channels + cs[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["n_src", "n_dst"])  # row counts change every batch
+def _depthwise_weight_grad_kernel(
+    src_ptr, table_ptr, grad_ptr, gw_ptr, n_src, n_dst, channels,
+    INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``gw[t, c] += Σ_o src[table[t, o], c] · grad[o, c]`` over this program's row split
+    (``gw`` fp32 ``[taps, channels]``; axis 1 of the grid splits the rows)."""
+    n_cb = (channels + BLOCK_C - 1) // BLOCK_C
+    t = tl.program_id(0) // n_cb
+    cs = tl.program_id(0) % n_cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < channels
+    row_blocks = (n_dst + BLOCK_R - 1) // BLOCK_R
+    chunk = (row_blocks + tl.num_programs(1) - 1) // tl.num_programs(1) * BLOCK_R
+    start = tl.program_id(1) * chunk
+    end = tl.minimum(start + chunk, n_dst)
+    acc = tl.full((BLOCK_R, BLOCK_C), 0.0, tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < end
+        idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
+        present = idx < n_src
+        g = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * channels + cs[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        x = tl.load(src_ptr + idx.to(tl.int64)[:, None] * channels + cs[None, :],
+                    mask=present[:, None] & c_ok[None, :], other=0.0)
+        acc += x.to(tl.float32) * g.to(tl.float32)
+    if INTERPRETER:  # the column sums as a product with ones: the interpreter has no tl.sum
+        ones = tl.full((16, BLOCK_R), 1.0, tl.float32)
+        sums = tl.dot(ones, acc, input_precision="ieee")  # 16 equal rows; row 0 is added
+        first = tl.arange(0, 16)[:, None] == 0
+        tl.atomic_add(gw_ptr + t * channels + cs[None, :] + 0 * first, sums, mask=first & c_ok[None, :])
+    else:
+        tl.atomic_add(gw_ptr + t * channels + cs, tl.sum(acc, axis=0), mask=c_ok)
+
+
+# Triton decided at decoration whether these run in its interpreter (TRITON_INTERPRET=1).
+INTERPRETED = not isinstance(_gather_gemm_kernel, triton.runtime.JITFunction)
+
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+_WGRAD_CONFIGS = [
+    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_R": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 64, "BLOCK_R": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_R": 32}, num_warps=8, num_stages=3),
+]
+_gather_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["c_in", "c_out", "taps"])(_gather_gemm_kernel)
+_weight_grad = triton.autotune(configs=_WGRAD_CONFIGS, key=["c_in", "c_out"], reset_to_zero=["gw_ptr"])(
+    _weight_grad_kernel
+)
+# Depthwise: fixed tiles (memory-bound; channels are contiguous, 64 of them per program).
+DEPTHWISE_BLOCK_M, DEPTHWISE_BLOCK_C, DEPTHWISE_BLOCK_R = 32, 64, 64
+
+
+def _interpreter_tile(size: int, cap: int) -> int:
+    """A tile edge for the interpreter: the power of two covering ``size`` (at least 16, as
+    ``tl.dot`` wants), at most ``cap``. The interpreter pays per operation, not per
+    element, so a few large tiles run far faster than many small ones."""
+    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+
+
+def _check(features: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raise unless the kernels can run on these tensors."""
+    if features.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"the triton backend computes in float32, bfloat16 or float16 (tl.dot has no float64), "
+            f"got {features.dtype}; use conv_impl='torch'"
+        )
+    if weight.dtype != features.dtype:
+        raise ValueError(f"features ({features.dtype}) and weight ({weight.dtype}) must have one dtype")
+    if features.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            "the triton backend runs on CUDA tensors (on CPU only under the Triton interpreter, "
+            "TRITON_INTERPRET=1 before spark_me.ops.triton_backend is imported); use conv_impl='torch' on CPU"
+        )
+
+
+def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current one for a launch (Triton launches on the current
+    device); nothing to do on the CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _row_splits(device: torch.device, tiles: int, row_blocks: int) -> int:
+    """Row splits of a weight grad: about ``PROGRAMS_PER_SM`` programs per SM over all
+    tiles, at most one per row block; one under deterministic algorithms (each element
+    then gets exactly one atomic add onto zero)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
+    if device.type == "cuda":
+        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = CPU_SPLIT_PROGRAMS
+    return max(1, min(row_blocks, triton.cdiv(target, tiles)))
+
+
+def gather_gemm(src: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, n_dst: int) -> torch.Tensor:
+    """``out[o] = Σ_t src[table[t, o]] · weight[t]`` (``weight`` ``[K, C_in, C_out]``, sentinel
+    ``len(src)``) -> ``[n_dst, C_out]`` in ``src``'s dtype, accumulated in fp32."""
+    taps, c_in, c_out = weight.shape
+    out = src.new_empty(n_dst, c_out)
+    if n_dst == 0:
+        return out
+    if len(src) == 0 or c_in == 0:
+        return out.zero_()
+    src, table, weight = src.contiguous(), table.contiguous(), weight.contiguous()
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(n_dst, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
+
+    args = (src, table, weight, out, len(src), n_dst, c_in, c_out, taps)
+    with _on_device(src):
+        if INTERPRETED:
+            meta = {"BLOCK_M": _interpreter_tile(n_dst, 1024), "BLOCK_N": _interpreter_tile(c_out, 256),
+                    "BLOCK_K": _interpreter_tile(c_in, 128)}
+            _gather_gemm_kernel[grid(meta)](*args, INTERPRETER=INTERPRETED, **meta)
+        else:
+            _gather_gemm[grid](*args, INTERPRETER=INTERPRETED)
+    return out
+
+
+def gather_weight_grad(src: torch.Tensor, table: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[K, C_out, C_in]``: ``Σ_o grad[o]ᵀ · src[table[t, o]]`` for every tap ``t``."""
+    taps, n_dst = table.shape
+    c_in, c_out = src.shape[1], grad.shape[1]
+    gw = torch.zeros(taps, c_out, c_in, dtype=torch.float32, device=src.device)
+    if n_dst == 0 or len(src) == 0:
+        return gw
+    src, table, grad = src.contiguous(), table.contiguous(), grad.contiguous()
+
+    def grid(meta: dict) -> tuple[int, int]:
+        tiles = taps * triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(c_in, meta["BLOCK_CI"])
+        return tiles, _row_splits(src.device, tiles, triton.cdiv(n_dst, meta["BLOCK_R"]))
+
+    args = (src, table, grad, gw, len(src), n_dst, c_in, c_out)
+    with _on_device(src):
+        if INTERPRETED:
+            meta = {"BLOCK_CO": _interpreter_tile(c_out, 256), "BLOCK_CI": _interpreter_tile(c_in, 128),
+                    "BLOCK_R": _interpreter_tile(n_dst, 1024)}
+            _weight_grad_kernel[grid(meta)](*args, INTERPRETER=INTERPRETED, **meta)
+        else:
+            _weight_grad[grid](*args, INTERPRETER=INTERPRETED)
+    return gw
+
+
+def inverse_table(tables: NeighbourTables) -> torch.Tensor:
+    """``[K, n_in]``: the output row ``o`` with ``forward[t, o] == i``, else ``n_out``.
+
+    For a fixed tap each input row feeds at most one output row (the output site is the
+    input site minus the tap's offset, floored to the stride), so the inverse is a table
+    again and the strided input grad is one more gather-GEMM. Built once per tables object
+    and kept on it (tables live as long as their batch).
+    """
+    inverse = getattr(tables, "_triton_inverse", None)
+    if inverse is None:
+        forward = tables.forward
+        taps = forward.shape[0]
+        padded = torch.full((taps, tables.n_in + 1), tables.n_out, dtype=forward.dtype, device=forward.device)
+        outputs = torch.arange(tables.n_out, dtype=forward.dtype, device=forward.device).expand(taps, -1)
+        padded.scatter_(1, forward, outputs)  # absent neighbours land in column n_in, dropped
+        inverse = padded[:, : tables.n_in].contiguous()
+        tables._triton_inverse = inverse
+    return inverse
+
+
+class TritonConvFunction(torch.autograd.Function):
+    """Sparse conv on neighbour tables with a PyTorch-layout weight; see the module
+    docstring. Keeps the input, the weight and the tables for backward."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
+        ctx.save_for_backward(features, weight)
+        ctx.tables = tables
+        taps_in_out = weight.flatten(2).permute(2, 1, 0)  # [K, C_in, C_out]
+        return gather_gemm(features, tables.forward, taps_in_out, tables.n_out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        features, weight = ctx.saved_tensors
+        tables: NeighbourTables = ctx.tables
+        c_out, c_in, k, _ = weight.shape
+        grad = grad.contiguous()
+        grad_in = grad_w = None
+        if ctx.needs_input_grad[0]:
+            taps_out_in = weight.flatten(2).permute(2, 0, 1)  # [K, C_out, C_in]: W[t]
+            if tables.stride == 1:  # the table is its own transpose with the taps mirrored
+                grad_in = gather_gemm(grad, tables.forward, taps_out_in.flip(0), tables.n_in)
+            else:
+                grad_in = gather_gemm(grad, inverse_table(tables), taps_out_in, tables.n_in)
+        if ctx.needs_input_grad[1]:
+            gw = gather_weight_grad(features, tables.forward, grad)  # [K, C_out, C_in] fp32
+            grad_w = gw.permute(1, 2, 0).reshape(c_out, c_in, k, k).to(weight.dtype)
+        return grad_in, grad_w, None
+
+
+def sparse_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables) -> torch.Tensor:
+    """``features`` ``[n_in, C_in]``, PyTorch-layout ``weight`` ``[C_out, C_in, k, k]`` -> ``[n_out, C_out]``."""
+    _check(features, weight)
+    if tables.stride == 1 and tables.kernel_size % 2 == 0:
+        raise ValueError(f"a stride-1 sparse conv needs an odd kernel, got {tables.kernel_size}")
+    return TritonConvFunction.apply(features, weight, tables)
+
+
+def _depthwise(src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[o] = Σ_t src[table[t, o]] ⊙ weight[t]`` in fp32, rounded to ``src``'s dtype."""
+    taps, n_dst = table.shape
+    channels = src.shape[1]
+    out = src.new_empty(n_dst, channels)
+    if n_dst == 0:
+        return out
+    block_m, block_c = DEPTHWISE_BLOCK_M, DEPTHWISE_BLOCK_C
+    if INTERPRETED:
+        block_m, block_c = _interpreter_tile(n_dst, 1024), _interpreter_tile(channels, 128)
+    grid = (triton.cdiv(n_dst, block_m), triton.cdiv(channels, block_c))
+    with _on_device(src):
+        _depthwise_kernel[grid](
+            src.contiguous(), table.contiguous(), weight.contiguous(), out, len(src), n_dst, channels, taps,
+            BLOCK_M=block_m, BLOCK_C=block_c,
+        )
+    return out
+
+
+def _depthwise_weight_grad(src: torch.Tensor, table: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[K, C]``: ``Σ_o src[table[t, o]] ⊙ grad[o]`` for every tap ``t``."""
+    taps, n_dst = table.shape
+    channels = src.shape[1]
+    gw = torch.zeros(taps, channels, dtype=torch.float32, device=src.device)
+    if n_dst == 0:
+        return gw
+    block_r, block_c = DEPTHWISE_BLOCK_R, DEPTHWISE_BLOCK_C
+    if INTERPRETED:
+        block_r, block_c = _interpreter_tile(n_dst, 1024), _interpreter_tile(channels, 128)
+    tiles = taps * triton.cdiv(channels, block_c)
+    grid = (tiles, _row_splits(src.device, tiles, triton.cdiv(n_dst, block_r)))
+    with _on_device(src):
+        _depthwise_weight_grad_kernel[grid](
+            src.contiguous(), table.contiguous(), grad.contiguous(), gw, len(src), n_dst, channels,
+            INTERPRETER=INTERPRETED, BLOCK_R=block_r, BLOCK_C=block_c,
+        )
+    return gw
+
+
+class TritonDepthwiseFunction(torch.autograd.Function):
+    """Depthwise submanifold conv (stride 1, odd kernel): input grad by the mirrored taps."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
+        ctx.save_for_backward(features, weight)
+        ctx.tables = tables
+        return _depthwise(features, weight, tables.forward)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        features, weight = ctx.saved_tensors
+        table = ctx.tables.forward
+        grad = grad.contiguous()
+        grad_in = _depthwise(grad, weight.flip(0), table) if ctx.needs_input_grad[0] else None
+        grad_w = _depthwise_weight_grad(features, table, grad).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_in, grad_w, None
+
+
+def depthwise_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables) -> torch.Tensor:
+    """Depthwise conv: ``features`` ``[N, C]``, ``weight`` ``[K, C]`` (PyTorch tap order)."""
+    _check(features, weight)
+    if tables.stride != 1 or tables.kernel_size % 2 == 0:
+        raise ValueError(
+            f"the depthwise conv is submanifold (stride 1, odd kernel), got {tables.kernel_size}/{tables.stride}"
+        )
+    return TritonDepthwiseFunction.apply(features, weight, tables)
+
+
+def gather_max(features: torch.Tensor, tables: NeighbourTables) -> torch.Tensor:
+    """Max-pool: :func:`spark_me.ops.torch_backend.gather_max` (no Triton kernel of its own)."""
+    return torch_backend.gather_max(features, tables)

@@ -1,0 +1,398 @@
+"""The triton backend (``conv_impl="triton"``) against the dense references and the torch
+backend: forward, input gradient and weight gradient, float32 and bfloat16.
+
+On CPU the kernels run in Triton's interpreter. Triton decides at decoration, i.e. when
+:mod:`spark_me.ops.triton_backend` is first imported, whether its kernels compile for a
+GPU or run interpreted, from ``TRITON_INTERPRET``. This module therefore sets
+``TRITON_INTERPRET=1`` for that one import and restores the variable right after, so the
+rest of the pytest process keeps its environment; the kernels stay interpreted, and the
+dispatch checks ``triton_backend.INTERPRETED`` rather than the variable. Nothing imports
+the backend earlier (the dispatch imports it on first use, and collection runs no ops).
+Where CUDA is ready the variable is left alone: the ``cuda`` tests then compile real
+kernels (``pytest -m cuda``) and the interpreter tests skip.
+
+The interpreter runs tiles as NumPy arrays (large tiles, see ``_interpreter_tile``), and
+converts bf16/fp16 operands to fp32 before ``tl.dot`` (its own ``tl.dot`` on bf16 is
+wrong in Triton 3.8); the tile loops, masks, tables and atomics are the GPU's. Inputs are
+kept small (tensor stride 2: 1 792 sites, except where a case needs more rows).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+
+import MinkowskiEngine as ME
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import CUDA_READY, NEEDS_CUDA, TOL, randomize_norms, rel_err  # noqa: E402
+from masked_dense import mask_at  # noqa: E402
+from test_ops import CONV_SHAPES, U_FP32, _active, _compare, _dense_conv, _inputs, _scatter, _sparse, bf16_bound  # noqa: E402
+from spark_me import ops  # noqa: E402
+from spark_me.gather import to_dense  # noqa: E402
+from spark_me.layers import SparseConv2d, set_conv_impl  # noqa: E402
+
+
+def _import_backend():
+    """:mod:`spark_me.ops.triton_backend`, interpreted unless CUDA is ready (see above)."""
+    if CUDA_READY:
+        return importlib.import_module("spark_me.ops.triton_backend")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module("spark_me.ops.triton_backend")
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+triton_backend = _import_backend()
+INTERPRETER = pytest.mark.skipif(
+    not triton_backend.INTERPRETED, reason="the kernels are compiled for the GPU here (the cuda tests cover them)"
+)
+U_FP16 = 2.0**-11
+
+
+def _tensor_stride(kernel: int, stride: int) -> int:
+    """The input's tensor stride for a conv case: 2 (fewer sites for the interpreter), 1
+    for the cheap 1-4 tap kernels (also a conv on a stride-1 map)."""
+    return 1 if kernel <= 2 else 2
+
+
+def _run(xs: ME.SparseTensor, dense_w: torch.Tensor, x: torch.Tensor, active: torch.Tensor, stride: int,
+         conv_impl: str, in_stride: int, depthwise: bool = False):
+    """One backend's (features, input grad, weight grad) for a fresh copy of ``xs``'s
+    features and ``dense_w``, checked against the dense op on ``x`` (:func:`test_ops._compare`)."""
+    leaf = xs.F.detach().clone().requires_grad_()
+    xs = ME.SparseTensor(leaf, coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
+    weight = dense_w.detach().clone().requires_grad_()
+    if depthwise:
+        features, key = ops.depthwise_conv(xs, weight, conv_impl), xs.coordinate_map_key
+    else:
+        features, key = ops.conv(xs, weight, stride, conv_impl)
+    out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
+    x.grad = dense_w.grad = None
+    groups = dense_w.shape[0] if depthwise else 1
+    expected = _dense_conv(x, dense_w, stride, groups) * mask_at(active, in_stride * stride)
+    _compare(out, leaf, weight, x, dense_w, expected, active, in_stride, in_stride * stride, TOL[x.dtype])
+    return features.detach(), leaf.grad, weight.grad
+
+
+@INTERPRETER
+@pytest.mark.parametrize("kernel,stride", CONV_SHAPES)
+def test_conv_float32_equals_dense_and_torch(kernel, stride):
+    ts = _tensor_stride(kernel, stride)
+    x, xs, _, active = _inputs(5, torch.float32, ts)
+    dense_w = torch.randn(6, 5, kernel, kernel, requires_grad=True)
+    got = _run(xs, dense_w, x, active, stride, "triton", ts)
+    ref = _run(xs, dense_w, x, active, stride, "torch", ts)
+    for g, r in zip(got, ref):  # both exact fp32: only the summation order differs
+        assert rel_err(g, r) <= 1e-5
+
+
+@INTERPRETER
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_depthwise_float32_equals_dense_and_torch(kernel):
+    x, xs, _, active = _inputs(4, torch.float32, 2)
+    dense_w = torch.randn(4, 1, kernel, kernel, requires_grad=True)
+    got = _run(xs, dense_w, x, active, 1, "triton", 2, depthwise=True)
+    ref = _run(xs, dense_w, x, active, 1, "torch", 2, depthwise=True)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-5
+
+
+@INTERPRETER
+def test_strided_conv_many_rows():
+    """A strided conv whose input gradient (the inverse table) spans several row programs
+    (7 168 input rows; interpreter tiles have at most 1 024). Several channel blocks per
+    tile loop: the encoder tests (up to 512 channels; tiles of at most 128 in, 256 out)."""
+    x, xs, _, active = _inputs(8, torch.float32, 1, seed=2)
+    dense_w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    got = _run(xs, dense_w, x, active, 2, "triton", 1)
+    ref = _run(xs, dense_w, x, active, 2, "torch", 1)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (7, 2), (1, 2), (2, 2), (4, 4)])
+def test_inverse_table_inverts_forward(kernel, stride):
+    _, xs, _, _ = _inputs(2, torch.float64, 1, seed=4)
+    tables = ops.neighbour_tables(xs, kernel, stride)
+    inverse = triton_backend.inverse_table(tables)
+    assert triton_backend.inverse_table(tables) is inverse  # built once per tables object
+    assert inverse.shape == (kernel * kernel, tables.n_in)
+    for t in range(kernel * kernel):
+        present = tables.forward[t] < tables.n_in
+        outs = present.nonzero().flatten()
+        assert torch.equal(inverse[t, tables.forward[t, outs]], outs)
+        assert int((inverse[t] < tables.n_out).sum()) == len(outs)  # every other entry: sentinel
+
+
+def _bf16_inputs(channels: int, ts: int):
+    """float64 dense input and its bf16 sparse twin, both holding the same bf16 values."""
+    x64, _, _, active = _inputs(channels, torch.float64, ts)
+    x64 = x64.detach().to(torch.bfloat16).double().requires_grad_()
+    xs, leaf = _sparse(x64.detach().to(torch.bfloat16), active, ts)
+    return x64, xs, leaf, active
+
+
+@INTERPRETER
+@pytest.mark.parametrize("kernel,stride", CONV_SHAPES)
+def test_conv_bf16_within_derived_bound(kernel, stride):
+    """As test_ops.test_conv_bf16_within_derived_bound, on the triton backend."""
+    ts = _tensor_stride(kernel, stride)
+    x64, xs, leaf, active = _bf16_inputs(16, ts)
+    w64 = torch.randn(8, 16, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
+    w = w64.detach().to(torch.bfloat16).requires_grad_()
+    features, key = ops.conv(xs, w, stride, "triton")
+    assert features.dtype == torch.bfloat16
+    out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
+    m_out = mask_at(active, ts * stride)
+    expected = _dense_conv(x64, w64, stride) * m_out
+    abs_expected = _dense_conv(x64.detach().abs(), w64.detach().abs(), stride) * m_out
+    b, _, h, wd = expected.shape
+    terms = 16 * kernel * kernel
+    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, terms, True)
+    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m_out).to(torch.bfloat16)
+    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
+    (expected * grad_out.double()).sum().backward()
+    m_in = mask_at(active, ts)
+    got = _scatter(leaf.grad, x64.shape, active, ts)
+    x_abs = x64.detach().abs().requires_grad_()
+    w_abs = w64.detach().abs().requires_grad_()
+    (_dense_conv(x_abs, w_abs, stride) * m_out * grad_out.double().abs()).sum().backward()
+    assert rel_err(got, x64.grad * m_in) <= bf16_bound(x64.grad * m_in, x_abs.grad * m_in, terms, True)
+    n_sites = int(m_out.sum())
+    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, n_sites, True)
+
+
+@INTERPRETER
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_depthwise_bf16_within_derived_bound(kernel):
+    x64, xs, leaf, active = _bf16_inputs(8, 2)
+    w64 = torch.randn(8, 1, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
+    w = w64.detach().to(torch.bfloat16).requires_grad_()
+    features = ops.depthwise_conv(xs, w, "triton")
+    assert features.dtype == torch.bfloat16
+    out = ME.SparseTensor(features, coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
+    m = mask_at(active, 2)
+    expected = _dense_conv(x64, w64, 1, groups=8) * m
+    x_abs = x64.detach().abs().requires_grad_()
+    w_abs = w64.detach().abs().requires_grad_()
+    abs_expected = _dense_conv(x_abs, w_abs, 1, groups=8) * m
+    b, _, h, wd = expected.shape
+    terms = kernel * kernel
+    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, terms, True)
+    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m).to(torch.bfloat16)
+    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
+    (expected * grad_out.double()).sum().backward()
+    (abs_expected * grad_out.double().abs()).sum().backward()
+    got = _scatter(leaf.grad, x64.shape, active, 2)
+    assert rel_err(got, x64.grad * m) <= bf16_bound(x64.grad * m, x_abs.grad * m, terms, True)
+    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, int(m.sum()), True)
+
+
+@INTERPRETER
+def test_conv_float16_within_derived_bound():
+    """float16: the bf16 bound's argument with fp16's unit roundoff, forward only."""
+    x64, _, _, active = _inputs(16, torch.float64, 2)
+    x64 = x64.detach().half().double()
+    xs, _ = _sparse(x64.half(), active, 2)
+    w64 = torch.randn(8, 16, 3, 3, dtype=torch.float64).half().double()
+    features, key = ops.conv(xs, w64.half(), 1, "triton")
+    assert features.dtype == torch.float16
+    out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
+    m = mask_at(active, 2)
+    expected = _dense_conv(x64, w64, 1) * m
+    abs_expected = _dense_conv(x64.abs(), w64.abs(), 1) * m
+    spread = float(abs_expected.norm() / expected.norm())
+    assert rel_err(to_dense(out, 3, expected.shape[-2:]), expected) <= U_FP16 + 16 * 9 * U_FP32 * spread
+
+
+@INTERPRETER
+def test_autocast_runs_triton_convs_in_bf16():
+    _, xs, _, _ = _inputs(16, torch.float32, 2)
+    conv = SparseConv2d(16, 8, 3, 1, conv_impl="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(xs)
+    assert y.F.dtype == torch.bfloat16
+    reference = set_conv_impl(copy.deepcopy(conv), "torch")(xs).F
+    assert rel_err(y.F, reference) <= 3 * 2.0**-8
+
+
+@INTERPRETER
+def test_float64_is_refused_naming_torch():
+    _, xs, _, _ = _inputs(4, torch.float64, 2)
+    with pytest.raises(ValueError, match="conv_impl='torch'"):
+        ops.conv(xs, torch.randn(4, 4, 3, 3, dtype=torch.float64), 1, "triton")
+    with pytest.raises(ValueError, match="conv_impl='torch'"):
+        ops.depthwise_conv(xs, torch.randn(4, 1, 3, 3, dtype=torch.float64), "triton")
+
+
+def _kernel_signatures(dtype: str) -> list[tuple[object, dict, dict]]:
+    """(kernel, argument types, constexprs) of every kernel's compiled path, first config."""
+    ptr, tb = f"*{dtype}", triton_backend
+    rows = {"n_src": "i32", "n_dst": "i32"}
+    gemm = {"src_ptr": ptr, "table_ptr": "*i64", "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
+    wgrad = {"src_ptr": ptr, "table_ptr": "*i64", "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "c_in": "i32", "c_out": "i32"}
+    dw = {"src_ptr": ptr, "table_ptr": "*i64", "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32", "taps": "i32"}
+    dw_grad = {"src_ptr": ptr, "table_ptr": "*i64", "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
+    return [
+        (tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **tb._GEMM_CONFIGS[-1].kwargs}),
+        (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}),
+        (tb._depthwise_kernel, dw, {"BLOCK_M": tb.DEPTHWISE_BLOCK_M, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}),
+        (tb._depthwise_weight_grad_kernel, dw_grad,
+         {"INTERPRETER": False, "BLOCK_R": tb.DEPTHWISE_BLOCK_R, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_the_gpu(dtype):
+    """The compiled path (``INTERPRETER=False``: tensor-core ``tl.dot``, ``tl.sum``), which
+    the interpreter never runs, compiles to a cubin for sm_90 without a GPU (Triton's own
+    ptxas): a kernel edit that only the interpreter accepts fails here, not on the GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for kernel, signature, constexprs in _kernel_signatures(dtype):
+        fn = triton.runtime.JITFunction(kernel.fn) if triton_backend.INTERPRETED else kernel
+        source = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+        assert compiled.asm["cubin"]
+
+
+def _encoder_pair(name: str, device: torch.device):
+    """The same randomly initialised encoder twice: conv_impl triton and torch."""
+    from spark_me import build_sparse_encoder
+
+    torch.manual_seed(0)
+    triton_enc = build_sparse_encoder(name, conv_impl="triton")
+    randomize_norms(triton_enc, torch.Generator().manual_seed(1))
+    torch_enc = set_conv_impl(copy.deepcopy(triton_enc), "torch")
+    return triton_enc.to(device).eval(), torch_enc.to(device).eval()
+
+
+def _encoder_step(encoder, images: torch.Tensor, active: torch.Tensor):
+    """Features of every scale, the image gradient and the parameter gradients of a
+    random linear loss on all scales."""
+    images = images.detach().clone().requires_grad_()
+    feats = encoder(images, active)
+    g = torch.Generator().manual_seed(5)
+    loss = sum((f.F * torch.randn(f.F.shape, generator=g).to(f.F.device)).sum() for f in feats)
+    loss.backward()
+    grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
+    return [f.F.detach() for f in feats], images.grad, grads
+
+
+def _check_encoder(name: str, device: torch.device, batch: int, grid: tuple[int, int], tol: float):
+    triton_enc, torch_enc = _encoder_pair(name, device)
+    images = torch.randn(batch, 3, 32 * grid[0], 32 * grid[1], generator=torch.Generator().manual_seed(3)).to(device)
+    active = _active(batch, grid, seed=1).to(device)
+    got, ref = _encoder_step(triton_enc, images, active), _encoder_step(torch_enc, images, active)
+    for g, r in zip(got[0], ref[0]):
+        assert rel_err(g, r) <= tol
+    assert rel_err(got[1], ref[1]) <= tol
+    assert got[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        assert rel_err(got[2][n], ref[2][n]) <= tol, n
+
+
+@INTERPRETER
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_encoder_triton_equals_torch(name):
+    """Every layer type of a ResNet (7×7/2 stem, max-pool, 3×3 and strided 1×1 convs) and a
+    ConvNeXt (4×4/4 stem, 7×7 depthwise, 2×2/2 downsampling), float32, batch 2 of 64 px
+    with one sample showing a single patch: features, image and weight gradients."""
+    _check_encoder(name, torch.device("cpu"), 2, (2, 2), 1e-4)
+
+
+# --- CUDA: compiled kernels at ResNet-50 / ConvNeXt-T sizes (pytest -m cuda) --------------
+
+def _on_cuda(test):
+    """``test`` with the marks of conftest.NEEDS_CUDA (marker ``cuda``, skipped without CUDA)."""
+    for mark in NEEDS_CUDA:
+        test = mark(test)
+    return test
+
+
+# (C_in, C_out, kernel, stride, tensor stride of the input)
+CUDA_CONV_SHAPES = [
+    (3, 64, 7, 2, 1), (64, 64, 3, 1, 4), (64, 256, 1, 2, 4), (128, 128, 3, 2, 4), (256, 256, 3, 1, 16),
+    (512, 512, 3, 1, 32), (1024, 2048, 1, 2, 16), (3, 96, 4, 4, 1), (96, 192, 2, 2, 4),
+]
+
+
+def _cuda_sparse(channels: int, ts: int, dtype: torch.dtype, seed: int = 0) -> ME.SparseTensor:
+    """Batch 8 of 224 px under a 60 % patch mask (sample 0: one patch), at tensor stride ``ts``."""
+    active = _active(8, (7, 7), seed=seed).cuda()
+    m = mask_at(active, ts)[:, 0]
+    coords = m.nonzero().int()
+    coords[:, 1:] *= ts
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    feats = torch.randn(len(coords), channels, generator=g, device="cuda").to(dtype)
+    return ME.SparseTensor(feats, coordinates=coords.contiguous(), tensor_stride=ts,
+                           coordinate_manager=ops.new_coordinate_manager(coords))
+
+
+def _conv_grads(xs: ME.SparseTensor, weight: torch.Tensor, stride: int, conv_impl: str, grad_out=None, dtype=None):
+    """(output, input grad, weight grad) of one backend on ``xs``'s features in ``dtype``."""
+    dtype = dtype or xs.F.dtype
+    leaf = xs.F.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    x = ME.SparseTensor(leaf, coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
+    y, _ = ops.conv(x, w, stride, conv_impl)
+    if grad_out is None:  # in the op's dtype, so that a float64 reference sees the same values
+        grad_out = torch.randn(y.shape, generator=torch.Generator(device=y.device).manual_seed(9), device=y.device).to(dtype)
+    y.backward(grad_out.to(dtype))
+    return y.detach(), leaf.grad, w.grad, grad_out
+
+
+@pytest.mark.parametrize("c_in,c_out,kernel,stride,ts", CUDA_CONV_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@_on_cuda
+def test_cuda_conv_triton_equals_torch(c_in, c_out, kernel, stride, ts, dtype):
+    """float32: triton equals the torch backend (float64) to 1e-4; bf16: within the derived
+    bound of test_ops, with the same op on absolute values (torch backend, float64)."""
+    xs = _cuda_sparse(c_in, ts, dtype)
+    weight = (torch.randn(c_out, c_in, kernel, kernel, device="cuda") / (c_in * kernel * kernel) ** 0.5).to(dtype)
+    got = _conv_grads(xs, weight, stride, "triton")
+    ref = _conv_grads(xs, weight, stride, "torch", got[3], torch.float64)
+    if dtype == torch.float32:
+        for g, r in zip(got[:3], ref[:3]):
+            assert rel_err(g, r) <= 1e-4
+        return
+    absolute = ME.SparseTensor(xs.F.abs(), coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
+    abs_ref = _conv_grads(absolute, weight.abs(), stride, "torch", got[3].abs(), torch.float64)
+    n_out = got[0].shape[0]
+    for g, r, a, terms in zip(got[:3], ref[:3], abs_ref[:3], [c_in * kernel**2, c_out * kernel**2, n_out]):
+        assert rel_err(g, r) <= bf16_bound(r, a, terms, True)
+
+
+@pytest.mark.parametrize("channels", [96, 384])
+@_on_cuda
+def test_cuda_depthwise_triton_equals_torch(channels):
+    xs = _cuda_sparse(channels, 4, torch.float32)
+    weight = torch.randn(channels, 1, 7, 7, device="cuda") / 7
+
+    def run(conv_impl: str):
+        leaf = xs.F.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        x = ME.SparseTensor(leaf, coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
+        y = ops.depthwise_conv(x, w, conv_impl)
+        y.backward(torch.randn(y.shape, generator=torch.Generator(device="cuda").manual_seed(9), device="cuda"))
+        return y.detach(), leaf.grad, w.grad
+
+    for g, r in zip(run("triton"), run("torch")):
+        assert rel_err(g, r) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
+@_on_cuda
+def test_cuda_encoder_triton_equals_torch(name):
+    _check_encoder(name, torch.device("cuda"), 4, (7, 7), 1e-4)
