@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     cases = plan.cases()
     log.info("kernels_bench: %d cases on %s (%s mode)", len(cases), args.device, "quick" if args.quick else "full")
     sanity = [sanity_check(m, plan.batch, plan.size, args.device, plan.decoder_width) for m in plan.models]
-    rows = run_cases(cases, plan.isolate)
+    partial = {"plan": {**dataclasses.asdict(plan), "quick": args.quick}, "sanity": sanity, "partial": True}
+    rows = run_cases(cases, plan.isolate, on_row=lambda rows: save_results(
+        out, {"environment": environment(), **partial, "rows": rows, "kernels": [], "breakdown": None}))
     if plan.isolate is False and not args.device.startswith("cuda"):
         for r in rows:  # peak RSS of a shared process says nothing about one case
             r["peak_mib"] = r["peak_growth_mib"] = None

@@ -172,7 +172,8 @@ def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[st
         f"{env['date']}; torch {env['torch']}, MinkowskiEngine {env['minkowskiengine']}, timm {env['timm']}, "
         f"Python {env['python']}, {env['cpu_count']} cores, {measured(results)[0]['threads']} torch thread(s), "
         f"commit {env.get('git_commit')}. Median of {plan['repeats']} timed runs after {plan['warmup']} warm-up. "
-        f"Memory: {memory}." + (f" {results['notes']}" if results.get("notes") else ""),
+        f"Memory: {memory}." + (f" {results['notes']}" if results.get("notes") else "")
+        + (" **Partial run**: it ended before its last case; these are the cases it finished." if results.get("partial") else ""),
         "",
         "Sanity before timing ((a) vs (b), same weights and mask, float32): " + "; ".join(
             f"{s['model']} features {max(s['feature_rel_err']):.1e}, loss {s['loss_rel_err']:.1e}" for s in results["sanity"]),

@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -152,8 +152,9 @@ def _run_isolated(case: Case) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def run_cases(cases: Iterable[Case], isolate: bool) -> list[dict]:
-    """Measure every case, logging one line each (the progress of a long run)."""
+def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+    """Measure every case, logging one line each (the progress of a long run); ``on_row``
+    gets the rows so far after each case (to save them: a run cut short keeps its rows)."""
     cases = list(cases)
     rows = []
     for i, case in enumerate(cases, 1):
@@ -167,6 +168,8 @@ def run_cases(cases: Iterable[Case], isolate: bool) -> list[dict]:
             log.warning("[%d/%d] %s: out of memory, skipped", i, len(cases), case)
             continue
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
         variant = case.variant + (f"[{case.conv_impl}]" if case.variant == "sparse" else "")
         log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, len(cases),

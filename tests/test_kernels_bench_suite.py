@@ -65,7 +65,9 @@ def test_step_case_runs_every_variant():
 
 def test_results_files_and_report(tmp_path):
     plan = _plan()
-    rows = run_cases(plan.cases(), isolate=False)
+    seen: list[int] = []
+    rows = run_cases(plan.cases(), isolate=False, on_row=lambda so_far: seen.append(len(so_far)))
+    assert seen == list(range(1, len(rows) + 1))  # saved after every case: a cut-short run keeps its rows
     payload = {"environment": environment(), "plan": {**plan.__dict__, "quick": False},
                "sanity": [sanity_check("resnet18", 4, 128, "cpu", 64)], "rows": rows, "kernels": [], "breakdown": None}
     save_results(tmp_path / "results" / "cpu", payload)

@@ -198,7 +198,7 @@ def phase_bench(args: argparse.Namespace) -> int:
     out = REPO / "kernels_bench" / "results" / ("gpu-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
     bench = phase.run("kernels_bench", [
         python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
-        "--conv-impl", "torch", "minkowski", "--parts", "encoder_fwd_bwd", "step",
+        "--conv-impl", "torch", "triton", "minkowski", "--parts", "encoder_fwd_bwd", "step",
         "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "--out", str(out),
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
