@@ -60,6 +60,7 @@ class NeighbourTables:
         self._pairs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._site_source: Optional[tuple[torch.Tensor, torch.Tensor, int, Optional[tuple[int, int, int]]]] = None
         self._dense_grid: Optional[DenseGrid] = None
+        self._triton_inverse: Optional[torch.Tensor] = None  # built by triton_backend.inverse_table
 
     @property
     def dense_grid(self) -> "DenseGrid":

@@ -323,7 +323,7 @@ def inverse_table(tables: NeighbourTables) -> torch.Tensor:
     again and the strided input grad is one more gather-GEMM. Built once per tables object
     and kept on it (tables live as long as their batch).
     """
-    inverse = getattr(tables, "_triton_inverse", None)
+    inverse = tables._triton_inverse
     if inverse is None:
         forward = tables.forward
         taps = forward.shape[0]
