@@ -21,6 +21,11 @@ def _key(r: dict) -> tuple:
     return (r["model"], r["part"], r["batch"], r["size"], r.get("amp"), bool(r.get("channels_last")))
 
 
+def _series(r: dict) -> str:
+    """A row's line in plots and sweeps: the variant, and for (a) its conv backend."""
+    return f"sparse[{r.get('conv_impl') or 'auto'}]" if r["variant"] == "sparse" else r["variant"]
+
+
 def _plain(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r.get("amp") and not r.get("channels_last")]
 
@@ -50,8 +55,9 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
             continue
         with_memory = all(r.get("peak_growth_mib") is not None for r in rs)
         fig, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(10 if with_memory else 5, 3.6), squeeze=False)
-        for variant in ("sparse", "masked_dense", "dense"):
-            vr = sorted((r for r in rs if r["variant"] == variant), key=lambda r: r["mask_ratio"])
+        for series in sorted({_series(r) for r in rs}, key=lambda v: (list(LABELS).index(v.split("[")[0]), v)):
+            variant = series.split("[")[0]
+            vr = sorted((r for r in rs if _series(r) == series), key=lambda r: r["mask_ratio"])
             if not vr:
                 continue
             if variant == "dense":  # does not depend on the mask: a flat line
@@ -60,9 +66,10 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
             else:
                 xs, t, m = [r["mask_ratio"] for r in vr], [r["median_s"] for r in vr], [r.get("peak_growth_mib") for r in vr]
                 style = "-o"
-            axes[0][0].plot(xs, t, style, label=LABELS[variant])
+            label = LABELS[variant] + (series[len(variant):] if variant == "sparse" else "")
+            axes[0][0].plot(xs, t, style, label=label)
             if with_memory:
-                axes[0][1].plot(xs, m, style, label=LABELS[variant])
+                axes[0][1].plot(xs, m, style, label=label)
         axes[0][0].set(xlabel="mask ratio", ylabel="seconds (median)", title=f"{model}: {PART_LABELS[part]}")
         axes[0][0].set_ylim(bottom=0)
         if with_memory:
@@ -150,8 +157,8 @@ def scaling(results: dict) -> list[dict]:
     rows = [r for r in _plain(measured(results)) if r["variant"] in ("sparse", "masked_dense")
             and r["batch"] == plan["batch"] and r["size"] == plan["size"]]
     out = []
-    for (model, part, variant) in sorted({(r["model"], r["part"], r["variant"]) for r in rows}):
-        rs = {r["mask_ratio"]: r for r in rows if (r["model"], r["part"], r["variant"]) == (model, part, variant)}
+    for (model, part, variant) in sorted({(r["model"], r["part"], _series(r)) for r in rows}):
+        rs = {r["mask_ratio"]: r for r in rows if (r["model"], r["part"], _series(r)) == (model, part, variant)}
         if 0.0 not in rs:
             continue
         for m, r in sorted(rs.items()):
