@@ -153,27 +153,8 @@ def test_depthwise_forward_and_gradients(kernel, backend, algorithm, dtype):
 
 @pytest.mark.parametrize("algorithm", ["gather", "dense"])
 def test_depthwise_bf16_within_derived_bound(algorithm):
-    x64, _, _, active = _inputs(16, torch.float64)
-    x64 = x64.detach().to(torch.bfloat16).double().requires_grad_()
-    xs, leaf = _sparse(x64.detach().to(torch.bfloat16), active, 1)
-    w64 = torch.randn(16, 1, 7, 7, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
-    w = w64.detach().to(torch.bfloat16).requires_grad_()
-    out = ME.SparseTensor(_depthwise(xs, w, "torch", algorithm), coordinate_map_key=xs.coordinate_map_key,
-                          coordinate_manager=xs.coordinate_manager)
-    assert out.F.dtype == torch.bfloat16
-    m = mask_at(active, 1)
-    expected = _dense_conv(x64, w64, 1, groups=16) * m
-    abs_expected = _dense_conv(x64.detach().abs(), w64.detach().abs(), 1, groups=16) * m
-    b, _, h, wd = expected.shape
-    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, 49, True)
-    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m).to(torch.bfloat16)
-    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
-    (expected * grad_out.double()).sum().backward()
-    x_abs, w_abs = x64.detach().abs().requires_grad_(), w64.detach().abs().requires_grad_()
-    (_dense_conv(x_abs, w_abs, 1, groups=16) * m * grad_out.double().abs()).sum().backward()
-    got = _scatter(leaf.grad, x64.shape, active, 1)
-    assert rel_err(got, x64.grad * m) <= bf16_bound(x64.grad * m, x_abs.grad * m, 49, True)
-    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, int(m.sum()), True)
+    x64, xs, leaf, active = _bf16_inputs(16)
+    check_depthwise_bf16(x64, xs, leaf, active, 1, 7, lambda x, w: _depthwise(x, w, "torch", algorithm))
 
 
 def test_auto_takes_the_dense_conv_only_where_nearly_every_site_exists():
@@ -221,28 +202,27 @@ def bf16_bound(y: torch.Tensor, abs_y: torch.Tensor, terms: int, inputs_rounded:
     return U_BF16 + (terms * U_FP32 + input_rounding) * spread
 
 
-@pytest.mark.parametrize("kernel,stride,algorithm", [
-    (k, s, a) for k, s in CONV_SHAPES for a in ("auto", "dense") if a == "auto" or k > 1])  # dense: no 1×1
-def test_conv_bf16_within_derived_bound(kernel, stride, algorithm):
-    x64, _, _, active = _inputs(16, torch.float64)
-    x64 = x64.detach().to(torch.bfloat16).double().requires_grad_()
-    xs, leaf = _sparse(x64.detach().to(torch.bfloat16), active, 1)
-    w64 = torch.randn(8, 16, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
+def check_conv_bf16(x64: torch.Tensor, xs: ME.SparseTensor, leaf: torch.Tensor, active: torch.Tensor,
+                    tensor_stride: int, kernel: int, stride: int, conv) -> None:
+    """A bf16 conv (``conv(xs, weight) -> (features, key)``) of bf16-exact inputs against
+    float64 on the same values: forward and both gradients within :func:`bf16_bound`."""
+    c_in = x64.shape[1]
+    w64 = torch.randn(8, c_in, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
     w = w64.detach().to(torch.bfloat16).requires_grad_()
-    features, key = ops.conv(xs, w, stride, "torch", algorithm)
+    features, key = conv(xs, w)
     assert features.dtype == torch.bfloat16
     out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
-    m_out = mask_at(active, stride)
+    m_out = mask_at(active, tensor_stride * stride)
     expected = _dense_conv(x64, w64, stride) * m_out
     abs_expected = _dense_conv(x64.detach().abs(), w64.detach().abs(), stride) * m_out
     b, _, h, wd = expected.shape
-    terms = 16 * kernel * kernel
+    terms = c_in * kernel * kernel
     assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, terms, True)
     grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m_out).to(torch.bfloat16)
     (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
     (expected * grad_out.double()).sum().backward()
-    m_in = mask_at(active, 1)
-    got = _scatter(leaf.grad, x64.shape, active, 1)
+    m_in = mask_at(active, tensor_stride)
+    got = _scatter(leaf.grad, x64.shape, active, tensor_stride)
     # the same op on absolute values gives the bounds' A for both gradients
     x_abs = x64.detach().abs().requires_grad_()
     w_abs = w64.detach().abs().requires_grad_()
@@ -250,6 +230,46 @@ def test_conv_bf16_within_derived_bound(kernel, stride, algorithm):
     assert rel_err(got, x64.grad * m_in) <= bf16_bound(x64.grad * m_in, x_abs.grad * m_in, terms, True)
     n_sites = int(m_out.sum())
     assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, n_sites, True)
+
+
+def check_depthwise_bf16(x64: torch.Tensor, xs: ME.SparseTensor, leaf: torch.Tensor, active: torch.Tensor,
+                         tensor_stride: int, kernel: int, depthwise) -> None:
+    """As :func:`check_conv_bf16` for a depthwise conv (``depthwise(xs, weight) -> features``)."""
+    c = x64.shape[1]
+    w64 = torch.randn(c, 1, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
+    w = w64.detach().to(torch.bfloat16).requires_grad_()
+    out = ME.SparseTensor(depthwise(xs, w), coordinate_map_key=xs.coordinate_map_key,
+                          coordinate_manager=xs.coordinate_manager)
+    assert out.F.dtype == torch.bfloat16
+    m = mask_at(active, tensor_stride)
+    expected = _dense_conv(x64, w64, 1, groups=c) * m
+    abs_expected = _dense_conv(x64.detach().abs(), w64.detach().abs(), 1, groups=c) * m
+    b, _, h, wd = expected.shape
+    terms = kernel * kernel
+    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, terms, True)
+    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m).to(torch.bfloat16)
+    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
+    (expected * grad_out.double()).sum().backward()
+    x_abs, w_abs = x64.detach().abs().requires_grad_(), w64.detach().abs().requires_grad_()
+    (_dense_conv(x_abs, w_abs, 1, groups=c) * m * grad_out.double().abs()).sum().backward()
+    got = _scatter(leaf.grad, x64.shape, active, tensor_stride)
+    assert rel_err(got, x64.grad * m) <= bf16_bound(x64.grad * m, x_abs.grad * m, terms, True)
+    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, int(m.sum()), True)
+
+
+def _bf16_inputs(channels: int) -> tuple[torch.Tensor, ME.SparseTensor, torch.Tensor, torch.Tensor]:
+    """bf16-exact float64 input (requiring grad), its bf16 SparseTensor and leaf, the mask."""
+    x64, _, _, active = _inputs(channels, torch.float64)
+    x64 = x64.detach().to(torch.bfloat16).double().requires_grad_()
+    xs, leaf = _sparse(x64.detach().to(torch.bfloat16), active, 1)
+    return x64, xs, leaf, active
+
+
+@pytest.mark.parametrize("kernel,stride,algorithm", [
+    (k, s, a) for k, s in CONV_SHAPES for a in ("auto", "dense") if a == "auto" or k > 1])  # dense: no 1×1
+def test_conv_bf16_within_derived_bound(kernel, stride, algorithm):
+    x64, xs, leaf, active = _bf16_inputs(16)
+    check_conv_bf16(x64, xs, leaf, active, 1, kernel, stride, lambda x, w: ops.conv(x, w, stride, "torch", algorithm))
 
 
 def test_autocast_runs_convs_in_bf16_and_norms_as_for_dense_layers():

@@ -30,7 +30,10 @@ pytest.importorskip("triton")
 
 from conftest import CUDA_READY, NEEDS_CUDA, TOL, randomize_norms, rel_err  # noqa: E402
 from masked_dense import mask_at  # noqa: E402
-from test_ops import CONV_SHAPES, U_FP32, _active, _compare, _dense_conv, _inputs, _scatter, _sparse, bf16_bound  # noqa: E402
+from test_ops import (  # noqa: E402
+    CONV_SHAPES, U_FP32, _active, _compare, _dense_conv, _inputs, _sparse, bf16_bound, check_conv_bf16,
+    check_depthwise_bf16,
+)
 from spark_me import ops  # noqa: E402
 from spark_me.gather import to_dense  # noqa: E402
 from spark_me.layers import SparseConv2d, set_conv_impl  # noqa: E402
@@ -147,54 +150,14 @@ def test_conv_bf16_within_derived_bound(kernel, stride):
     """As test_ops.test_conv_bf16_within_derived_bound, on the triton backend."""
     ts = _tensor_stride(kernel, stride)
     x64, xs, leaf, active = _bf16_inputs(16, ts)
-    w64 = torch.randn(8, 16, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
-    w = w64.detach().to(torch.bfloat16).requires_grad_()
-    features, key = ops.conv(xs, w, stride, "triton")
-    assert features.dtype == torch.bfloat16
-    out = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=xs.coordinate_manager)
-    m_out = mask_at(active, ts * stride)
-    expected = _dense_conv(x64, w64, stride) * m_out
-    abs_expected = _dense_conv(x64.detach().abs(), w64.detach().abs(), stride) * m_out
-    b, _, h, wd = expected.shape
-    terms = 16 * kernel * kernel
-    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, terms, True)
-    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m_out).to(torch.bfloat16)
-    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
-    (expected * grad_out.double()).sum().backward()
-    m_in = mask_at(active, ts)
-    got = _scatter(leaf.grad, x64.shape, active, ts)
-    x_abs = x64.detach().abs().requires_grad_()
-    w_abs = w64.detach().abs().requires_grad_()
-    (_dense_conv(x_abs, w_abs, stride) * m_out * grad_out.double().abs()).sum().backward()
-    assert rel_err(got, x64.grad * m_in) <= bf16_bound(x64.grad * m_in, x_abs.grad * m_in, terms, True)
-    n_sites = int(m_out.sum())
-    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, n_sites, True)
+    check_conv_bf16(x64, xs, leaf, active, ts, kernel, stride, lambda x, w: ops.conv(x, w, stride, "triton"))
 
 
 @INTERPRETER
 @pytest.mark.parametrize("kernel", [3, 7])
 def test_depthwise_bf16_within_derived_bound(kernel):
     x64, xs, leaf, active = _bf16_inputs(8, 2)
-    w64 = torch.randn(8, 1, kernel, kernel, dtype=torch.float64).to(torch.bfloat16).double().requires_grad_()
-    w = w64.detach().to(torch.bfloat16).requires_grad_()
-    features = ops.depthwise_conv(xs, w, "triton")
-    assert features.dtype == torch.bfloat16
-    out = ME.SparseTensor(features, coordinate_map_key=xs.coordinate_map_key, coordinate_manager=xs.coordinate_manager)
-    m = mask_at(active, 2)
-    expected = _dense_conv(x64, w64, 1, groups=8) * m
-    x_abs = x64.detach().abs().requires_grad_()
-    w_abs = w64.detach().abs().requires_grad_()
-    abs_expected = _dense_conv(x_abs, w_abs, 1, groups=8) * m
-    b, _, h, wd = expected.shape
-    terms = kernel * kernel
-    assert rel_err(to_dense(out, b, (h, wd)), expected) <= bf16_bound(expected, abs_expected, terms, True)
-    grad_out = (torch.randn(expected.shape, dtype=torch.float64) * m).to(torch.bfloat16)
-    (to_dense(out, b, (h, wd)) * grad_out).sum().backward()
-    (expected * grad_out.double()).sum().backward()
-    (abs_expected * grad_out.double().abs()).sum().backward()
-    got = _scatter(leaf.grad, x64.shape, active, 2)
-    assert rel_err(got, x64.grad * m) <= bf16_bound(x64.grad * m, x_abs.grad * m, terms, True)
-    assert rel_err(w.grad.double(), w64.grad) <= bf16_bound(w64.grad, w_abs.grad, int(m.sum()), True)
+    check_depthwise_bf16(x64, xs, leaf, active, 2, kernel, lambda x, w: ops.depthwise_conv(x, w, "triton"))
 
 
 @INTERPRETER
