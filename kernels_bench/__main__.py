@@ -96,7 +96,19 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     cases = plan.cases()
     log.info("kernels_bench: %d cases on %s (%s mode)", len(cases), args.device, "quick" if args.quick else "full")
-    sanity = [sanity_check(m, plan.batch, plan.size, args.device, plan.decoder_width) for m in plan.models]
+    sanity, broken = [], set()
+    for impl in plan.conv_impls:  # every backend, before any timing: rows must compare equal computations
+        for m in plan.models:
+            try:
+                sanity.append(sanity_check(m, plan.batch, plan.size, args.device, plan.decoder_width, impl))
+            except Exception as e:  # a wrong or unusable backend costs its own rows, not the run
+                log.error("sanity %s[%s] failed, its cases are left out: %s", m, impl, e)
+                sanity.append({"model": m, "conv_impl": impl, "passed": False, "error": str(e)[:500]})
+                broken.add((m, impl))
+    if broken:
+        kept = [c for c in cases if c.variant != "sparse" or (c.model, c.conv_impl) not in broken]
+        log.warning("kernels_bench: %d of %d cases left out after failed sanity checks", len(cases) - len(kept), len(cases))
+        cases = kept
     partial = {"plan": {**dataclasses.asdict(plan), "quick": args.quick}, "sanity": sanity, "partial": True}
     rows = run_cases(cases, plan.isolate, on_row=lambda rows: save_results(
         out, {"environment": environment(), **partial, "rows": rows, "kernels": [], "breakdown": None}))

@@ -33,8 +33,9 @@ PARTS = ("encoder_fwd", "encoder_fwd_bwd", "step")
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement. ``amp`` (bf16/fp16) and ``channels_last`` apply to the dense parts
-    on CUDA: the dense variants' encoders, and every variant's densify and decoder."""
+    """One measurement. ``amp`` (bf16/fp16) wraps the whole measured part in autocast, on
+    CUDA; ``channels_last`` applies to the dense parts (the dense variants' encoders, and
+    every variant's densify and decoder)."""
 
     model: str
     variant: str
@@ -120,17 +121,19 @@ def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.T
     dense_encoder = case.variant != "sparse"
 
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+        return torch.autocast(images.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
+    # Every variant's encoder runs under the case's autocast: the sparse convs take the
+    # autocast dtype like dense ones (minkowski, fp32-only, gets no amp rows in a plan).
     if case.part == "encoder_fwd":
         def run() -> None:
-            with torch.no_grad(), (autocast() if dense_encoder else contextlib.nullcontext()):
+            with torch.no_grad(), autocast():
                 model.encode(images, active)
         return run
     if case.part == "encoder_fwd_bwd":
         def run() -> None:
             model.zero_grad(set_to_none=True)
-            with autocast() if dense_encoder else contextlib.nullcontext():
+            with autocast():
                 loss = feature_sum(model.encode(images, active))
             loss.backward()
         return run

@@ -97,6 +97,17 @@ def _baseline(rows: list[dict], variant: str, like: dict) -> Optional[dict]:
     return min(same, key=lambda r: r["median_s"]) if same else None
 
 
+def _backend(row: dict) -> str:
+    return f"[{row.get('conv_impl', 'auto')}]" if row["variant"] == "sparse" else ""
+
+
+def _sanity_text(s: dict) -> str:
+    name = s["model"] + (f"[{s['conv_impl']}]" if s.get("conv_impl", "auto") != "auto" else "")
+    if not s.get("passed", True):
+        return f"{name} FAILED, its rows left out ({s.get('error', '')})"
+    return f"{name} features {max(s['feature_rel_err']):.1e}, loss {s['loss_rel_err']:.1e}"
+
+
 def headline(results: dict) -> list[dict]:
     """Each sparse row at the headline mask (one per backend and precision) against (b) and
     (c) at the same precision, with a/b for time and memory."""
@@ -183,7 +194,7 @@ def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[st
         + (" **Partial run**: it ended before its last case; these are the cases it finished." if results.get("partial") else ""),
         "",
         "Sanity before timing ((a) vs (b), same weights and mask, float32): " + "; ".join(
-            f"{s['model']} features {max(s['feature_rel_err']):.1e}, loss {s['loss_rel_err']:.1e}" for s in results["sanity"]),
+            _sanity_text(s) for s in results["sanity"]),
         "",
         "Each sparse row (one per conv backend and precision) is compared with (b) and (c) at the same "
         "precision, in their faster layout (the layout column).",
@@ -229,8 +240,9 @@ def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[st
         lines += [f"| `{o['op']}` | {o['calls']} | {o['self_s']:.3f} | {o['share']:.0%} |" for o in bd["profile_top_ops"]]
     failed = [r for r in results["rows"] if "error" in r]
     if failed:
-        lines += ["", "Cases that did not run: " + "; ".join(
-            f"{r['model']} {r['variant']} {r['part']} b{r['batch']} {r['size']}px: {r['error']}" for r in failed)]
+        lines += ["", "Cases without a result: " + "; ".join(
+            f"{r['model']} {r['variant']}{_backend(r)} {r['part']} b{r['batch']} {r['size']}px"
+            f"{' ' + r['amp'] if r.get('amp') else ''}: {r['error']}" for r in failed)]
     for p in plots_rel:
         lines += ["", f"![{Path(p).stem}]({p})"]
     return lines + [""]

@@ -112,9 +112,11 @@ def full_plan(device: str, threads: Optional[int]) -> Plan:
     )
 
 
-def sanity_check(model: str, batch: int, size: int, device: str, decoder_width: int) -> dict:
-    """(a) sparse and (b) masked-dense agree on features and loss, same weights and mask."""
-    case = Case(model, "sparse", "step", batch, size, HEADLINE_MASK, device=device, decoder_width=decoder_width)
+def sanity_check(model: str, batch: int, size: int, device: str, decoder_width: int, conv_impl: str = "auto") -> dict:
+    """(a) sparse, with the ``conv_impl`` backend, and (b) masked-dense agree on features and
+    loss, same weights and mask (compared as dense maps: row order does not matter)."""
+    case = Case(model, "sparse", "step", batch, size, HEADLINE_MASK, device=device, decoder_width=decoder_width,
+                conv_impl=conv_impl)
     dev = torch.device(device)
     sparse = build_sparse_spark(case, dev)
     emulated = build_variant(sparse, "masked_dense").to(dev).train()
@@ -125,16 +127,16 @@ def sanity_check(model: str, batch: int, size: int, device: str, decoder_width: 
         theirs = emulated.encode(images, active)
         errors = [float((a - b).norm() / b.norm()) for a, b in zip(ours, theirs)]
         loss_a, loss_b = float(sparse(images, active)), float(emulated(images, active))
-    result = {"model": model, "batch": batch, "size": size, "mask_ratio": HEADLINE_MASK,
+    result = {"model": model, "conv_impl": conv_impl, "batch": batch, "size": size, "mask_ratio": HEADLINE_MASK,
               "feature_rel_err": errors, "loss_sparse": loss_a, "loss_masked_dense": loss_b,
               "loss_rel_err": abs(loss_a - loss_b) / abs(loss_b)}
     worst = max(errors + [result["loss_rel_err"]])
     result["passed"] = worst <= SANITY_TOL
     if not result["passed"]:
-        raise RuntimeError(f"sparse and masked-dense disagree for {model} (relative error {worst:.2e} > "
+        raise RuntimeError(f"sparse[{conv_impl}] and masked-dense disagree for {model} (relative error {worst:.2e} > "
                            f"{SANITY_TOL}); timings would compare different computations: {result}")
-    log.info("sanity %s b%d %dpx: features agree to %.1e, loss to %.1e", model, batch, size, max(errors),
-             result["loss_rel_err"])
+    log.info("sanity %s[%s] b%d %dpx: features agree to %.1e, loss to %.1e", model, conv_impl, batch, size,
+             max(errors), result["loss_rel_err"])
     return result
 
 
@@ -166,6 +168,12 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             torch.cuda.empty_cache()
             rows.append({**dataclasses.asdict(case), "error": "out of memory"})
             log.warning("[%d/%d] %s: out of memory, skipped", i, len(cases), case)
+            continue
+        except Exception as e:  # one broken backend must not cost the other rows of a GPU run
+            rows.append({**dataclasses.asdict(case), "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            log.exception("[%d/%d] %s failed; recorded, going on", i, len(cases), case)
+            if on_row is not None:
+                on_row(rows)
             continue
         rows.append(row)
         if on_row is not None:

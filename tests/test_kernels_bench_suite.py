@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kernels_bench.measure import Case, run_case
 from kernels_bench.report import headline, write_report
@@ -123,3 +124,50 @@ def test_headline_pairs_each_backend_with_the_fastest_baseline_of_its_precision(
     assert met["whole step memory, a/b (bf16)"][1] is False
     assert met["whole step images/s vs the official fp32 masked-dense"] == (pytest.approx(0.285 / 0.11), True)
     assert met["encoder forward+backward time, a/b (bf16)"][1] is False
+
+
+def test_a_failing_case_is_recorded_and_the_run_goes_on():
+    """A backend that raises (a Triton kernel that does not compile, say) costs its own row only."""
+    bad = Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1, decoder_width=64,
+               conv_impl="no_such_backend")
+    good = Case("resnet18", "dense", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1, decoder_width=64)
+    seen: list[int] = []
+    rows = run_cases([bad, good], isolate=False, on_row=lambda so_far: seen.append(len(so_far)))
+    assert seen == [1, 2] and "no_such_backend" in rows[0]["error"] and rows[0]["conv_impl"] == "no_such_backend"
+    assert "error" not in rows[1] and rows[1]["median_s"] > 0
+
+
+@pytest.mark.parametrize("part", ["encoder_fwd", "encoder_fwd_bwd", "step"])
+@pytest.mark.parametrize("variant", ["sparse", "masked_dense", "dense"])
+def test_an_amp_case_runs_every_variants_convolutions_under_autocast(variant, part):
+    """A bf16 row must measure bf16 convolutions, the sparse encoder's included. CPU autocast
+    stands in for CUDA's here (run_case refuses amp on CPU; _step_fn follows the device)."""
+    from kernels_bench.measure import _step_fn, build_sparse_spark, make_inputs
+    from kernels_bench.variants import build_variant
+
+    case = Case("resnet18", variant, part, 2, 64, 0.5, amp="bf16", warmup=0, repeats=1, decoder_width=64)
+    model = build_variant(build_sparse_spark(case, torch.device("cpu")), variant).train()
+    seen: list[bool] = []
+    convs = [m for m in model.modules() if "Conv" in type(m).__name__ and not list(m.children())]
+    for m in convs:
+        m.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    images, active = make_inputs(case, torch.device("cpu"))
+    _step_fn(case, model, images, active)()
+    assert len(seen) >= 20 and all(seen), f"{seen.count(False)} of {len(seen)} convolutions ran outside autocast"
+
+
+def test_a_backend_failing_its_sanity_check_loses_only_its_rows(tmp_path, monkeypatch):
+    """Each backend is checked against masked-dense before timing; one that fails (here
+    triton on a CPU without the interpreter) is reported and its cases left out."""
+    from kernels_bench.__main__ import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    main(["--quick", "--models", "resnet18", "--parts", "encoder_fwd", "--masks", "0.6", "--threads", "1",
+          "--conv-impl", "torch", "triton", "--skip", "kernels", "breakdown", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    by_impl = {s["conv_impl"]: s for s in saved["sanity"]}
+    assert by_impl["torch"]["passed"] and max(by_impl["torch"]["feature_rel_err"]) < 1e-4
+    assert not by_impl["triton"]["passed"] and by_impl["triton"]["error"]
+    sparse = [r for r in saved["rows"] if r["variant"] == "sparse"]
+    assert sparse and {r["conv_impl"] for r in sparse} == {"torch"} and all("error" not in r for r in saved["rows"])
+    assert {r["variant"] for r in saved["rows"]} == {"sparse", "masked_dense", "dense"}

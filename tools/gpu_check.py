@@ -198,7 +198,7 @@ def phase_bench(args: argparse.Namespace) -> int:
     out = REPO / "kernels_bench" / "results" / ("gpu-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
     bench = phase.run("kernels_bench", [
         python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
-        "--conv-impl", "torch", "triton", "minkowski", "--parts", "encoder_fwd_bwd", "step",
+        "--conv-impl", *args.conv_impl, "--parts", "encoder_fwd_bwd", "step",
         "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "--out", str(out),
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
@@ -235,6 +235,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--python", default="python3", help="build: the Python that holds the machine's torch")
     p.add_argument("--test-timeout", type=int, default=240, help="test: seconds one test may take")
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="bench: encoders")
+    p.add_argument("--conv-impl", nargs="+", default=["torch", "triton", "minkowski"],
+                   choices=("auto", "torch", "triton", "minkowski"), help="bench: sparse backends, one row set each")
     p.add_argument("--repeats", type=int, default=5, help="bench: timed runs per case (median reported)")
     args = p.parse_args(argv)
     return {"build": phase_build, "test": phase_test, "bench": phase_bench}[args.phase](args)
