@@ -242,15 +242,23 @@ def _encoder_pair(name: str, device: torch.device):
 
 
 def _encoder_step(encoder, images: torch.Tensor, active: torch.Tensor):
-    """Features of every scale, the image gradient and the parameter gradients of a
-    random linear loss on all scales."""
+    """Features of every scale as dense maps, the image gradient and the parameter gradients
+    of a random linear loss on all scales.
+
+    Compared through dense maps because the row order of strided coordinates is not
+    reproducible on CUDA: MinkowskiEngine's GPU hash map can order the same sites
+    differently in two forward passes."""
     images = images.detach().clone().requires_grad_()
     feats = encoder(images, active)
     g = torch.Generator().manual_seed(5)
-    loss = sum((f.F * torch.randn(f.F.shape, generator=g).to(f.F.device)).sum() for f in feats)
+    maps = []
+    for f in feats:
+        s = f.tensor_stride[0]
+        maps.append(to_dense(f, images.shape[0], (images.shape[-2] // s, images.shape[-1] // s)))
+    loss = sum((m * torch.randn(m.shape, generator=g).to(m.device)).sum() for m in maps)
     loss.backward()
     grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
-    return [f.F.detach() for f in feats], images.grad, grads
+    return [m.detach() for m in maps], images.grad, grads
 
 
 def _check_encoder(name: str, device: torch.device, batch: int, grid: tuple[int, int], tol: float):
