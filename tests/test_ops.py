@@ -411,3 +411,16 @@ def test_tables_equal_minkowski_kernel_maps(kernel, stride, tensor_stride):
     tables = ops.neighbour_tables(xs, kernel, stride)
     assert torch.equal(tables.forward, _tables_from_kernel_map(xs, kernel, stride))
     assert tables.complete == bool((tables.forward < tables.n_in).all())
+
+
+def test_auto_algorithm_by_channels():
+    """The measured choice (torch_backend's comment): one wide product for narrow inputs
+    (the 3-channel stem) and for 512+ channels, per-tap products between; always one
+    product in bf16/fp16."""
+    choose = torch_backend.choose_algorithm
+    assert [choose(c, torch.float32) for c in (1, 3, 15, 16, 64, 256, 511, 512, 2048)] == [
+        "gemm", "gemm", "gemm", "loop", "loop", "loop", "loop", "gemm", "gemm"]
+    assert choose(64, torch.bfloat16) == choose(3, torch.float16) == "gemm"
+    assert choose(3, torch.float32, "loop") == "loop" and choose(512, torch.float64, "pairs") == "pairs"
+    with pytest.raises(ValueError, match="unknown sparse conv algorithm"):
+        choose(64, torch.float32, "fft")

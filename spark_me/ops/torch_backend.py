@@ -42,9 +42,13 @@ from spark_me.ops.tables import NeighbourTables
 ALGORITHMS = ("auto", "gemm", "loop", "pairs", "dense")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # fp32 on CPU, 1 thread, 3×3 convs at ResNet-50 sizes (batch 8, 224 px, 40% visible),
-# forward+backward: "loop" was fastest or tied up to 256 input channels, "gemm" at 512;
-# "pairs" (MinkowskiEngine's algorithm) tied at 256 and lost elsewhere.
+# forward+backward: "loop" was fastest or tied from 16 up to 256 input channels, "gemm" at
+# 512; "pairs" (MinkowskiEngine's algorithm) tied at 256 and lost elsewhere. Below 16
+# input channels a tap's product is too thin for BLAS: the ResNet stem (3 -> 64, 7×7/2,
+# batch 8, 224 px) took 692 ms by "loop" and 75 ms by "gemm"; at 8 channels "gemm" still
+# took 0.35-0.7× of "loop"'s time, at 16 "loop" won again.
 GEMM_MIN_CHANNELS = 512
+GEMM_MAX_NARROW_CHANNELS = 15
 
 
 def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto") -> str:
@@ -55,7 +59,7 @@ def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto")
         return "gemm"
     if algorithm != "auto":
         return algorithm
-    return "gemm" if channels >= GEMM_MIN_CHANNELS else "loop"
+    return "gemm" if channels >= GEMM_MIN_CHANNELS or channels <= GEMM_MAX_NARROW_CHANNELS else "loop"
 
 
 def _pad(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
