@@ -46,7 +46,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # 512; "pairs" (MinkowskiEngine's algorithm) tied at 256 and lost elsewhere. Below 16
 # input channels a tap's product is too thin for BLAS: the ResNet stem (3 -> 64, 7×7/2,
 # batch 8, 224 px) took 692 ms by "loop" and 75 ms by "gemm"; at 8 channels "gemm" still
-# took 0.35-0.7× of "loop"'s time, at 16 "loop" won again.
+# took 0.2-0.7× of "loop"'s time, at 16 "loop" won again.
 GEMM_MIN_CHANNELS = 512
 GEMM_MAX_NARROW_CHANNELS = 15
 
