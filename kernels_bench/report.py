@@ -97,10 +97,6 @@ def _baseline(rows: list[dict], variant: str, like: dict) -> Optional[dict]:
     return min(same, key=lambda r: r["median_s"]) if same else None
 
 
-def _backend(row: dict) -> str:
-    return f"[{row.get('conv_impl', 'auto')}]" if row["variant"] == "sparse" else ""
-
-
 def _sanity_text(s: dict) -> str:
     name = s["model"] + (f"[{s['conv_impl']}]" if s.get("conv_impl", "auto") != "auto" else "")
     if not s.get("passed", True):
@@ -241,7 +237,7 @@ def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[st
     failed = [r for r in results["rows"] if "error" in r]
     if failed:
         lines += ["", "Cases without a result: " + "; ".join(
-            f"{r['model']} {r['variant']}{_backend(r)} {r['part']} b{r['batch']} {r['size']}px"
+            f"{r['model']} {_series(r)} {r['part']} b{r['batch']} {r['size']}px"
             f"{' ' + r['amp'] if r.get('amp') else ''}: {r['error']}" for r in failed)]
     for p in plots_rel:
         lines += ["", f"![{Path(p).stem}]({p})"]
