@@ -67,6 +67,26 @@ def test_conv_chain_keeps_stride_and_sites(dtype, device):
     _check(s2(s1(xs)), expected, active, 4, dtype)
 
 
+@pytest.mark.parametrize("conv_impl", ["torch", "minkowski"])
+def test_conv_weight_layout_channels_last_with_pytorch_state_dict(conv_impl):
+    """A k×k conv keeps its weight in channels_last memory (depthwise and 1×1 convs do not),
+    across ``.to()``; its state dict loads into nn.Conv2d and back unchanged; and its weight
+    gradient comes back in the weight's own strides (no copy when autograd stores it)."""
+    _, xs, _ = _sparse_input()
+    conv = SparseConv2d(5, 6, 3, 2, conv_impl=conv_impl).double()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    assert SparseConv2d(5, 6, 1).weight.is_contiguous()
+    assert SparseConv2d(5, 5, 7, groups=5).weight.is_contiguous()
+    dense = nn.Conv2d(5, 6, 3, 2, 1).double()
+    dense.load_state_dict(conv.state_dict())
+    assert torch.equal(dense.weight, conv.weight) and dense.weight.is_contiguous()
+    conv.load_state_dict(nn.Conv2d(5, 6, 3, 2, 1).double().state_dict())
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    conv(xs).F.square().sum().backward()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+
+
 def test_conv_bias_only_at_visible_sites():
     """A bias must not leak into masked sites: with zero weight the output is the bias, at visible sites only."""
     _, xs, active = _sparse_input()

@@ -157,6 +157,38 @@ def test_depthwise_bf16_within_derived_bound(algorithm):
     check_depthwise_bf16(x64, xs, leaf, active, 1, 7, lambda x, w: _depthwise(x, w, "torch", algorithm))
 
 
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (7, 2), (3, 2), (2, 2)])
+def test_dense_algorithms_on_a_complete_map(kernel, stride):
+    """Where every site exists the dense algorithms scatter into uninitialised memory (no
+    zero fill): forward and both gradients must still equal the gathers'. A freed map of
+    NaNs of the same size goes first, so that stale memory would show."""
+    b, c, h, w = 2, 3, 8, 12
+    x = torch.randn(b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    coords = torch.ones(b, h, w, dtype=torch.bool).nonzero().int().contiguous()
+    grad = torch.randn(b * (h // stride) * (w // stride), c, dtype=torch.float64)
+    results = []
+    for algorithm in ("gemm", "dense"):
+        xs = ME.SparseTensor(x.permute(0, 2, 3, 1).reshape(-1, c).clone(), coordinates=coords,
+                             coordinate_manager=ops.new_coordinate_manager(coords))
+        leaf = xs.F.detach().clone().requires_grad_()
+        tables = ops.neighbour_tables(xs, kernel, stride)
+        if algorithm == "dense":
+            assert len(tables.dense_grid.in_flat) == b * h * w  # the uninitialised-memory case
+        depthwise = kernel % 2 == 1 and stride == 1
+        weight = torch.randn(c, c, kernel, kernel, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        weight = (weight[:, 0].flatten(1).t() if depthwise else weight).contiguous().requires_grad_()
+        stale = torch.full((b * h * w, c), float("nan"), dtype=torch.float64)
+        del stale  # freed just before the op allocates its map of the same size
+        if depthwise:
+            out = torch_backend.depthwise_conv(leaf, weight, tables, "gather" if algorithm == "gemm" else "dense")
+        else:
+            out = torch_backend.sparse_conv(leaf, weight, tables, algorithm)
+        out.backward(grad[: len(out)])
+        results.append((out.detach(), leaf.grad, weight.grad))
+    for got, ref in zip(results[1], results[0]):
+        assert torch.isfinite(got).all() and rel_err(got, ref) <= 1e-12
+
+
 def test_auto_takes_the_dense_conv_only_where_nearly_every_site_exists():
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     full = torch.ones(2, 2, 2, dtype=torch.bool)

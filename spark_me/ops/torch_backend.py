@@ -164,7 +164,8 @@ class SparseConvFunction(torch.autograd.Function):
                         in_rows, out_rows = tables.pairs[t]
                         block = grad.index_select(0, out_rows).t() @ features.index_select(0, in_rows)
                     _tap_block(grad_rows, t, c_in).copy_(block)
-            grad_w = grad_rows.view(c_out, k, k, c_in).permute(0, 3, 1, 2).contiguous()
+            # [out, in, kh, kw] in channels_last memory: a view, the layout SparseConv2d keeps
+            grad_w = grad_rows.view(c_out, k, k, c_in).permute(0, 3, 1, 2)
         return grad_in, grad_w, None, None
 
 
@@ -308,7 +309,10 @@ class DepthwiseConvFunction(torch.autograd.Function):
 def _scatter_dense(features: torch.Tensor, shape: tuple[int, int, int], flat: torch.Tensor) -> torch.Tensor:
     """``[N, C]`` rows into a zero ``(B, C, H, W)`` map in channels_last memory at ``flat``."""
     b, h, w = shape
-    dense = features.new_zeros(b * h * w, features.shape[1])
+    if len(flat) == b * h * w:  # every site exists: the copy writes every row, no zero fill
+        dense = features.new_empty(b * h * w, features.shape[1])
+    else:
+        dense = features.new_zeros(b * h * w, features.shape[1])
     dense.index_copy_(0, flat, features)
     return dense.view(b, h, w, -1).permute(0, 3, 1, 2)
 
