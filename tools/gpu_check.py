@@ -203,8 +203,13 @@ def phase_bench(args: argparse.Namespace) -> int:
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
         shutil.copy(data_json, out / "data_throughput.json")
+    # what each part of a bf16 step keeps for backward, sparse vs masked-dense (seconds on a GPU)
+    saved = phase.run("saved tensors", [
+        python, "-m", "kernels_bench.saved_memory", "--device", "cuda", "--models", *args.models, "--batch", "128",
+        "--amp", "bf16", "--out", str(out / "saved-memory"),
+    ])
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
-    ok = bench["rc"] == 0 and not bench["timed_out"] and report["rc"] == 0
+    ok = bench["rc"] == 0 and not bench["timed_out"] and report["rc"] == 0 and saved["rc"] == 0
     if ok and data_json.exists():
         phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
     return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}")
