@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="import a module that registers your own encoder, then name it in --models")
     p.add_argument("--conv-impl", nargs="+", default=None, choices=("auto", "torch", "triton", "minkowski"),
                    help="sparse conv backend(s) of the sparse encoder; several give one set of sparse rows each")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="add sparse rows with the encoder's blocks recomputed in the backward (bf16 on CUDA)")
     p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "breakdown"), help="parts of the run to leave out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         plan.conv_impls = tuple(args.conv_impl)
     if args.repeats:
         plan.repeats = args.repeats
+    plan.grad_checkpointing = args.grad_checkpointing
     if args.parts:
         plan.parts = args.parts
     if args.masks:

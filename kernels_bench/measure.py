@@ -53,6 +53,7 @@ class Case:
     seed: int = 0
     imports: tuple[str, ...] = ()  # modules registering users' encoders (see import_encoder_modules)
     conv_impl: str = "auto"  # sparse conv backend of the sparse encoder (spark_me.ops.CONV_IMPLS)
+    grad_checkpointing: bool = False  # the sparse encoder recomputes its blocks in the backward
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -67,6 +68,8 @@ class Case:
             raise ValueError(f"amp {self.amp!r} must be null, 'bf16' or 'fp16'")
         if (self.amp or self.channels_last) and not self.device.startswith("cuda"):
             raise ValueError("amp and channels_last rows are for CUDA only")
+        if self.grad_checkpointing and (self.variant != "sparse" or self.part == "encoder_fwd"):
+            raise ValueError("grad_checkpointing rows are sparse rows of a part with a backward")
 
 
 def _sync(device: torch.device) -> None:
@@ -113,6 +116,7 @@ def build_sparse_spark(case: Case, device: torch.device) -> SparK:
     """The reference SparK of a case; every variant copies its weights."""
     torch.manual_seed(case.seed)
     encoder = build_sparse_encoder(case.model, conv_impl=case.conv_impl)
+    encoder.set_grad_checkpointing(case.grad_checkpointing)
     return SparK(encoder, decoder_width=case.decoder_width, mask_ratio=case.mask_ratio).to(device).train()
 
 

@@ -21,9 +21,14 @@ def _key(r: dict) -> tuple:
     return (r["model"], r["part"], r["batch"], r["size"], r.get("amp"), bool(r.get("channels_last")))
 
 
+def _backend(r: dict) -> str:
+    """A sparse row's conv backend, and ``+recompute`` where its blocks were checkpointed."""
+    return (r.get("conv_impl") or "auto") + ("+recompute" if r.get("grad_checkpointing") else "")
+
+
 def _series(r: dict) -> str:
     """A row's line in plots and sweeps: the variant, and for (a) its conv backend."""
-    return f"sparse[{r.get('conv_impl') or 'auto'}]" if r["variant"] == "sparse" else r["variant"]
+    return f"sparse[{_backend(r)}]" if r["variant"] == "sparse" else r["variant"]
 
 
 def _plain(rows: list[dict]) -> list[dict]:
@@ -112,13 +117,13 @@ def headline(results: dict) -> list[dict]:
     sparse = [r for r in rows if r["variant"] == "sparse"]
     order = {k: i for i, k in enumerate(PART_LABELS)}
     sparse.sort(key=lambda r: (r["model"], order[r["part"]], (r["batch"], r["size"]) != (plan["batch"], plan["size"]),
-                               r["batch"], r["size"], r.get("amp") or "", r.get("conv_impl") or ""))
+                               r["batch"], r["size"], r.get("amp") or "", _backend(r)))
     out = []
     for a in sparse:
         b, c = _baseline(rows, "masked_dense", a), _baseline(rows, "dense", a)
         out.append({
             "model": a["model"], "part": a["part"], "batch": a["batch"], "size": a["size"],
-            "backend": a.get("conv_impl") or "auto", "setting": a.get("amp") or "fp32",
+            "backend": _backend(a), "setting": a.get("amp") or "fp32",
             "b_layout": b and ("channels_last" if b.get("channels_last") else "NCHW"),
             "a_img_s": a["images_per_s"], "b_img_s": b and b["images_per_s"], "c_img_s": c and c["images_per_s"],
             "a_mib": a.get("peak_growth_mib"), "b_mib": b and b.get("peak_growth_mib"), "c_mib": c and c.get("peak_growth_mib"),

@@ -159,17 +159,22 @@ def _forward(model: nn.Module, images: torch.Tensor, active: torch.Tensor, varia
 
 
 def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, device: str = "cpu",
-                amp: Optional[str] = None, decoder_width: int = 768, conv_impl: str = "auto") -> dict:
+                amp: Optional[str] = None, decoder_width: int = 768, conv_impl: str = "auto",
+                grad_checkpointing: bool = False) -> dict:
     """The saved-tensor account of one step's forward for the sparse and masked-dense variants
-    (same weights, images and mask); ``amp``: None, ``"bf16"`` or ``"fp16"``."""
+    (same weights, images and mask); ``amp``: None, ``"bf16"`` or ``"fp16"``;
+    ``grad_checkpointing``: the sparse encoder recomputes its blocks in the backward (the
+    emulation keeps its own activations: its masking context lives for one forward only)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
     out: dict = {"model": model_name, "batch": batch, "size": size, "mask_ratio": mask_ratio, "amp": amp,
-                 "device": device, "conv_impl": conv_impl, "variants": {}}
+                 "device": device, "conv_impl": conv_impl, "grad_checkpointing": grad_checkpointing, "variants": {}}
     for variant in VARIANTS:
         case = Case(model=model_name, batch=batch, size=size, mask_ratio=mask_ratio, variant=variant, part="step",
                     device=device, decoder_width=decoder_width, conv_impl=conv_impl)
         sparse = build_sparse_spark(case, torch.device(device))
         model = build_variant(sparse, variant).to(device).train()
+        if grad_checkpointing and variant == "sparse":
+            model.model.encoder.set_grad_checkpointing(True)
         images, active = make_inputs(case, torch.device(device))
         forward = _forward(model, images, active, variant, dtype)
         with SavedTensorAccount(model) as account:
@@ -195,7 +200,8 @@ def markdown(results: list[dict]) -> str:
         s, d = r["variants"]["sparse"], r["variants"]["masked_dense"]
         q = ratios(r)
         lines += [f"### {r['model']}, batch {r['batch']}, {r['size']} px, mask {r['mask_ratio']}, "
-                  f"{r['amp'] or 'fp32'} ({r['visible_fraction']:.2f} visible, {r['device']})", "",
+                  f"{r['amp'] or 'fp32'} ({r['visible_fraction']:.2f} visible, {r['device']})"
+                  + (", sparse encoder with gradient checkpointing" if r.get("grad_checkpointing") else ""), "",
                   "| part | sparse MiB | masked-dense MiB | sparse / masked-dense |", "|---|---|---|---|"]
         for p in sorted(set(s["parts_mib"]) | set(d["parts_mib"])):
             ratio = f"{q['parts'][p]:.2f}" if p in q["parts"] else "-"
@@ -217,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--conv-impl", default="auto", choices=("auto", "torch", "triton", "minkowski"))
-    p.add_argument("--out", type=Path, default=REPO / "kernels_bench" / "results" / "saved-memory")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="the sparse encoder recomputes its blocks in the backward (the emulation does not)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default kernels_bench/results/saved-memory[-grad-checkpointing]")
     args = p.parse_args(argv)
     if not 0.0 <= args.mask < 1.0:
         p.error(f"--mask must be in [0, 1), got {args.mask}")
@@ -225,17 +234,20 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--size must be a multiple of 32, got {args.size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     amp = None if args.amp == "none" else args.amp
+    default_name = "saved-memory" + ("-grad-checkpointing" if args.grad_checkpointing else "")
+    out = args.out or REPO / "kernels_bench" / "results" / default_name
     results = []
     for name in args.models:
         log.info("saved_memory: %s, batch %d, %d px, mask %.2f, %s", name, args.batch, args.size, args.mask, amp or "fp32")
-        results.append(count_saved(name, args.batch, args.size, args.mask, args.device, amp, conv_impl=args.conv_impl))
+        results.append(count_saved(name, args.batch, args.size, args.mask, args.device, amp, conv_impl=args.conv_impl,
+                                   grad_checkpointing=args.grad_checkpointing))
         q = ratios(results[-1])
         log.info("  sparse / masked-dense activations: %.2f (%s)", q["total"],
                  ", ".join(f"{k} {v:.2f}" for k, v in q["parts"].items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "saved_memory.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "saved_memory.md").write_text(markdown(results))
-    log.info("saved_memory: wrote %s", args.out / "saved_memory.md")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "saved_memory.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "saved_memory.md").write_text(markdown(results))
+    log.info("saved_memory: wrote %s", out / "saved_memory.md")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ class Plan:
     decoder_width: int = 768
     imports: tuple[str, ...] = ()  # users' encoder modules, imported in every case's process
     conv_impls: tuple[str, ...] = ("auto",)  # sparse conv backends, one set of sparse rows each
+    # also sparse rows with the encoder's blocks recomputed in the backward, for the parts
+    # with a backward at the headline mask, batch and size (bf16 on CUDA, fp32 on CPU; not
+    # for the minkowski reference)
+    grad_checkpointing: bool = False
 
     def cases(self) -> list[Case]:
         out: list[Case] = []
@@ -64,6 +68,10 @@ class Plan:
                     out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, **common))
                     if self.cuda_extras and impl != "minkowski":  # ME's kernels are fp32-only
                         out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp="bf16", **common))
+                    headline = (mask, batch, size) == (HEADLINE_MASK, self.batch, self.size)
+                    if self.grad_checkpointing and part != "encoder_fwd" and headline and impl != "minkowski":
+                        out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl,
+                                        amp="bf16" if self.cuda_extras else None, grad_checkpointing=True, **common))
                 return
             out.append(Case(model, variant, part, batch, size, mask, **common))
             if self.cuda_extras:  # the dense baselines at their fastest: channels_last, and bf16 in it

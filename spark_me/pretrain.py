@@ -184,6 +184,8 @@ def validate_config(cfg: DictConfig) -> None:
         )
     global_batch = _int(d.global_batch_size, "data.global_batch_size")
     plan_batches(global_batch, 1, _int(t.grad_accum_steps, "trainer.grad_accum_steps"))
+    if not isinstance(t.get("grad_checkpointing", False), bool):
+        raise ConfigError(f"trainer.grad_checkpointing={t.grad_checkpointing!r} must be true or false")
     _int(d.num_workers, "data.num_workers", low=0)
     scale = list(d.crop_scale)
     if len(scale) != 2 or not 0 < _number(scale[0], "data.crop_scale[0]") <= _number(scale[1], "data.crop_scale[1]") <= 1:
@@ -255,6 +257,11 @@ def build_model(cfg: DictConfig) -> SparK:
     """The SparK model of a run config (encoder by timm name, LightDecoder, mask ratio)."""
     kwargs = {"drop_path_rate": float(cfg.model.drop_path_rate)} if cfg.model.drop_path_rate else {}
     encoder = build_sparse_encoder(cfg.model.name, conv_impl=str(cfg.model.get("conv_impl") or "auto"), **kwargs)
+    if cfg.trainer.get("grad_checkpointing", False):
+        try:
+            encoder.set_grad_checkpointing(True)
+        except ValueError as e:
+            raise ConfigError(f"trainer.grad_checkpointing=true: {e}") from e
     return SparK(encoder, decoder_width=int(cfg.model.decoder_width), mask_ratio=float(cfg.mask.ratio))
 
 
@@ -509,6 +516,8 @@ class PretrainRun:
             self.plan.describe(), self.steps_per_epoch, s.epochs, cfg.optimizer.name, *cfg.optimizer.betas, lr,
             cfg.optimizer.base_lr, self.global_batch, self.device, t.precision if self.amp_dtype else "fp32", self.out,
         )
+        if t.get("grad_checkpointing", False):
+            log.info("gradient checkpointing: each encoder block is recomputed in the backward (less memory, more time)")
         if self.plan.grad_accum_steps > 1:
             log.info(
                 "gradient accumulation: %d micro-batches of %d images per process and step; BatchNorm statistics "

@@ -68,6 +68,14 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         for loss in losses:
             dist.all_reduce(loss)
         result[sync] = {"losses": [float(loss) / WORLD for loss in losses], "state": model.state_dict(), "grads": grads}
+    # the synced run again, its encoder blocks recomputed in the backward (SyncBN collectives included)
+    model = _model()
+    model.encoder.set_grad_checkpointing(True)
+    convert_sync_batchnorm(model)
+    losses, grads = _train(model, DistributedDataParallel(SparKStep(model)), shard)
+    for loss in losses:
+        dist.all_reduce(loss)
+    result["recompute"] = {"losses": [float(loss) / WORLD for loss in losses], "state": model.state_dict(), "grads": grads}
     # sparse sync BN alone: forward and input gradients against BN over the whole batch
     torch.manual_seed(1)
     x = torch.randn(2 * 50, 8, dtype=torch.float64) * 3 + 1
@@ -140,6 +148,14 @@ def test_synced_bn_ddp_matches_single_process_on_the_global_batch(ranks, single)
     # without synchronisation each rank normalises with its own half: measurably different
     assert _rel(unsynced["grads"], single["grads"]) > 0.1
     assert _rel(unsynced["state"], single["state"]) > 1000 * _rel(synced["state"], single["state"])
+
+
+def test_gradient_checkpointing_under_ddp_with_synced_bn_changes_nothing(ranks):
+    """Same losses, gradients and state (running statistics updated once) as the synced run."""
+    for r in ranks:
+        assert r["recompute"]["losses"] == pytest.approx(r[True]["losses"], rel=1e-6)
+        assert _rel(r["recompute"]["grads"], r[True]["grads"]) <= 1e-5
+        assert _rel(r["recompute"]["state"], r[True]["state"]) <= 1e-6
 
 
 def test_cpu_sync_batchnorm_equals_batchnorm_over_all_ranks(ranks):

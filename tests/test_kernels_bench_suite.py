@@ -179,3 +179,19 @@ def test_a_backend_failing_its_sanity_check_loses_only_its_rows(tmp_path, monkey
     sparse = [r for r in saved["rows"] if r["variant"] == "sparse"]
     assert sparse and {r["conv_impl"] for r in sparse} == {"torch"} and all("error" not in r for r in saved["rows"])
     assert {r["variant"] for r in saved["rows"]} == {"sparse", "masked_dense", "dense"}
+
+
+def test_recompute_rows_are_sparse_headline_rows_and_named_apart():
+    cases = _plan(parts=["encoder_fwd", "encoder_fwd_bwd", "step"], extra_batches=[2], grad_checkpointing=True).cases()
+    recompute = [c for c in cases if c.grad_checkpointing]
+    assert {(c.variant, c.part, c.mask_ratio, c.batch, c.amp) for c in recompute} == {
+        ("sparse", "encoder_fwd_bwd", 0.6, 4, None), ("sparse", "step", 0.6, 4, None)}
+    gpu = _plan(device="cuda", cuda_extras=True, parts=["step"], grad_checkpointing=True).cases()
+    assert {c.amp for c in gpu if c.grad_checkpointing} == {"bf16"}
+    with pytest.raises(ValueError, match="grad_checkpointing rows are sparse rows"):
+        Case("resnet18", "masked_dense", "step", 2, 64, 0.5, grad_checkpointing=True).validate()
+    row = run_case(Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.6, warmup=0, repeats=1, decoder_width=64,
+                        grad_checkpointing=True))
+    assert row["grad_checkpointing"] and row["median_s"] > 0
+    results = {"plan": {"batch": 2, "size": 64}, "rows": [row, {**row, "grad_checkpointing": False}]}
+    assert {h["backend"] for h in headline(results)} == {"auto", "auto+recompute"}

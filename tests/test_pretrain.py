@@ -126,6 +126,7 @@ def test_demo_experiment_preset_composes():
         (["data.global_batch_size=0"], r"data.global_batch_size=0 must be an integer >= 1"),
         (["+data.batch_size=128"], r"data.batch_size=128 \(a per-process batch\) is gone: .*data.global_batch_size="),
         (["trainer.grad_accum_steps=0"], r"trainer.grad_accum_steps=0 must be an integer >= 1"),
+        (["trainer.grad_checkpointing=sometimes"], r"trainer.grad_checkpointing='sometimes' must be true or false"),
         (["data.global_batch_size=4096", "trainer.grad_accum_steps=3"], r"does not split into 1 process\(es\) x trainer.grad_accum_steps=3"),
         (["optimizer.betas=[0.9,1.0]"], r"optimizer.betas\[1\]=1.0 must be in \[0.0, 1.0\)"),
         (["model.decoder_width=100"], r"model.decoder_width=100 must be a multiple of 32"),
@@ -230,6 +231,16 @@ def test_short_run_writes_metrics_checkpoints_and_reconstructions(tmp_path):
     assert pngs == ["step_00000000.png", "step_00000004.png", "step_00000005.png"]
     grid = Image.open(out / "reconstructions" / "step_00000005.png")
     assert grid.size == (4 * 66 - 2, 16 + 2 * 66 - 2)  # 4 views x 2 images of 64 px
+
+
+def test_gradient_checkpointing_run_matches_the_plain_run(tmp_path):
+    run(_tiny(tmp_path / "plain", "trainer.max_steps=3"))
+    cfg = _tiny(tmp_path / "recompute", "trainer.max_steps=3", "trainer.grad_checkpointing=true")
+    assert build_model(cfg).encoder.grad_checkpointing and not build_model(_tiny(tmp_path)).encoder.grad_checkpointing
+    run(cfg)
+    plain, recompute = _metrics(tmp_path / "plain"), _metrics(tmp_path / "recompute")
+    assert len(plain) == len(recompute) == 3
+    assert [m["loss"] for m in recompute] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
 
 
 def _straight_and_split(base: str, *overrides: str) -> None:

@@ -199,17 +199,18 @@ def phase_bench(args: argparse.Namespace) -> int:
     bench = phase.run("kernels_bench", [
         python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
         "--conv-impl", *args.conv_impl, "--parts", "encoder_fwd_bwd", "step",
-        "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "--out", str(out),
+        "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "--grad-checkpointing",
+        "--out", str(out),
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
         shutil.copy(data_json, out / "data_throughput.json")
     # what each part of a bf16 step keeps for backward, sparse vs masked-dense (seconds on a GPU)
-    saved = phase.run("saved tensors", [
+    saved = [phase.run("saved tensors", [
         python, "-m", "kernels_bench.saved_memory", "--device", "cuda", "--models", *args.models, "--batch", "128",
-        "--amp", "bf16", "--out", str(out / "saved-memory"),
-    ])
+        "--amp", "bf16", *flag, "--out", str(out / ("saved-memory" + suffix)),
+    ]) for flag, suffix in (([], ""), (["--grad-checkpointing"], "-grad-checkpointing"))]
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
-    ok = bench["rc"] == 0 and not bench["timed_out"] and report["rc"] == 0 and saved["rc"] == 0
+    ok = bench["rc"] == 0 and not bench["timed_out"] and report["rc"] == 0 and all(r["rc"] == 0 for r in saved)
     if ok and data_json.exists():
         phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
     return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}")

@@ -36,6 +36,21 @@ class SparseEncoder(nn.Module):
     downsample_ratio: int = 32
     feature_channels: list[int]
     timm_name: Optional[str] = None
+    # Encoders that run their blocks through spark_me.recompute.run_blocks set this True.
+    supports_grad_checkpointing: bool = False
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each block in the backward instead of keeping its
+        activations (less memory, one more forward of the blocks per step)."""
+        if enable and not self.supports_grad_checkpointing:
+            raise ValueError(
+                f"{type(self).__name__} does not support gradient checkpointing: run its blocks through "
+                "spark_me.recompute.run_blocks and set supports_grad_checkpointing = True, or leave it off"
+            )
+        for m in self.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
         check_inputs(images, active, self.downsample_ratio)

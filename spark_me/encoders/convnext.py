@@ -19,6 +19,7 @@ from timm.layers import Mlp
 from spark_me.encoders.base import SparseEncoder
 from spark_me.encoders.registry import register_encoder
 from spark_me.layers import SparseConv2d, SparseDropPath, SparseLayerNorm, set_conv_impl, sparse_add, with_features
+from spark_me.recompute import run_blocks
 
 LN_EPS = 1e-6
 
@@ -71,6 +72,8 @@ class CarriedLayerNorm(nn.Module):
 
 
 class SparseConvNeXtStage(nn.Module):
+    grad_checkpointing: bool = False  # set by SparseConvNeXt.set_grad_checkpointing
+
     def __init__(
         self,
         in_dim: int,
@@ -91,11 +94,13 @@ class SparseConvNeXtStage(nn.Module):
         )
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        return self.blocks(self.downsample(x))
+        return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
 
 
 class SparseConvNeXt(SparseEncoder):
     """Sparse ConvNeXt with feature maps after each of the four stages."""
+
+    supports_grad_checkpointing = True
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from spark_me.layers import (
     set_conv_impl,
     sparse_add,
 )
+from spark_me.recompute import run_blocks
 
 
 class SparseBasicBlock(nn.Module):
@@ -92,6 +93,8 @@ Block = Union[Type[SparseBasicBlock], Type[SparseBottleneck]]
 class SparseResNet(SparseEncoder):
     """Sparse ResNet; ``layers`` blocks per stage, feature maps after each stage."""
 
+    supports_grad_checkpointing = True
+
     def __init__(
         self,
         block: Block,
@@ -151,7 +154,7 @@ class SparseResNet(SparseEncoder):
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         features = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
+            x = run_blocks(stage, x, self.grad_checkpointing)
             features.append(x)
         return features
 
