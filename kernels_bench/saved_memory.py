@@ -232,6 +232,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--mask must be in [0, 1), got {args.mask}")
     if args.size % 32:
         p.error(f"--size must be a multiple of 32, got {args.size}")
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
+    from spark_me import list_encoders
+
+    unknown = [m for m in args.models if m not in list_encoders()]
+    if unknown:
+        p.error(f"unknown encoder(s) {', '.join(unknown)}; registered: {', '.join(list_encoders())}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     amp = None if args.amp == "none" else args.amp
     default_name = "saved-memory" + ("-grad-checkpointing" if args.grad_checkpointing else "")

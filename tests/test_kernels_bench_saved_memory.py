@@ -65,5 +65,6 @@ def test_sparse_encoder_saves_less_and_the_rest_is_shared(resnet18_account):
 def test_cli_writes_json_and_markdown(tmp_path):
     main(["--models", "resnet18", "--batch", "1", "--size", "64", "--amp", "none", "--out", str(tmp_path)])
     assert (tmp_path / "saved_memory.json").exists() and "all activations" in (tmp_path / "saved_memory.md").read_text()
-    with pytest.raises(SystemExit):
-        main(["--mask", "1.0", "--out", str(tmp_path)])
+    for bad in (["--mask", "1.0"], ["--batch", "0"], ["--models", "resnet5"]):
+        with pytest.raises(SystemExit):
+            main([*bad, "--out", str(tmp_path)])
