@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+import MinkowskiEngine as ME
 import torch
 import torch.nn as nn
 
@@ -81,10 +82,15 @@ class SavedTensorAccount:
     """Counts the bytes autograd saves while active, per (part, innermost module type).
 
     Use as a context manager around a forward pass of ``model``; read :meth:`summary`.
+    ``held_inputs(module)`` names the modules whose inputs are kept for the backward by
+    other means than autograd's saved tensors: the blocks run under activation
+    checkpointing, which holds each block's input to recompute it (those bytes are
+    counted too, once per storage, as the block's).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, held_inputs: Optional[Callable[[nn.Module], bool]] = None) -> None:
         self.model = model
+        self.held_inputs = held_inputs
         self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.seen: set[int] = set()
         self.by_layer: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -107,8 +113,13 @@ class SavedTensorAccount:
         return t
 
     def _enter_hook(self, path: str, layer: str) -> Callable[..., None]:
-        def hook(*_) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
             self._stack.append((path, layer))
+            if self.held_inputs is not None and torch.is_grad_enabled() and self.held_inputs(module):
+                for a in args:
+                    t = a.F if isinstance(a, ME.SparseTensor) else a
+                    if isinstance(t, torch.Tensor):
+                        self._pack(t)
         return hook
 
     def _exit_hook(self, *_) -> None:  # returns None: a forward hook's result would replace the output
@@ -140,6 +151,14 @@ class SavedTensorAccount:
             "layers_mib": [{"part": p, "layer": l, "mib": v / MIB} for (p, l), v in self.by_layer.most_common()],
             "weight_casts_mib": self.weight_casts / MIB,
         }
+
+
+def _is_recomputed_block(module: nn.Module) -> bool:
+    """The blocks that spark_me's ResNets and ConvNeXts run under activation checkpointing."""
+    from spark_me.encoders.convnext import SparseConvNeXtBlock
+    from spark_me.encoders.resnet import SparseBasicBlock, SparseBottleneck
+
+    return isinstance(module, (SparseBasicBlock, SparseBottleneck, SparseConvNeXtBlock))
 
 
 def _forward(model: nn.Module, images: torch.Tensor, active: torch.Tensor, variant: str,
@@ -177,7 +196,7 @@ def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, devic
             model.model.encoder.set_grad_checkpointing(True)
         images, active = make_inputs(case, torch.device(device))
         forward = _forward(model, images, active, variant, dtype)
-        with SavedTensorAccount(model) as account:
+        with SavedTensorAccount(model, _is_recomputed_block if grad_checkpointing else None) as account:
             loss = forward()
         loss.backward()  # the graph runs once, as in a step (and its saved tensors are freed)
         out["variants"][variant] = account.summary()

@@ -42,6 +42,19 @@ def test_autocast_weight_copies_are_counted_apart():
     loss.float().backward()
 
 
+def test_inputs_held_by_a_checkpoint_are_counted():
+    """Activation checkpointing keeps a block's input outside autograd's saved tensors;
+    ``held_inputs`` counts it, and nothing saved inside the block."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _Toy()
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorAccount(model, held_inputs=lambda m: m is model.encoder) as account:
+        y = checkpoint(model.encoder, x, use_reentrant=False)
+    y.sum().backward()
+    assert account.summary()["activations_mib"] * 2**20 == 4 * 8 * 4  # x only
+
+
 def test_part_names():
     assert part_of("model.encoder.layer1.0.conv1") == part_of("encoder.layer1") == "encoder"
     assert part_of("model.densify.projs.0") == part_of("projs.0") == part_of("norms.1") == "densify"
