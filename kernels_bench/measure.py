@@ -120,9 +120,25 @@ def build_sparse_spark(case: Case, device: torch.device) -> SparK:
     return SparK(encoder, decoder_width=case.decoder_width, mask_ratio=case.mask_ratio).to(device).train()
 
 
+def step_loss(model: nn.Module, images: torch.Tensor, active: torch.Tensor, variant: str,
+              amp: Optional[torch.dtype]) -> Callable[[], torch.Tensor]:
+    """The loss of one training step's forward: under ``amp`` the whole forward is one
+    autocast region (for the sparse variant, the training step's own ``SparKStep``)."""
+    if amp is not None and variant == "sparse":
+        from spark_me.pretrain import SparKStep
+
+        step = SparKStep(model.model, amp)
+        return lambda: step(images, active)
+    if amp is not None:
+        def run() -> torch.Tensor:
+            with torch.autocast(images.device.type, dtype=amp):
+                return model(images, active)
+        return run
+    return lambda: model(images, active)
+
+
 def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.Tensor) -> Callable[[], None]:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.amp or "")
-    dense_encoder = case.variant != "sparse"
 
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(images.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -144,19 +160,11 @@ def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.T
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=case.amp == "fp16")
-    sparse_amp_step = None
-    if amp is not None and not dense_encoder:
-        from spark_me.pretrain import SparKStep  # the whole forward in one autocast region
-
-        sparse_amp_step = SparKStep(model.model, amp)
+    forward = step_loss(model, images, active, case.variant, amp)
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
-        if sparse_amp_step is not None:
-            loss = sparse_amp_step(images, active)
-        else:
-            with autocast():
-                loss = model(images, active)
+        loss = forward()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

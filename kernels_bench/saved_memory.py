@@ -28,7 +28,7 @@ import MinkowskiEngine as ME
 import torch
 import torch.nn as nn
 
-from kernels_bench.measure import Case, build_sparse_spark, make_inputs
+from kernels_bench.measure import Case, build_sparse_spark, make_inputs, step_loss
 from kernels_bench.variants import build_variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,22 +161,6 @@ def _is_recomputed_block(module: nn.Module) -> bool:
     return isinstance(module, (SparseBasicBlock, SparseBottleneck, SparseConvNeXtBlock))
 
 
-def _forward(model: nn.Module, images: torch.Tensor, active: torch.Tensor, variant: str,
-             amp: Optional[torch.dtype]) -> Callable[[], torch.Tensor]:
-    """The loss of one step's forward, as kernels_bench times it (one autocast region)."""
-    if amp is not None and variant == "sparse":
-        from spark_me.pretrain import SparKStep
-
-        step = SparKStep(model.model, amp)
-        return lambda: step(images, active)
-    if amp is not None:
-        def run() -> torch.Tensor:
-            with torch.autocast(images.device.type, dtype=amp):
-                return model(images, active)
-        return run
-    return lambda: model(images, active)
-
-
 def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, device: str = "cpu",
                 amp: Optional[str] = None, decoder_width: int = 768, conv_impl: str = "auto",
                 grad_checkpointing: bool = False) -> dict:
@@ -195,7 +179,7 @@ def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, devic
         if grad_checkpointing and variant == "sparse":
             model.model.encoder.set_grad_checkpointing(True)
         images, active = make_inputs(case, torch.device(device))
-        forward = _forward(model, images, active, variant, dtype)
+        forward = step_loss(model, images, active, variant, dtype)
         with SavedTensorAccount(model, _is_recomputed_block if grad_checkpointing else None) as account:
             loss = forward()
         loss.backward()  # the graph runs once, as in a step (and its saved tensors are freed)
