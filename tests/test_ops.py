@@ -365,6 +365,65 @@ def test_tables_from_the_known_extent_equal_tables_from_the_coordinates(kernel_s
         kernel_size, stride = 3, 2
 
 
+def test_index_dtype_falls_back_to_int64_beyond_int32():
+    from spark_me.ops.tables import INT32_MAX, index_dtype
+
+    assert index_dtype(INT32_MAX) == torch.int32
+    assert index_dtype(INT32_MAX + 1) == torch.int64
+
+
+def _with_int64_tables(tables: ops.NeighbourTables) -> ops.NeighbourTables:
+    """The same tables with int64 indices: the form batches past int32's range get."""
+    wide = ops.NeighbourTables(tables.forward.long(), tables.out_key, tables.kernel_size, tables.stride, tables.n_in,
+                               tables.n_out, sites=tables._sites, tensor_stride=tables._tensor_stride,
+                               extent=tables._extent)
+    assert wide.pairs[0][0].dtype == torch.int64
+    return wide
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (2, 2)])
+@pytest.mark.parametrize("algorithm", ["gemm", "loop", "pairs", "dense"])
+def test_int64_tables_give_the_same_results(kernel, stride, algorithm):
+    """Every torch-backend path on int64 tables (the fallback) equals the int32 tables' result,
+    forward and both gradients, bit for bit."""
+    _, xs, _, _ = _inputs(4, torch.float64, seed=2)
+    weight = torch.randn(5, 4, kernel, kernel, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    narrow = ops.neighbour_tables(xs, kernel, stride)
+    wide = _with_int64_tables(narrow)
+    results = []
+    for tables in (narrow, wide):
+        f, w = xs.F.detach().clone().requires_grad_(), weight.clone().requires_grad_()
+        out = torch_backend.sparse_conv(f, w, tables, algorithm)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        pooled = torch_backend.gather_max(f.detach().clone().requires_grad_(), tables)
+        results.append((out, f.grad, w.grad, pooled))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_tables_hold_indices_only_and_read_sites_while_their_batch_lives():
+    """A cached table keeps no coordinates (:meth:`TableCache.table_bytes` counts what it
+    holds); the dense-map ops read the sites from the manager, which must still exist."""
+    import gc
+
+    _, xs, _, _ = _inputs(3, torch.float64)
+    cm = xs.coordinate_manager
+    tables = ops.neighbour_tables(xs, 3, 2)
+    assert cm.table_bytes() == tables.forward.untyped_storage().nbytes()
+    assert tables.dense_shape == (3, 64, 96)  # from the batch's extent, building nothing
+    assert cm.table_bytes() == tables.forward.untyped_storage().nbytes()
+    plain = ops.neighbour_tables(ME.SparseTensor(xs.F.detach(), coordinates=xs.C), 3, 2)  # no extent: the sites
+    assert plain.dense_shape == plain.dense_grid.in_shape == (3, 64, 96)
+    grid = tables.dense_grid
+    assert grid.in_shape == (3, 64, 96)
+    assert cm.table_bytes() == sum(t.untyped_storage().nbytes() for t in (tables.forward, grid.in_flat, grid.out_flat))
+    orphan = ops.neighbour_tables(xs, 5, 1)
+    del xs, cm
+    gc.collect()
+    with pytest.raises(RuntimeError, match="freed with its batch"):
+        orphan.dense_grid
+
+
 def test_stride_one_tables_are_point_symmetric():
     """The mirrored-tap input gradient relies on: T[t, o] = i  <=>  T[K-1-t, i] = o."""
     _, xs, _, _ = _inputs(3, torch.float64)
@@ -441,7 +500,8 @@ def _tables_from_kernel_map(x: ME.SparseTensor, kernel_size: int, stride: int) -
 def test_tables_equal_minkowski_kernel_maps(kernel, stride, tensor_stride):
     _, xs, _, _ = _inputs(2, torch.float64, tensor_stride, seed=5)
     tables = ops.neighbour_tables(xs, kernel, stride)
-    assert torch.equal(tables.forward, _tables_from_kernel_map(xs, kernel, stride))
+    assert tables.forward.dtype == torch.int32  # half an int64 table's bytes, for the whole step
+    assert torch.equal(tables.forward.long(), _tables_from_kernel_map(xs, kernel, stride))
     assert tables.complete == bool((tables.forward < tables.n_in).all())
 
 

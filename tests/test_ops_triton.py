@@ -122,6 +122,32 @@ def test_strided_conv_many_rows():
         assert rel_err(g, r) <= 1e-5
 
 
+@INTERPRETER
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2)])
+def test_int64_tables_give_the_same_results(kernel, stride):
+    """The kernels on int64 tables (the form batches past int32's range get) equal their
+    result on int32 tables, forward and both gradients, bit for bit; depthwise too."""
+    from test_ops import _with_int64_tables
+
+    _, xs, _, _ = _inputs(4, torch.float32, 2, seed=6)
+    weight = torch.randn(5, 4, kernel, kernel, generator=torch.Generator().manual_seed(1))
+    dw_weight = torch.randn(kernel * kernel, 4, generator=torch.Generator().manual_seed(2))
+    narrow = ops.neighbour_tables(xs, kernel, stride)
+    results = []
+    for tables in (narrow, _with_int64_tables(narrow)):
+        f, w = xs.F.detach().clone().requires_grad_(), weight.clone().requires_grad_()
+        out = triton_backend.sparse_conv(f, w, tables)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append([out, f.grad, w.grad])
+        if stride == 1:
+            f, w = xs.F.detach().clone().requires_grad_(), dw_weight.clone().requires_grad_()
+            out = triton_backend.depthwise_conv(f, w, tables)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+            results[-1] += [out, f.grad, w.grad]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kernel,stride", [(3, 2), (7, 2), (1, 2), (2, 2), (4, 4)])
 def test_inverse_table_inverts_forward(kernel, stride):
     _, xs, _, _ = _inputs(2, torch.float64, 1, seed=4)
@@ -129,6 +155,7 @@ def test_inverse_table_inverts_forward(kernel, stride):
     inverse = triton_backend.inverse_table(tables)
     assert triton_backend.inverse_table(tables) is inverse  # built once per tables object
     assert inverse.shape == (kernel * kernel, tables.n_in)
+    assert inverse.dtype == tables.forward.dtype == torch.int32
     for t in range(kernel * kernel):
         present = tables.forward[t] < tables.n_in
         outs = present.nonzero().flatten()

@@ -191,7 +191,7 @@ def _input_grad(grad: torch.Tensor, w_rows: torch.Tensor, tables: NeighbourTable
     per_tap = (grad @ w_rows).view(-1, c_in)
     padded = torch.zeros(tables.n_in + 1, c_in, dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device)
     if tables.stride * tables.stride >= volume:  # non-overlapping: each input row feeds at most one (output, tap)
-        padded.index_copy_(0, tables.forward.t().reshape(-1), per_tap.to(padded.dtype))
+        padded.index_copy_(0, tables.forward.t().reshape(-1).long(), per_tap.to(padded.dtype))
     else:
         padded.index_add_(0, tables.forward.t().reshape(-1), per_tap.to(padded.dtype))
     return padded[: tables.n_in].to(grad.dtype)
@@ -260,7 +260,7 @@ def choose_conv_path(features: torch.Tensor, tables: NeighbourTables, algorithm:
         return "dense"
     if algorithm != "auto" or not supported or features.dtype in LOW_PRECISION:
         return "gather"
-    b, h, w = tables.dense_grid.in_shape
+    b, h, w = tables.dense_shape
     return "dense" if features.shape[0] >= DENSE_MIN_DENSITY * b * h * w else "gather"
 
 
@@ -420,7 +420,7 @@ class GatherMaxFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (best,) = ctx.saved_tensors
         tables: NeighbourTables = ctx.tables
-        rows = torch.gather(tables.forward.t(), 1, best.long())  # [n_out, C] input row of each max
+        rows = torch.gather(tables.forward.t().long(), 1, best.long())  # [n_out, C] input row of each max
         grad_in = grad.new_zeros(tables.n_in + 1, grad.shape[1])
         grad_in.scatter_add_(0, rows, grad.contiguous())
         return grad_in[: tables.n_in], None

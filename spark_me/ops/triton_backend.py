@@ -329,7 +329,7 @@ def inverse_table(tables: NeighbourTables) -> torch.Tensor:
         taps = forward.shape[0]
         padded = torch.full((taps, tables.n_in + 1), tables.n_out, dtype=forward.dtype, device=forward.device)
         outputs = torch.arange(tables.n_out, dtype=forward.dtype, device=forward.device).expand(taps, -1)
-        padded.scatter_(1, forward, outputs)  # absent neighbours land in column n_in, dropped
+        padded.scatter_(1, forward.long(), outputs)  # absent neighbours land in column n_in, dropped
         inverse = padded[:, : tables.n_in].contiguous()
         tables._triton_inverse = inverse
     return inverse
