@@ -13,6 +13,12 @@ storage is charged to the innermost module running when it was first saved, and 
 part of the step: ``encoder``, ``densify``, ``decoder``, or ``loss`` for what is saved
 outside any module. Bytes scale linearly with the batch, so a CPU count at batch 8
 predicts a GPU's at batch 128 (times 16), without its allocator's workspace and caching.
+
+The sparse variant also holds its batch's neighbour tables for the whole step (built in
+the forward, read again in the backward); they are counted apart
+(:meth:`spark_me.ops.TableCache.table_bytes`, read after the backward, which may add
+inverse tables). MinkowskiEngine's own coordinate maps live outside PyTorch's tensors and
+are not counted.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ import torch.nn as nn
 
 from kernels_bench.measure import Case, build_sparse_spark, make_inputs, step_loss
 from kernels_bench.variants import build_variant
+from spark_me.ops import TableCache
+from spark_me.recompute import observe_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("kernels_bench.saved_memory")
@@ -82,22 +90,22 @@ class SavedTensorAccount:
     """Counts the bytes autograd saves while active, per (part, innermost module type).
 
     Use as a context manager around a forward pass of ``model``; read :meth:`summary`.
-    ``held_inputs(module)`` names the modules whose inputs are kept for the backward by
-    other means than autograd's saved tensors: the blocks run under activation
-    checkpointing, which holds each block's input to recompute it (those bytes are
-    counted too, once per storage, as the block's).
+    The blocks run under activation checkpointing (:func:`spark_me.recompute.checkpoint_block`)
+    keep their input for the backward outside autograd's saved tensors, to recompute the
+    rest; those inputs are counted too, once per storage, as the block's.
     """
 
-    def __init__(self, model: nn.Module, held_inputs: Optional[Callable[[nn.Module], bool]] = None) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.held_inputs = held_inputs
         self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.seen: set[int] = set()
         self.by_layer: collections.Counter[tuple[str, str]] = collections.Counter()
         self.weight_casts = 0
+        self.table_caches: dict[int, TableCache] = {}  # the batches' managers, by id
         self._stack: list[tuple[str, str]] = []
+        self._names: dict[int, tuple[str, str]] = {}  # id(module) -> (path, type name)
         self._handles: list = []
-        self._hooks: Optional[contextlib.AbstractContextManager] = None
+        self._hooks = contextlib.ExitStack()
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -115,33 +123,38 @@ class SavedTensorAccount:
     def _enter_hook(self, path: str, layer: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
             self._stack.append((path, layer))
-            if self.held_inputs is not None and torch.is_grad_enabled() and self.held_inputs(module):
-                for a in args:
-                    t = a.F if isinstance(a, ME.SparseTensor) else a
-                    if isinstance(t, torch.Tensor):
-                        self._pack(t)
+            for a in args:
+                if isinstance(a, ME.SparseTensor) and isinstance(a.coordinate_manager, TableCache):
+                    self.table_caches[id(a.coordinate_manager)] = a.coordinate_manager
         return hook
+
+    def _held_by_checkpoint(self, block: nn.Module, x: ME.SparseTensor | torch.Tensor) -> None:
+        """Count the input a checkpointed block keeps, as the block's."""
+        self._stack.append(self._names.get(id(block), ("", type(block).__name__)))
+        self._pack(x.F if isinstance(x, ME.SparseTensor) else x)
+        self._stack.pop()
 
     def _exit_hook(self, *_) -> None:  # returns None: a forward hook's result would replace the output
         self._stack.pop()
 
     def __enter__(self) -> "SavedTensorAccount":
         for path, module in self.model.named_modules():
+            self._names[id(module)] = (path, type(module).__name__)
             self._handles.append(module.register_forward_pre_hook(self._enter_hook(path, type(module).__name__)))
             self._handles.append(module.register_forward_hook(self._exit_hook))
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
+        self._hooks.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
+        self._hooks.enter_context(observe_checkpoints(self._held_by_checkpoint))
         return self
 
     def __exit__(self, *exc) -> None:
-        assert self._hooks is not None
         self._hooks.__exit__(*exc)
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
     def summary(self) -> dict:
-        """MiB in total, per part, per (part, layer type), and in weight copies."""
+        """MiB in total, per part, per (part, layer type), in weight copies, and in the
+        neighbour tables of the batches seen (as they are when this is called)."""
         parts: collections.Counter[str] = collections.Counter()
         for (part, _), nbytes in self.by_layer.items():
             parts[part] += nbytes
@@ -150,15 +163,8 @@ class SavedTensorAccount:
             "parts_mib": {k: v / MIB for k, v in sorted(parts.items())},
             "layers_mib": [{"part": p, "layer": l, "mib": v / MIB} for (p, l), v in self.by_layer.most_common()],
             "weight_casts_mib": self.weight_casts / MIB,
+            "tables_mib": sum(cache.table_bytes() for cache in self.table_caches.values()) / MIB,
         }
-
-
-def _is_recomputed_block(module: nn.Module) -> bool:
-    """The blocks that spark_me's ResNets and ConvNeXts run under activation checkpointing."""
-    from spark_me.encoders.convnext import SparseConvNeXtBlock
-    from spark_me.encoders.resnet import SparseBasicBlock, SparseBottleneck
-
-    return isinstance(module, (SparseBasicBlock, SparseBottleneck, SparseConvNeXtBlock))
 
 
 def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, device: str = "cpu",
@@ -180,10 +186,10 @@ def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, devic
             model.model.encoder.set_grad_checkpointing(True)
         images, active = make_inputs(case, torch.device(device))
         forward = step_loss(model, images, active, variant, dtype)
-        with SavedTensorAccount(model, _is_recomputed_block if grad_checkpointing else None) as account:
+        with SavedTensorAccount(model) as account:
             loss = forward()
         loss.backward()  # the graph runs once, as in a step (and its saved tensors are freed)
-        out["variants"][variant] = account.summary()
+        out["variants"][variant] = account.summary()  # after the backward: its inverse tables too
         out["visible_fraction"] = float(active.float().mean())
     return out
 
@@ -193,7 +199,8 @@ def ratios(result: dict) -> dict:
     s, d = result["variants"]["sparse"], result["variants"]["masked_dense"]
     parts = sorted(set(s["parts_mib"]) | set(d["parts_mib"]))
     per_part = {p: s["parts_mib"].get(p, 0.0) / d["parts_mib"][p] for p in parts if d["parts_mib"].get(p)}
-    return {"total": s["activations_mib"] / d["activations_mib"], "parts": per_part}
+    with_tables = (s["activations_mib"] + s.get("tables_mib", 0.0)) / (d["activations_mib"] + d.get("tables_mib", 0.0))
+    return {"total": s["activations_mib"] / d["activations_mib"], "parts": per_part, "with_tables": with_tables}
 
 
 def markdown(results: list[dict]) -> str:
@@ -211,6 +218,10 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {p} | {s['parts_mib'].get(p, 0.0):.1f} | {d['parts_mib'].get(p, 0.0):.1f} | {ratio} |")
         lines.append(f"| **all activations** | {s['activations_mib']:.1f} | {d['activations_mib']:.1f} | "
                      f"**{q['total']:.2f}** |")
+        if "tables_mib" in s:
+            lines.append(f"| neighbour tables | {s['tables_mib']:.1f} | {d.get('tables_mib', 0.0):.1f} | |")
+            lines.append(f"| **activations + tables** | {s['activations_mib'] + s['tables_mib']:.1f} | "
+                         f"{d['activations_mib'] + d.get('tables_mib', 0.0):.1f} | **{q['with_tables']:.2f}** |")
         lines.append(f"| weight copies | {s['weight_casts_mib']:.1f} | {d['weight_casts_mib']:.1f} | |")
         lines.append("")
     return "\n".join(lines)
@@ -252,8 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(count_saved(name, args.batch, args.size, args.mask, args.device, amp, conv_impl=args.conv_impl,
                                    grad_checkpointing=args.grad_checkpointing))
         q = ratios(results[-1])
-        log.info("  sparse / masked-dense activations: %.2f (%s)", q["total"],
-                 ", ".join(f"{k} {v:.2f}" for k, v in q["parts"].items()))
+        log.info("  sparse / masked-dense activations: %.2f (%s); with the neighbour tables %.2f", q["total"],
+                 ", ".join(f"{k} {v:.2f}" for k, v in q["parts"].items()), q["with_tables"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "saved_memory.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "saved_memory.md").write_text(markdown(results))

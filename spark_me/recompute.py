@@ -11,7 +11,8 @@ statistics are updated once per step, not twice.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+import contextvars
+from typing import Callable, Iterable, Iterator, Union
 
 import MinkowskiEngine as ME
 import torch
@@ -31,8 +32,28 @@ def buffers_unchanged(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+Observer = Callable[[nn.Module, Union[ME.SparseTensor, torch.Tensor]], None]
+# The observers of checkpoint_block in the current context (observe_checkpoints).
+_OBSERVERS: contextvars.ContextVar[tuple[Observer, ...]] = contextvars.ContextVar("spark_me_checkpoint_observers",
+                                                                                 default=())
+
+
+@contextlib.contextmanager
+def observe_checkpoints(observer: Observer) -> Iterator[None]:
+    """Call ``observer(block, x)`` for every block :func:`checkpoint_block` runs in this
+    context, before it runs: the input it keeps for the backward, for tools that account
+    for a step's memory (``kernels_bench.saved_memory``)."""
+    token = _OBSERVERS.set(_OBSERVERS.get() + (observer,))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
+
+
 def checkpoint_block(block: nn.Module, x: ME.SparseTensor) -> ME.SparseTensor:
     """``block(x)``, keeping only ``x`` for the backward and recomputing the rest there."""
+    for observer in _OBSERVERS.get():
+        observer(block, x)
     return checkpoint(
         block, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), buffers_unchanged(block))
     )

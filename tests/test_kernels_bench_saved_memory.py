@@ -44,15 +44,34 @@ def test_autocast_weight_copies_are_counted_apart():
 
 def test_inputs_held_by_a_checkpoint_are_counted():
     """Activation checkpointing keeps a block's input outside autograd's saved tensors;
-    ``held_inputs`` counts it, and nothing saved inside the block."""
-    from torch.utils.checkpoint import checkpoint
+    the account counts it as the block's, and nothing saved inside the block."""
+    from spark_me.recompute import checkpoint_block
 
     model = _Toy()
     x = torch.randn(4, 8, requires_grad=True)
-    with SavedTensorAccount(model, held_inputs=lambda m: m is model.encoder) as account:
-        y = checkpoint(model.encoder, x, use_reentrant=False)
+    with SavedTensorAccount(model) as account:
+        y = checkpoint_block(model.encoder, x)
     y.sum().backward()
-    assert account.summary()["activations_mib"] * 2**20 == 4 * 8 * 4  # x only
+    s = account.summary()
+    assert s["activations_mib"] * 2**20 == 4 * 8 * 4  # x only
+    assert [(r["part"], r["layer"]) for r in s["layers_mib"]] == [("encoder", "Sequential")]
+
+
+def test_neighbour_tables_of_the_batch_are_counted():
+    """The tables a sparse forward builds on its batch's manager, counted exactly."""
+    from spark_me.gather import to_sparse
+    from spark_me.layers import SparseConv2d
+    from spark_me.masking import random_patch_mask
+
+    active = random_patch_mask(2, (2, 3), 0.5, generator=torch.Generator().manual_seed(0))
+    xs = to_sparse(torch.randn(2, 3, 64, 96), active, 32)
+    conv = nn.Sequential(SparseConv2d(3, 4, 3, stride=2), SparseConv2d(4, 4, 3))
+    with SavedTensorAccount(conv) as account:
+        conv(xs).F.sum().backward()
+    tables = xs.coordinate_manager.neighbour_tables.values()
+    assert len(tables) == 2
+    expected = sum(t.forward.untyped_storage().nbytes() for t in tables)  # the gathers need no dense grid
+    assert account.summary()["tables_mib"] * 2**20 == xs.coordinate_manager.table_bytes() == expected > 0
 
 
 def test_part_names():
@@ -72,7 +91,9 @@ def test_sparse_encoder_saves_less_and_the_rest_is_shared(resnet18_account):
     assert s["parts_mib"]["decoder"] == d["parts_mib"]["decoder"] > 0  # one decoder, same inputs
     q = ratios(r)
     assert q["parts"]["encoder"] < 0.8 and q["total"] < 1.0
-    assert "| encoder |" in markdown([r])
+    assert s["tables_mib"] > 0 and d["tables_mib"] == 0  # only the sparse step has tables
+    assert q["with_tables"] > q["total"]
+    assert "| encoder |" in markdown([r]) and "| neighbour tables |" in markdown([r])
 
 
 def test_cli_writes_json_and_markdown(tmp_path):

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import randomize_norms, rel_err
-from kernels_bench.saved_memory import SavedTensorAccount, _is_recomputed_block
+from kernels_bench.saved_memory import SavedTensorAccount
 from spark_me import build_sparse_encoder
 from spark_me.encoders.base import SparseEncoder
 from spark_me.masking import random_patch_mask
+from spark_me.recompute import observe_checkpoints
 
 
 def _inputs(seed: int = 0):
@@ -58,13 +59,32 @@ def test_checkpointing_keeps_a_fraction_of_the_encoders_saved_tensors():
     saved = {}
     for on in (False, True):
         encoder.set_grad_checkpointing(on)
-        with SavedTensorAccount(encoder, _is_recomputed_block) as account:  # with the inputs checkpoints hold
+        with SavedTensorAccount(encoder) as account:  # with the inputs checkpoints hold
             features = encoder(images, active)
         sum(f.F.sum() for f in features).backward()
         saved[on] = account.summary()["activations_mib"]
     # 0.51 here (3.8 of 7.4 MiB): the stem's full-resolution maps are not in a block and
     # stay; ResNet-50 at 224 px keeps 0.35 of its encoder's (kernels_bench/results)
     assert 0 < saved[True] < 0.6 * saved[False]
+
+
+def test_observers_see_every_checkpointed_block_and_its_input_in_their_context_only():
+    images, active = _inputs()
+    encoder = build_sparse_encoder("resnet18").double().train()
+    blocks = [b for stage in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4) for b in stage]
+    seen, outer = [], []
+    encoder.set_grad_checkpointing(True)
+    with observe_checkpoints(lambda block, x: outer.append(block)):
+        with observe_checkpoints(lambda block, x: seen.append((block, x.F.shape[1]))):
+            encoder(images, active)
+        encoder(images, active)  # the inner observer is gone
+    encoder(images, active)  # and the outer one
+    assert [b for b, _ in seen] == blocks and len(outer) == 2 * len(blocks)
+    assert [c for _, c in seen] == [64, 64, 64, 128, 128, 256, 256, 512]  # each block's input channels
+    encoder.set_grad_checkpointing(False)
+    with observe_checkpoints(lambda block, x: seen.append(block)):
+        encoder(images, active)
+    assert len(seen) == len(blocks)  # plain blocks are not checkpointed
 
 
 def test_evaluation_runs_the_blocks_plainly():
