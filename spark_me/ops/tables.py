@@ -82,6 +82,7 @@ class NeighbourTables:
         self._complete: Optional[bool] = None
         self._pairs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._dense_grid: Optional[DenseGrid] = None
+        self._dense_in_shape: Optional[tuple[int, int, int]] = None
         self._triton_inverse: Optional[torch.Tensor] = None  # built by triton_backend.inverse_table
 
     def tensors(self) -> list[torch.Tensor]:
@@ -96,20 +97,22 @@ class NeighbourTables:
     def dense_shape(self) -> tuple[int, int, int]:
         """``(B, H, W)`` of the dense input map (a multiple of the stride), without building
         :attr:`dense_grid`: the batch's extent gives it where known, else the coordinates."""
-        if self._dense_grid is not None:
-            return self._dense_grid.in_shape
         return self._dense_shape(None)
 
     def _dense_shape(self, in_coords: Optional[torch.Tensor]) -> tuple[int, int, int]:
-        tensor_stride, extent, s = self._tensor_stride, self._extent, self.stride
-        if extent is not None:
-            batch, height, width = extent[0], (extent[1] - 1) // tensor_stride + 1, (extent[2] - 1) // tensor_stride + 1
-        else:
-            if in_coords is None:
-                in_coords = self._read_sites()[0]
-            batch = int(in_coords[:, 0].max()) + 1
-            height, width = (int(in_coords[:, i].max()) // tensor_stride + 1 for i in (1, 2))
-        return batch, -(-height // s) * s, -(-width // s) * s  # whole output rows and columns
+        """:attr:`dense_shape`, computed once: from the extent, else from ``in_coords`` (read
+        from the manager when not given)."""
+        if self._dense_in_shape is None:
+            tensor_stride, extent, s = self._tensor_stride, self._extent, self.stride
+            if extent is not None:
+                batch, height, width = extent[0], (extent[1] - 1) // tensor_stride + 1, (extent[2] - 1) // tensor_stride + 1
+            else:
+                if in_coords is None:
+                    in_coords = self._read_sites()[0]
+                batch = int(in_coords[:, 0].max()) + 1
+                height, width = (int(in_coords[:, i].max()) // tensor_stride + 1 for i in (1, 2))
+            self._dense_in_shape = (batch, -(-height // s) * s, -(-width // s) * s)  # whole output rows and columns
+        return self._dense_in_shape
 
     def _read_sites(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._sites is None:
