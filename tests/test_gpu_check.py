@@ -34,6 +34,29 @@ def test_a_crash_is_attributed_to_the_test_that_was_running(tmp_path):
     assert "CRASH" in (tmp_path / "t.log").read_text() and "SIGILL" in (tmp_path / "t.log").read_text()
 
 
+def test_a_crashed_test_run_resumes_without_the_tests_that_ran(tmp_path):
+    """A crash no longer costs every test after it: pytest runs again with the tests that
+    ran (the crashed one included) deselected, and the phase reports both runs."""
+    phase = gpu_check.Phase("t", limit_s=60, log_dir=tmp_path)
+    body = ("import os, signal, sys\n"
+            "skip = {a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--deselect=')}\n"
+            "ids = ['tests/test_a.py::test_ok[cuda]', 'tests/test_a.py::test_conv[cuda]', 'tests/test_b.py::test_c']\n"
+            "for t in ids:\n"
+            "    if t in skip: continue\n"
+            "    sys.stdout.write(t + ' '); sys.stdout.flush()\n"
+            "    if t.endswith('test_conv[cuda]'): os.kill(os.getpid(), signal.SIGSEGV)\n"
+            "    print('PASSED', flush=True)\n"
+            "print('==== %d passed in 0.1s ====' % (len(ids) - len(skip)), flush=True)\n")
+    result, crashes = gpu_check.run_pytest(phase, _script(body))
+    assert crashes == ["tests/test_a.py::test_conv[cuda]"]
+    assert result["rc"] == 0  # the resumed run
+    assert phase.summary["pytest"] == ("run 1 crashed in tests/test_a.py::test_conv[cuda] after 1 passed, 0 failed; "
+                                       "run 2: 1 passed")
+    log = (tmp_path / "t.log").read_text()
+    assert "resuming pytest without the 2 tests that ran" in log
+    assert "--deselect=tests/test_a.py::test_ok[cuda] --deselect=tests/test_a.py::test_conv[cuda]" in log
+
+
 def test_a_hang_is_stopped_at_the_phase_limit_and_named(tmp_path):
     phase = gpu_check.Phase("t", limit_s=3, log_dir=tmp_path)
     body = ("import time\n"

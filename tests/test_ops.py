@@ -424,6 +424,16 @@ def test_tables_hold_indices_only_and_read_sites_while_their_batch_lives():
         orphan.dense_grid
 
 
+def test_a_batch_prints_without_minkowskiengines_map_printer():
+    """repr of a batch's SparseTensor describes its TableCache from Python state (the C++
+    printer crashed a CUDA test run while pytest formatted a failed assertion)."""
+    _, xs, _, _ = _inputs(3, torch.float64)
+    ops.neighbour_tables(xs, 3, 1)
+    text = repr(xs)
+    assert "coordinate_manager=TableCache(D=2, CoordinateMapManagerCPU, extent=None, 1 neighbour tables)" in text
+    assert "CoordinateMapCPU" not in text  # the C++ map printer's output
+
+
 def test_stride_one_tables_are_point_symmetric():
     """The mirrored-tap input gradient relies on: T[t, o] = i  <=>  T[K-1-t, i] = o."""
     _, xs, _, _ = _inputs(3, torch.float64)

@@ -31,6 +31,7 @@ LOG_DIR = REPO / "build" / "gpu-check"
 _STARTED_TEST = re.compile(r"^(tests/\S+::\S+)")
 _STARTED_CASE = re.compile(r"(\[\d+/\d+\] running .*)$")
 _SUMMARY = re.compile(r"=+ (.*\d+ (passed|failed|skipped|error).*) in [\d.]+s")
+_OUTCOME = re.compile(r"^tests/\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED)")
 
 
 def _python() -> str:
@@ -174,13 +175,51 @@ def phase_test(args: argparse.Namespace) -> int:
     # as it starts, so a crash is attributed to the test that was running.
     cmd = [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", "-o", "addopts=-ra",
            "--timeout", str(args.test_timeout), "--timeout-method", "thread", "tests"]
-    r = phase.run("pytest", cmd, started=_STARTED_TEST, env={"OMP_WAIT_POLICY": "PASSIVE"})
-    counts = next((m.group(1) for line in reversed(r["tail"]) if (m := _SUMMARY.search(line))), "no summary")
-    phase.summary["pytest"] = counts
+    r, crashes = run_pytest(phase, cmd)
+    counts = phase.summary["pytest"]
     if not usable:
         ok = r["rc"] == 0 and "passed" not in counts
         return phase.finish(ok, f"SKIPPED, nothing GPU-side verified ({what}); pytest: {counts}")
-    return phase.finish(r["rc"] == 0 and not r["timed_out"], f"{what}; pytest: {counts}")
+    ok = r["rc"] == 0 and not r["timed_out"] and not crashes
+    return phase.finish(ok, f"{what}; pytest: {counts}")
+
+
+# A crashed test run is resumed at most this often, and only with this much time left.
+MAX_RESUMES = 3
+RESUME_MIN_S = 30
+
+
+def run_pytest(phase: Phase, cmd: list[str]) -> tuple[dict, list[str]]:
+    """Run pytest ``cmd``; when it crashes (a signal in a CUDA kernel or extension kills the
+    process, and every test after it would go unrun), run it again without the tests that
+    already ran, up to :data:`MAX_RESUMES` times. Returns the last run's result and the
+    tests that crashed; ``phase.summary["pytest"]`` gets the outcomes of all runs."""
+    deselected: list[str] = []
+    crashes: list[str] = []
+    earlier: list[str] = []  # the outcomes of the crashed runs
+    while True:
+        r = phase.run("pytest", cmd + [f"--deselect={t}" for t in deselected], started=_STARTED_TEST,
+                      env={"OMP_WAIT_POLICY": "PASSIVE"})
+        counts = next((m.group(1) for line in reversed(r["tail"]) if (m := _SUMMARY.search(line))), "no summary")
+        crashed = r.get("crashed_in")
+        if crashed is None:
+            break
+        crashes.append(crashed)
+        started = [m.group(1) for line in phase.last_lines if (m := _STARTED_TEST.search(line))]
+        ran = [t for t in dict.fromkeys(started) if t not in deselected]
+        outcomes = [o for line in phase.last_lines if (o := _OUTCOME.search(line))]
+        earlier.append(f"run {len(crashes)} crashed in {crashed} after {sum(o.group(1) == 'PASSED' for o in outcomes)} "
+                       f"passed, {sum(o.group(1) == 'FAILED' for o in outcomes)} failed")
+        deselected += ran if crashed in ran else [*ran, crashed]
+        left = phase.deadline - time.monotonic()
+        if len(crashes) > MAX_RESUMES or left < RESUME_MIN_S:
+            counts = "not resumed"
+            break
+        phase.say(f"gpu-check {phase.name}: resuming pytest without the {len(deselected)} tests that ran "
+                  f"(the crashed one included)")
+    phase.summary["pytest"] = "; ".join([*earlier, f"run {len(crashes) + 1}: {counts}" if earlier else counts])
+    phase.summary["crashed_tests"] = crashes
+    return r, crashes
 
 
 def phase_bench(args: argparse.Namespace) -> int:

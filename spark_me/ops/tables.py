@@ -181,6 +181,13 @@ class TableCache(ME.CoordinateManager):
         self.neighbour_tables: dict[tuple, NeighbourTables] = {}
         self.extent = extent
 
+    def __repr__(self) -> str:
+        """A summary from Python state only. MinkowskiEngine's own repr prints its C++ map
+        manager, and printing a ``SparseTensor`` (which includes its manager) killed a CUDA
+        test run with SIGSEGV while pytest formatted a failed assertion (docs/gpu.md)."""
+        return (f"TableCache(D={self.D}, {self._CoordinateManagerClass.__name__}, extent={self.extent}, "
+                f"{len(self.neighbour_tables)} neighbour tables)")
+
     def table_bytes(self) -> int:
         """Bytes of the tensors that this batch's cached tables hold, each storage once."""
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
