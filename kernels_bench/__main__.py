@@ -99,22 +99,36 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     cases = plan.cases()
     log.info("kernels_bench: %d cases on %s (%s mode)", len(cases), args.device, "quick" if args.quick else "full")
-    sanity, broken = [], set()
-    for impl in plan.conv_impls:  # every backend, before any timing: rows must compare equal computations
+    # The baselines first; then each backend in the order given, right after its sanity check
+    # (rows must compare equal computations), so a backend that breaks the process or the
+    # CUDA context costs only the rows after it (rows are saved as they come).
+    sanity: list[dict] = []
+    rows: list[dict] = []
+    left_out = 0
+
+    def save_partial(new_rows: list[dict]) -> None:
+        partial = {"plan": {**dataclasses.asdict(plan), "quick": args.quick}, "sanity": sanity, "partial": True}
+        save_results(out, {"environment": environment(), **partial, "rows": rows + new_rows, "kernels": [],
+                           "breakdown": None})
+
+    rows += run_cases([c for c in cases if c.variant != "sparse"], plan.isolate, on_row=save_partial,
+                      numbering=(0, len(cases)))
+    for impl in plan.conv_impls:
+        broken = set()
         for m in plan.models:
             try:
                 sanity.append(sanity_check(m, plan.batch, plan.size, args.device, plan.decoder_width, impl))
             except Exception as e:  # a wrong or unusable backend costs its own rows, not the run
                 log.error("sanity %s[%s] failed, its cases are left out: %s", m, impl, e)
                 sanity.append({"model": m, "conv_impl": impl, "passed": False, "error": str(e)[:500]})
-                broken.add((m, impl))
-    if broken:
-        kept = [c for c in cases if c.variant != "sparse" or (c.model, c.conv_impl) not in broken]
-        log.warning("kernels_bench: %d of %d cases left out after failed sanity checks", len(cases) - len(kept), len(cases))
-        cases = kept
-    partial = {"plan": {**dataclasses.asdict(plan), "quick": args.quick}, "sanity": sanity, "partial": True}
-    rows = run_cases(cases, plan.isolate, on_row=lambda rows: save_results(
-        out, {"environment": environment(), **partial, "rows": rows, "kernels": [], "breakdown": None}))
+                broken.add(m)
+        save_partial([])
+        mine = [c for c in cases if c.variant == "sparse" and c.conv_impl == impl]
+        kept = [c for c in mine if c.model not in broken]
+        if len(kept) < len(mine):
+            log.warning("kernels_bench: %d %s cases left out after failed sanity checks", len(mine) - len(kept), impl)
+        left_out += len(mine) - len(kept)
+        rows += run_cases(kept, plan.isolate, on_row=save_partial, numbering=(len(rows) + left_out, len(cases)))
     if plan.isolate is False and not args.device.startswith("cuda"):
         for r in rows:  # peak RSS of a shared process says nothing about one case
             r["peak_mib"] = r["peak_growth_mib"] = None

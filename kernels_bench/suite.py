@@ -162,24 +162,28 @@ def _run_isolated(case: Case) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[list[dict]], None]] = None,
+              numbering: Optional[tuple[int, int]] = None) -> list[dict]:
     """Measure every case, logging one line each (the progress of a long run); ``on_row``
-    gets the rows so far after each case (to save them: a run cut short keeps its rows)."""
+    gets the rows so far after each case (to save them: a run cut short keeps its rows);
+    ``numbering`` = (cases before these, all cases), for the progress of a run measured
+    in several calls."""
     cases = list(cases)
+    before, total = numbering or (0, len(cases))
     rows = []
-    for i, case in enumerate(cases, 1):
-        log.info("[%d/%d] running %s %s %s b%d %dpx mask %.2f", i, len(cases), case.model, case.variant,
+    for i, case in enumerate(cases, before + 1):
+        log.info("[%d/%d] running %s %s %s b%d %dpx mask %.2f", i, total, case.model, case.variant,
                  case.part, case.batch, case.size, case.mask_ratio)
         try:
             row = _run_isolated(case) if isolate else run_case(case)
         except torch.cuda.OutOfMemoryError:  # a big dense baseline may not fit: say so, go on
             torch.cuda.empty_cache()
             rows.append({**dataclasses.asdict(case), "error": "out of memory"})
-            log.warning("[%d/%d] %s: out of memory, skipped", i, len(cases), case)
+            log.warning("[%d/%d] %s: out of memory, skipped", i, total, case)
             continue
         except Exception as e:  # one broken backend must not cost the other rows of a GPU run
             rows.append({**dataclasses.asdict(case), "error": f"{type(e).__name__}: {str(e)[:500]}"})
-            log.exception("[%d/%d] %s failed; recorded, going on", i, len(cases), case)
+            log.exception("[%d/%d] %s failed; recorded, going on", i, total, case)
             if on_row is not None:
                 on_row(rows)
             continue
@@ -188,7 +192,7 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             on_row(rows)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
         variant = case.variant + (f"[{case.conv_impl}]" if case.variant == "sparse" else "")
-        log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, len(cases),
+        log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, total,
                  case.model, variant, case.part, case.batch, case.size, case.mask_ratio, extra,
                  row["median_s"], row["images_per_s"], row["peak_growth_mib"])
     return rows

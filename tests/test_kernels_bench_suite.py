@@ -181,6 +181,35 @@ def test_a_backend_failing_its_sanity_check_loses_only_its_rows(tmp_path, monkey
     assert {r["variant"] for r in saved["rows"]} == {"sparse", "masked_dense", "dense"}
 
 
+def test_a_backend_that_ends_the_run_leaves_the_rows_measured_before_it(tmp_path, monkeypatch):
+    """Baselines run first, then each backend right after its sanity check, in the order
+    given; a backend that ends the process (a crashed kernel, a broken CUDA context) leaves
+    the saved rows and checks of everything before it."""
+    import kernels_bench.suite as suite
+    from kernels_bench.__main__ import main
+
+    class ProcessKilled(BaseException):  # not caught per case, as a signal would not be
+        pass
+
+    real = suite.run_case
+
+    def run(case):
+        if case.variant == "sparse" and case.conv_impl == "minkowski":
+            raise ProcessKilled
+        return real(case)
+
+    monkeypatch.setattr(suite, "run_case", run)
+    with pytest.raises(ProcessKilled):
+        main(["--quick", "--models", "resnet18", "--parts", "encoder_fwd", "--masks", "0.6", "--threads", "1",
+              "--conv-impl", "torch", "minkowski", "--skip", "kernels", "breakdown", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["partial"]
+    assert [(r["variant"], r["conv_impl"] if r["variant"] == "sparse" else None) for r in saved["rows"]] == [
+        ("masked_dense", None), ("dense", None), ("sparse", "torch")]
+    assert all("error" not in r for r in saved["rows"])
+    assert [(c["conv_impl"], c["passed"]) for c in saved["sanity"]] == [("torch", True), ("minkowski", True)]
+
+
 def test_recompute_rows_are_sparse_headline_rows_and_named_apart():
     cases = _plan(parts=["encoder_fwd", "encoder_fwd_bwd", "step"], extra_batches=[2], grad_checkpointing=True).cases()
     recompute = [c for c in cases if c.grad_checkpointing]
