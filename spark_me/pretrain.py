@@ -71,6 +71,7 @@ from spark_me.distributed import (
 )
 from spark_me.loss import masked_reconstruction_loss
 from spark_me.masking import num_visible
+from spark_me.ops import CONV_IMPLS, resolve_conv_impl
 from spark_me.optim import OPTIMIZERS, build_optimizer, clip_gradients, peak_lr
 from spark_me import preflight
 from spark_me.preflight import ConfigError
@@ -155,6 +156,10 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.name={m.name!r} is not a known encoder; use model=<name> with one of: {', '.join(names)}; "
             "for your own encoder: model=custom model.name=<registered name> model.imports=[<module or .py file>]"
         )
+    conv_impl = str(m.get("conv_impl") or "auto")
+    if conv_impl not in CONV_IMPLS:
+        raise ConfigError(f"model.conv_impl={conv_impl!r} is unknown: use one of {', '.join(CONV_IMPLS)} (auto: the "
+                          "best tested backend for the device)")
     if _int(m.decoder_width, "model.decoder_width") % PATCH_SIZE:
         raise ConfigError(f"model.decoder_width={m.decoder_width} must be a multiple of 32 (it halves 5 times), e.g. 768 or 128")
     _number(m.drop_path_rate, "model.drop_path_rate", 0.0, 1.0, closed_high=False)
@@ -251,6 +256,16 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- model
+
+
+def check_conv_impl(cfg: DictConfig, device: torch.device) -> None:
+    """ConfigError unless ``model.conv_impl`` can run on the run's ``device`` (triton: CUDA
+    and the triton package), before the run writes anything."""
+    conv_impl = str(cfg.model.get("conv_impl") or "auto")
+    try:
+        resolve_conv_impl(conv_impl, device)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"model.conv_impl={conv_impl}: {e}") from e
 
 
 def build_model(cfg: DictConfig) -> SparK:
@@ -812,6 +827,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not info.is_main:  # only rank 0 reports progress (root: this module is __main__ under -m)
         logging.getLogger().setLevel(logging.WARNING)
     try:
+        check_conv_impl(cfg, info.device)
         pretrain_run = PretrainRun(cfg, info)
         if info.is_main:
             preflight.write_hydra_record(cfg)

@@ -130,6 +130,7 @@ def test_demo_experiment_preset_composes():
         (["data.global_batch_size=4096", "trainer.grad_accum_steps=3"], r"does not split into 1 process\(es\) x trainer.grad_accum_steps=3"),
         (["optimizer.betas=[0.9,1.0]"], r"optimizer.betas\[1\]=1.0 must be in \[0.0, 1.0\)"),
         (["model.decoder_width=100"], r"model.decoder_width=100 must be a multiple of 32"),
+        (["model.conv_impl=fast"], r"model.conv_impl='fast' is unknown: use one of auto, torch, triton, minkowski"),
         (["trainer.precision=fp8"], r"trainer.precision='fp8' is unknown: use fp32, bf16 or fp16"),
         (["optimizer.base_lr=abc"], r"optimizer.base_lr='abc' must be a number"),
         (["trainer.resume=/no/such/ckpt.pt"], r"trainer.resume='/no/such/ckpt.pt' is not a file"),
@@ -140,6 +141,22 @@ def test_demo_experiment_preset_composes():
 def test_invalid_values_fail_naming_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(_cfg("data=demo", *overrides))  # the last data= wins
+
+
+def test_cli_rejects_a_backend_the_device_cannot_run_before_writing_anything(tmp_path):
+    """conv_impl=triton on a CPU run: exit code 2 with the fix, not a traceback at the first
+    forward (a fresh process: the Triton kernels are compiled for CUDA, not interpreted)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "spark_me.pretrain", "experiment=demo", "model.conv_impl=triton",
+         f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    # without the triton package the reason differs ("needs the triton package"); the fix is the same
+    assert "ConfigError: model.conv_impl=triton: conv_impl='triton' " in out
+    assert "use conv_impl='torch'" in out and "Traceback" not in out
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_a_model_config_without_optimizer_beta2_gets_a_clear_error():
