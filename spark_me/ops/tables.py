@@ -182,9 +182,10 @@ class TableCache(ME.CoordinateManager):
         self.extent = extent
 
     def __repr__(self) -> str:
-        """A summary from Python state only. MinkowskiEngine's own repr prints its C++ map
-        manager, and printing a ``SparseTensor`` (which includes its manager) killed a CUDA
-        test run with SIGSEGV while pytest formatted a failed assertion (docs/gpu.md)."""
+        """A summary from Python state only. Printing a ``SparseTensor`` (whose repr includes
+        its manager's) killed a CUDA test run with SIGSEGV while pytest formatted a failed
+        assertion (docs/gpu.md); MinkowskiEngine's own manager repr, which goes into its C++
+        map printer, is the likely cause (not isolated)."""
         return (f"TableCache(D={self.D}, {self._CoordinateManagerClass.__name__}, extent={self.extent}, "
                 f"{len(self.neighbour_tables)} neighbour tables)")
 
