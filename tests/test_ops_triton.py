@@ -224,14 +224,15 @@ def test_float64_is_refused_naming_torch():
         ops.depthwise_conv(xs, torch.randn(4, 1, 3, 3, dtype=torch.float64), "triton")
 
 
-def _kernel_signatures(dtype: str) -> list[tuple[object, dict, dict]]:
-    """(kernel, argument types, constexprs) of every kernel's compiled path, first config."""
+def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict]]:
+    """(kernel, argument types, constexprs) of every kernel's compiled path, first config;
+    ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's range)."""
     ptr, tb = f"*{dtype}", triton_backend
     rows = {"n_src": "i32", "n_dst": "i32"}
-    gemm = {"src_ptr": ptr, "table_ptr": "*i64", "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
-    wgrad = {"src_ptr": ptr, "table_ptr": "*i64", "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "c_in": "i32", "c_out": "i32"}
-    dw = {"src_ptr": ptr, "table_ptr": "*i64", "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32", "taps": "i32"}
-    dw_grad = {"src_ptr": ptr, "table_ptr": "*i64", "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
+    gemm = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
+    wgrad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "c_in": "i32", "c_out": "i32"}
+    dw = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32", "taps": "i32"}
+    dw_grad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
     return [
         (tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **tb._GEMM_CONFIGS[-1].kwargs}),
         (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}),
@@ -241,8 +242,8 @@ def _kernel_signatures(dtype: str) -> list[tuple[object, dict, dict]]:
     ]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_kernels_compile_for_the_gpu(dtype):
+@pytest.mark.parametrize("dtype,table", [("fp32", "*i32"), ("bf16", "*i32"), ("bf16", "*i64")])
+def test_kernels_compile_for_the_gpu(dtype, table):
     """The compiled path (``INTERPRETER=False``: tensor-core ``tl.dot``, ``tl.sum``), which
     the interpreter never runs, compiles to a cubin for sm_90 without a GPU (Triton's own
     ptxas): a kernel edit that only the interpreter accepts fails here, not on the GPU."""
@@ -250,7 +251,7 @@ def test_kernels_compile_for_the_gpu(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for kernel, signature, constexprs in _kernel_signatures(dtype):
+    for kernel, signature, constexprs in _kernel_signatures(dtype, table):
         fn = triton.runtime.JITFunction(kernel.fn) if triton_backend.INTERPRETED else kernel
         source = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
