@@ -34,7 +34,7 @@ def test_a_crash_is_attributed_to_the_test_that_was_running(tmp_path):
     assert "CRASH" in (tmp_path / "t.log").read_text() and "SIGILL" in (tmp_path / "t.log").read_text()
 
 
-def test_a_crashed_test_run_resumes_without_the_tests_that_ran(tmp_path):
+def test_a_crashed_test_run_resumes_without_the_tests_that_ran(tmp_path, monkeypatch):
     """A crash no longer costs every test after it: pytest runs again with the tests that
     ran (the crashed one included) deselected, and the phase reports both runs."""
     phase = gpu_check.Phase("t", limit_s=60, log_dir=tmp_path)
@@ -54,6 +54,13 @@ def test_a_crashed_test_run_resumes_without_the_tests_that_ran(tmp_path):
                                        "run 2: 1 passed")
     log = (tmp_path / "t.log").read_text()
     assert "resuming pytest without the 2 tests that ran" in log
+    # with no resumes left, the summary says the rest did not run (not a run that never happened)
+    monkeypatch.setattr(gpu_check, "MAX_RESUMES", 0)
+    phase = gpu_check.Phase("u", limit_s=60, log_dir=tmp_path)
+    result, crashes = gpu_check.run_pytest(phase, _script(body))
+    assert result["crashed_in"] == crashes[0] and len(crashes) == 1
+    assert phase.summary["pytest"].endswith("not resumed (0 resumes done or under 30 s left): the tests after the "
+                                            "crash did not run")
     assert "--deselect=tests/test_a.py::test_ok[cuda] --deselect=tests/test_a.py::test_conv[cuda]" in log
 
 

@@ -213,11 +213,13 @@ def run_pytest(phase: Phase, cmd: list[str]) -> tuple[dict, list[str]]:
         deselected += ran if crashed in ran else [*ran, crashed]
         left = phase.deadline - time.monotonic()
         if len(crashes) > MAX_RESUMES or left < RESUME_MIN_S:
-            counts = "not resumed"
+            earlier.append(f"not resumed ({MAX_RESUMES} resumes done or under {RESUME_MIN_S} s left): "
+                           "the tests after the crash did not run")
             break
         phase.say(f"gpu-check {phase.name}: resuming pytest without the {len(deselected)} tests that ran "
                   f"(the crashed one included)")
-    phase.summary["pytest"] = "; ".join([*earlier, f"run {len(crashes) + 1}: {counts}" if earlier else counts])
+    last_run = [] if crashed is not None else [f"run {len(crashes) + 1}: {counts}" if earlier else counts]
+    phase.summary["pytest"] = "; ".join([*earlier, *last_run])
     phase.summary["crashed_tests"] = crashes
     return r, crashes
 
