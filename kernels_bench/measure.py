@@ -171,8 +171,9 @@ def _step_fn(case: Case, model: nn.Module, images: torch.Tensor, active: torch.T
     return run
 
 
-def run_case(case: Case) -> dict:
-    """Measure one case in this process; returns the case's fields plus the results."""
+def prepare_case(case: Case) -> tuple[Callable[[], None], torch.Tensor]:
+    """Build a case's model and inputs in this process; returns the function that runs the
+    measured part once (not synchronised) and the patch mask."""
     case.validate()
     import_encoder_modules(case.imports)
     device = torch.device(case.device)
@@ -187,7 +188,13 @@ def run_case(case: Case) -> dict:
     images, active = make_inputs(case, device)
     if case.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    fn = _step_fn(case, model, images, active)
+    return _step_fn(case, model, images, active), active
+
+
+def run_case(case: Case) -> dict:
+    """Measure one case in this process; returns the case's fields plus the results."""
+    fn, active = prepare_case(case)
+    device = torch.device(case.device)
 
     _sync(device)
     if device.type == "cuda":

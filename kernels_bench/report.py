@@ -180,7 +180,28 @@ def scaling(results: dict) -> list[dict]:
     return out
 
 
-def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[str]:
+def profile_lines(profile: dict) -> list[str]:
+    """The table of a results folder's ``profile/profile.json`` (kernels_bench/profile.py)."""
+    cases = profile["cases"]
+    lines = ["", "Where a step's time goes (`python -m kernels_bench.profile`: torch.profiler over "
+             f"{cases[0].get('steps', '?')} steps; wall time measured without the profiler; device time = the kernels' "
+             "and copies' durations; GPU busy = device / wall, far below 1 when the host bounds the step):", "",
+             "| case | precision | ms/step | device ms | GPU busy | kernels | host syncs | most device time (or self CPU time) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in cases:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r.get('amp') or 'fp32'} | failed: {r['error'][:120]} | | | | | |")
+            continue
+        device = r["device_s"] is not None
+        top = ", ".join(f"`{t['name'][:60]}` {t['share']:.0%}" for t in (r["top_kernels"] or r["top_ops"])[:3])
+        lines.append(
+            f"| {r['name']} | {r.get('amp') or 'fp32'} | {r['wall_s'] * 1e3:.1f} | "
+            f"{_fmt(r['device_s'] * 1e3 if device else None, '.1f')} | {_fmt(r['busy'], '.0%')} | "
+            f"{r['kernels']:.0f} | {r['syncs']:.0f} | {top} |")
+    return lines
+
+
+def _device_section(results: dict, plots_rel: list[str], folder: str, profile: Optional[dict] = None) -> list[str]:
     env, plan = results["environment"], results["plan"]
     memory = ("GPU: `torch.cuda.max_memory_allocated` during the timed runs, above what was allocated before"
               if plan["device"].startswith("cuda") else
@@ -239,6 +260,8 @@ def _device_section(results: dict, plots_rel: list[str], folder: str) -> list[st
                   "Top operators by self CPU time (torch.profiler, one step):", "", "| op | calls | self s | share |",
                   "|---|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['calls']} | {o['self_s']:.3f} | {o['share']:.0%} |" for o in bd["profile_top_ops"]]
+    if profile and profile.get("cases"):
+        lines += profile_lines(profile)
     failed = [r for r in results["rows"] if "error" in r]
     if failed:
         lines += ["", "Cases without a result: " + "; ".join(
@@ -258,7 +281,9 @@ def write_report(results_root: Path, out: Path) -> Path:
             continue
         plots = plot(results, path.parent / "plots")
         rel = [str(Path("..") / p.relative_to(out.parent.parent)) if out.parent.parent in p.parents else str(p) for p in plots]
-        sections.append(_device_section(results, rel, path.parent.name))
+        profile_json = path.parent / "profile" / "profile.json"
+        profile = json.loads(profile_json.read_text()) if profile_json.exists() else None
+        sections.append(_device_section(results, rel, path.parent.name, profile))
     devices = {json.loads(p.read_text())["plan"]["device"].split(":")[0] for p in results_root.glob("*/results.json")
                if not json.loads(p.read_text())["plan"].get("quick")}
     lines = [

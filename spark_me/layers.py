@@ -223,8 +223,7 @@ class SparseDropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1.0 - self.drop_prob
-        batch_index = x.C[:, 0].long().to(x.F.device)
-        batch_size = int(batch_index.max()) + 1
+        batch_index, batch_size = ops.site_batch_index(x)  # on a batch's TableCache: no host sync
         keep = x.F.new_empty(batch_size).bernoulli_(keep_prob)
         if self.scale_by_keep:
             keep = keep / keep_prob

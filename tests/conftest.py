@@ -4,6 +4,7 @@ from __future__ import annotations
 import MinkowskiEngine as ME
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # float64 and float32 tolerances on relative error (DESIGN.md).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -60,3 +61,25 @@ def _seed():
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+# ATen ops that make a CUDA host wait for the device: reading a value back (item, int,
+# bool, printing) and ops whose output size depends on the data.
+HOST_SYNC_OPS = frozenset({
+    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+    "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave", "aten::is_nonzero",
+})
+
+
+class HostSyncAudit(TorchDispatchMode):
+    """Records every op of :data:`HOST_SYNC_OPS` dispatched inside it, on any device: on a CPU
+    run it finds the places where the same code on a GPU would stall the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in HOST_SYNC_OPS:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))

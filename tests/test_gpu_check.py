@@ -106,3 +106,15 @@ def test_data_pipeline_is_compared_with_the_fastest_step(tmp_path):
     assert "2.5x slower than the fastest step (resnet50 sparse bf16, 2000 img/s)" in slow
     fast = gpu_check.data_vs_step({"images_per_s": 2500.0, "workers": 16}, results)
     assert "keeps up with the fastest step" in fast
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="rehearses the no-GPU path")
+def test_bench_phase_without_data_or_a_gpu_measures_nothing_and_says_so(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "data_throughput.json").write_text('{"images_per_s": 1.0}')  # an earlier run's
+    assert gpu_check.main(["bench", "--no-data", "--limit", "120", "--log-dir", str(logs)]) == 0
+    log = (logs / "bench.log").read_text()
+    assert "data pipeline not measured (--no-data)" in log and "kernels_bench.data_throughput" not in log
+    assert "GPU benchmarks SKIPPED" in log
+    assert not (logs / "data_throughput.json").exists()

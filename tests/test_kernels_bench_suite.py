@@ -81,8 +81,17 @@ def test_results_files_and_report(tmp_path):
     assert len(head) == 1 and head[0]["time_a_over_b"] > 0
     report = write_report(tmp_path / "results", tmp_path / "docs" / "benchmarks.md").read_text()
     assert "| resnet18 | encoder forward+backward | 4 | 128 | auto | fp32 |" in report
-    assert "GPU rows are missing" in report
+    assert "GPU rows are missing" in report and "Where a step's time goes" not in report
     assert (tmp_path / "results" / "cpu" / "plots" / "resnet18_encoder_fwd_bwd.png").stat().st_size > 1000
+    # a profile (kernels_bench.profile) in the results folder is shown in that folder's section
+    (tmp_path / "results" / "cpu" / "profile").mkdir()
+    (tmp_path / "results" / "cpu" / "profile" / "profile.json").write_text(json.dumps({"cases": [
+        {"name": "resnet18-sparse-torch-step-fp32", "amp": None, "steps": 3, "wall_s": 0.125, "device_s": None,
+         "busy": None, "kernels": 0.0, "syncs": 0.0, "top_kernels": [],
+         "top_ops": [{"name": "aten::mm", "share": 0.5}]}]}))
+    report = write_report(tmp_path / "results", tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "Where a step's time goes" in report
+    assert "| resnet18-sparse-torch-step-fp32 | fp32 | 125.0 | n/a | n/a | 0 | 0 | `aten::mm` 50% |" in report
 
 
 def test_user_encoder_case_in_its_own_process():

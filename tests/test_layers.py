@@ -1,12 +1,13 @@
 """Each sparse layer against its dense PyTorch layer on masked inputs (float64 and float32)."""
 from __future__ import annotations
 
+import MinkowskiEngine as ME
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TOL, rel_err
+from conftest import TOL, HostSyncAudit, rel_err
 from masked_dense import mask_at
 from spark_me.gather import site_mask, to_dense, to_sparse
 from spark_me.layers import (
@@ -18,6 +19,7 @@ from spark_me.layers import (
     sparse_add,
 )
 from spark_me.masking import random_patch_mask
+from spark_me.ops import TableCache
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -145,6 +147,41 @@ def test_drop_path_drops_whole_samples():
         kept[b] = ratio.abs().sum() > 0
     assert 0 < int(kept.sum()) < 64  # some dropped, some kept (probability of failure ~1e-19)
     assert dp.eval()(xs) is xs
+
+
+def _drop_path_reference(xs, drop_prob: float, seed: int) -> torch.Tensor:
+    """Whole samples dropped by a Bernoulli draw per sample, survivors scaled by 1/keep."""
+    batch = xs.C[:, 0].long()
+    torch.manual_seed(seed)
+    keep = xs.F.new_empty(int(batch.max()) + 1).bernoulli_(1 - drop_prob) / (1 - drop_prob)
+    return xs.F * keep[batch].unsqueeze(1)
+
+
+def test_drop_path_on_a_batch_reads_the_coordinates_once_and_never_syncs():
+    """On the batch's TableCache the per-site batch index is read once per map and the batch
+    size comes from its extent: a drop path in every block costs no host synchronisation."""
+    _, xs, _ = _sparse_input(batch=16, grid=(2, 2), ratio=0.5, channels=3)
+    cm = xs.coordinate_manager
+    assert isinstance(cm, TableCache) and cm.extent[0] == 16
+    reads = []
+    get_coordinates = cm.get_coordinates
+    cm.get_coordinates = lambda key: reads.append(key) or get_coordinates(key)
+    dp = SparseDropPath(0.4).train()
+    for seed in (1, 2):
+        expected = _drop_path_reference(xs, 0.4, seed)
+        torch.manual_seed(seed)
+        with HostSyncAudit() as audit:
+            out = dp(xs)
+        assert torch.equal(out.F, expected) and audit.ops == []
+    assert len(reads) == 1 and len(cm.batch_indices) == 1
+
+
+def test_drop_path_on_a_plain_manager_reads_the_coordinates():
+    _, xs, _ = _sparse_input(batch=8, grid=(2, 2), ratio=0.5, channels=3)
+    plain = ME.SparseTensor(xs.F, coordinates=xs.C)  # MinkowskiEngine's own manager
+    expected = _drop_path_reference(plain, 0.25, 3)
+    torch.manual_seed(3)
+    assert torch.equal(SparseDropPath(0.25).train()(plain).F, expected)
 
 
 def test_sparse_add_checks_sites():

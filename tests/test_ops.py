@@ -18,11 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOL, rel_err
+from conftest import NEEDS_CUDA, TOL, HostSyncAudit, rel_err
 from masked_dense import mask_at
 from spark_me import ops
 from spark_me.ops import torch_backend
-from spark_me.gather import site_mask, to_dense
+from spark_me import build_sparse_encoder
+from spark_me.gather import site_mask, to_dense, to_sparse
 from spark_me.layers import SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, SparseMaxPool2d, set_conv_impl
 from spark_me.masking import random_patch_mask
 
@@ -526,3 +527,50 @@ def test_auto_algorithm_by_channels():
     assert choose(3, torch.float32, "loop") == "loop" and choose(512, torch.float64, "pairs") == "pairs"
     with pytest.raises(ValueError, match="unknown sparse conv algorithm"):
         choose(64, torch.float32, "fft")
+
+
+_NO_WAIT_CASES = [
+    *(pytest.param("cpu", "torch", None, c, id=f"cpu-{c}") for c in ("plain", "recompute")),
+    *(pytest.param("cuda", impl, "bf16", c, marks=NEEDS_CUDA, id=f"cuda-{impl}-bf16-{c}")
+      for impl in ("torch", "triton") for c in ("plain", "recompute")),
+]
+
+
+@pytest.mark.parametrize("device,conv_impl,amp,checkpointing", _NO_WAIT_CASES)
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_once_a_batchs_tables_exist_the_encoder_never_waits_for_the_device(name, device, conv_impl, amp, checkpointing):
+    """Forward+backward of a sparse encoder (drop path on, as the recipe's ResNet-50 has) on
+    a batch whose tables are built calls no op that would stall a GPU's host (read a value
+    back, or size an output by the data): the step's syncs are the gather's and each
+    table's first use, not one per layer or block. On CUDA, PyTorch's sync debug mode
+    also turns any synchronisation it sees into an error."""
+    torch.manual_seed(0)
+    encoder = build_sparse_encoder(name, drop_path_rate=0.3, conv_impl=conv_impl).to(device).train()
+    encoder.set_grad_checkpointing(checkpointing == "recompute")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=g).to(device)
+    gathered = to_sparse(images, random_patch_mask(4, (2, 2), 0.5, g).to(device), encoder.downsample_ratio)
+    gathered = ME.SparseTensor(gathered.F.requires_grad_(), coordinate_map_key=gathered.coordinate_map_key,
+                               coordinate_manager=gathered.coordinate_manager)
+
+    def step() -> None:
+        encoder.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            features = encoder.forward_sparse(gathered)
+        sum(f.F.float().sum() for f in features).backward()
+
+    with HostSyncAudit() as first:
+        step()
+    with HostSyncAudit() as again:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    assert again.ops == [], again.ops
+    if conv_impl == "torch":  # its first pass reads `complete` once per table, and nothing else
+        assert len(first.ops) <= len(gathered.coordinate_manager.neighbour_tables), first.ops
+    assert gathered.F.grad is not None

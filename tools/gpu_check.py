@@ -230,10 +230,16 @@ def phase_bench(args: argparse.Namespace) -> int:
     usable, what = _cuda_status(python)
     phase.summary["cuda"] = what
     data_json = phase.log_dir / "data_throughput.json"
-    data = phase.run("data pipeline", [python, "-m", "kernels_bench.data_throughput", "--seconds", "20",
-                                       "--out", str(data_json)])
+    if args.no_data:
+        data_json.unlink(missing_ok=True)  # not an earlier run's figure
+        data = {"rc": 0}
+        phase.say("gpu-check bench: data pipeline not measured (--no-data)")
+    else:
+        data = phase.run("data pipeline", [python, "-m", "kernels_bench.data_throughput", "--seconds", "20",
+                                           "--out", str(data_json)])
     if not usable:
-        return phase.finish(data["rc"] == 0, f"GPU benchmarks SKIPPED ({what}); data pipeline measured on this machine's cores")
+        data_note = "data pipeline not measured (--no-data)" if args.no_data else "data pipeline measured on this machine's cores"
+        return phase.finish(data["rc"] == 0, f"GPU benchmarks SKIPPED ({what}); {data_note}")
     gpu = subprocess.run([python, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
                          capture_output=True, text=True).stdout.strip()
     out = REPO / "kernels_bench" / "results" / ("gpu-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
@@ -245,13 +251,19 @@ def phase_bench(args: argparse.Namespace) -> int:
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
         shutil.copy(data_json, out / "data_throughput.json")
+    # where a bf16 step's GPU time goes, per backend and for the emulation (about a minute)
+    profile = phase.run("profile", [
+        python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
+        "--amp", "bf16", "--conv-impl", *[c for c in args.conv_impl if c != "minkowski"], "--out", str(out / "profile"),
+    ], started=_STARTED_CASE)
     # what each part of a bf16 step keeps for backward, sparse vs masked-dense (seconds on a GPU)
     saved = [phase.run("saved tensors", [
         python, "-m", "kernels_bench.saved_memory", "--device", "cuda", "--models", *args.models, "--batch", "128",
         "--amp", "bf16", *flag, "--out", str(out / ("saved-memory" + suffix)),
     ]) for flag, suffix in (([], ""), (["--grad-checkpointing"], "-grad-checkpointing"))]
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
-    ok = bench["rc"] == 0 and not bench["timed_out"] and report["rc"] == 0 and all(r["rc"] == 0 for r in saved)
+    ok = (bench["rc"] == 0 and not bench["timed_out"] and profile["rc"] == 0 and report["rc"] == 0
+          and all(r["rc"] == 0 for r in saved))
     if ok and data_json.exists():
         phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
     return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}")
@@ -285,6 +297,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--conv-impl", nargs="+", default=["torch", "triton", "minkowski"],
                    choices=("auto", "torch", "triton", "minkowski"), help="bench: sparse backends, one row set each")
     p.add_argument("--repeats", type=int, default=5, help="bench: timed runs per case (median reported)")
+    p.add_argument("--no-data", action="store_true",
+                   help="bench: leave out the data pipeline's images/s (CPU-side, about 30 s; measured once per node is enough)")
     args = p.parse_args(argv)
     return {"build": phase_build, "test": phase_test, "bench": phase_bench}[args.phase](args)
 

@@ -7,7 +7,14 @@ maps, cached per batch). :mod:`triton_backend` is imported on first use: it need
 which decides at that import whether its kernels run in the interpreter.
 """
 from spark_me.ops.dispatch import CONV_IMPLS, check_conv_impl, conv, depthwise_conv, max_pool, resolve_conv_impl
-from spark_me.ops.tables import NeighbourTables, TableCache, kernel_tap_order, neighbour_tables, new_coordinate_manager
+from spark_me.ops.tables import (
+    NeighbourTables,
+    TableCache,
+    kernel_tap_order,
+    neighbour_tables,
+    new_coordinate_manager,
+    site_batch_index,
+)
 
 __all__ = [
     "CONV_IMPLS",
@@ -21,4 +28,5 @@ __all__ = [
     "neighbour_tables",
     "new_coordinate_manager",
     "resolve_conv_impl",
+    "site_batch_index",
 ]

@@ -179,7 +179,17 @@ class TableCache(ME.CoordinateManager):
     def __init__(self, *args, extent: Optional[tuple[int, int, int]] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.neighbour_tables: dict[tuple, NeighbourTables] = {}
+        self.batch_indices: dict[tuple, torch.Tensor] = {}
         self.extent = extent
+
+    def batch_index(self, key: ME.CoordinateMapKey, device: torch.device) -> torch.Tensor:
+        """Each site's batch index on map ``key`` (int64, on ``device``): read from the
+        coordinates once per map and kept for the batch, so per-sample layers (drop path)
+        in every block do not copy the coordinates out of MinkowskiEngine again."""
+        cache_key = _map_id(key)
+        if cache_key not in self.batch_indices:
+            self.batch_indices[cache_key] = self.get_coordinates(key)[:, 0].to(device, torch.int64)
+        return self.batch_indices[cache_key]
 
     def __repr__(self) -> str:
         """A summary from Python state only. Printing a ``SparseTensor`` (whose repr includes
@@ -194,6 +204,26 @@ class TableCache(ME.CoordinateManager):
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for tables in self.neighbour_tables.values() for t in tables.tensors()}
         return sum(storages.values())
+
+
+def _map_id(key: ME.CoordinateMapKey) -> tuple:
+    """A hashable identity of a coordinate map: (tensor stride, its string key)."""
+    stride, name = key.get_key()
+    return tuple(stride), name
+
+
+def site_batch_index(x: ME.SparseTensor) -> tuple[torch.Tensor, int]:
+    """``x``'s per-site batch index (int64, on its features' device) and the batch size.
+
+    On a :class:`TableCache` that knows its extent both come without a host
+    synchronisation (the index is read once per map and cached); on another manager they
+    are read from the coordinates, and the batch size is their largest batch index + 1.
+    """
+    cm, device = x.coordinate_manager, x.F.device
+    if isinstance(cm, TableCache) and cm.extent is not None:
+        return cm.batch_index(x.coordinate_map_key, device), cm.extent[0]
+    index = x.C[:, 0].to(device, torch.int64)
+    return index, int(index.max()) + 1 if len(index) else 0
 
 
 def new_coordinate_manager(coordinates: torch.Tensor, extent: Optional[tuple[int, int, int]] = None) -> TableCache:
@@ -255,7 +285,7 @@ def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neigh
     """
     cm, in_key = x.coordinate_manager, x.coordinate_map_key
     cache = cm.neighbour_tables if isinstance(cm, TableCache) else None
-    cache_key = (tuple(in_key.get_key()[0]), in_key.get_key()[1], kernel_size, stride)
+    cache_key = (*_map_id(in_key), kernel_size, stride)
     if cache is not None and cache_key in cache:
         return cache[cache_key]
     out_key = in_key if stride == 1 else cm.stride(in_key, stride)

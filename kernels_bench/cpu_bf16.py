@@ -1,0 +1,113 @@
+"""Whether bf16 pays on this CPU, per part of a sparse SparK step (issue #11).
+
+    OMP_NUM_THREADS=1 python -m kernels_bench.cpu_bf16 --models resnet50 convnext_tiny --batch 2
+
+Times the forward+backward of the sparse encoder, densify, and decoder + loss, each in
+fp32 and under bf16 autocast, alternating in rounds (so a machine that slows down mid-run
+slows both alike), and logs the medians and the spread of the per-round ratios. The
+parts run on detached inputs, as in kernels_bench/breakdown.py. It decides the CPU
+default: a part would run in bf16 only where its ratio is below 1 (on the development
+machine, which exposes AVX2 only, the medians are 11-16, so CPU runs stay fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import MinkowskiEngine as ME
+import torch
+
+from kernels_bench.measure import Case, build_sparse_spark, make_inputs
+from spark_me import SparK
+from spark_me.loss import masked_reconstruction_loss
+
+log = logging.getLogger(__name__)
+
+
+def part_functions(model_name: str, batch: int, size: int, mask: float) -> tuple[SparK, dict[str, Callable[[bool], None]]]:
+    """The model, and the forward+backward of each part of its sparse step (the argument
+    turns bf16 autocast on)."""
+    case = Case(model_name, "sparse", "step", batch, size, mask)
+    model = build_sparse_spark(case, torch.device("cpu"))
+    images, active = make_inputs(case, torch.device("cpu"))
+    b, _, h, w = images.shape
+    features = model.encoder(images, active)
+    detached = [ME.SparseTensor(f.F.detach().requires_grad_(), coordinate_map_key=f.coordinate_map_key,
+                                coordinate_manager=f.coordinate_manager) for f in features]
+    maps = [m.detach().requires_grad_() for m in model.densify(detached, b, (h, w))]
+
+    def autocast(bf16: bool) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def encoder(bf16: bool) -> None:
+        with autocast(bf16):
+            out = model.encoder(images, active)
+        sum(f.F.float().sum() for f in out).backward()
+
+    def densify(bf16: bool) -> None:
+        with autocast(bf16):
+            out = model.densify(detached, b, (h, w))
+        sum(m.float().sum() for m in out).backward()
+
+    def decoder_loss(bf16: bool) -> None:
+        with autocast(bf16):
+            reconstruction = model.decoder(maps)
+        masked_reconstruction_loss(reconstruction.float(), images, active, model.patch_size).backward()
+
+    def zeroed(fn: Callable[[bool], None]) -> Callable[[bool], None]:
+        def run(bf16: bool) -> None:
+            model.zero_grad(set_to_none=True)
+            fn(bf16)
+        return run
+
+    return model, {"sparse encoder": zeroed(encoder), "densify": zeroed(densify), "decoder + loss": zeroed(decoder_loss)}
+
+
+def compare(fn: Callable[[bool], None], rounds: int) -> dict:
+    """One warm-up of each precision, then ``rounds`` alternating fp32/bf16 runs."""
+    fn(False)
+    fn(True)
+    fp32, bf16 = [], []
+    for _ in range(rounds):
+        for times, flag in ((fp32, False), (bf16, True)):
+            start = time.perf_counter()
+            fn(flag)
+            times.append(time.perf_counter() - start)
+    ratios = [b / f for f, b in zip(fp32, bf16)]
+    return {"fp32_s": statistics.median(fp32), "bf16_s": statistics.median(bf16),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels_bench.cpu_bf16", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--mask", type=float, default=0.6)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    log.info("torch %s, CPU capability %s, %d thread(s), batch %d, %d px, mask %g", torch.__version__,
+             torch.backends.cpu.get_cpu_capability(), args.threads, args.batch, args.size, args.mask)
+    results = []
+    for model_name in args.models:
+        _, parts = part_functions(model_name, args.batch, args.size, args.mask)
+        for part, fn in parts.items():
+            r = {"model": model_name, "part": part, **compare(fn, args.rounds)}
+            results.append(r)
+            log.info("%s %s: fp32 %.3f s, bf16 %.3f s, bf16/fp32 %.2f (rounds %.2f-%.2f)", model_name, part,
+                     r["fp32_s"], r["bf16_s"], r["ratio"], r["ratio_min"], r["ratio_max"])
+    log.info("RESULTS %s", json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""kernels_bench.profile: per-step totals from profiler events, cases, files, report."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import NEEDS_CUDA
+from kernels_bench.measure import Case
+from kernels_bench.profile import main, plan, profile_case, summarise
+from kernels_bench.report import profile_lines
+
+CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+
+def _event(key: str, count: int, device_type, cpu_us: float = 0.0, device_us: float = 0.0) -> SimpleNamespace:
+    return SimpleNamespace(key=key, count=count, device_type=device_type, self_cpu_time_total=cpu_us,
+                           self_device_time_total=device_us)
+
+
+def test_summarise_counts_kernels_launches_and_syncs_per_step():
+    events = [
+        _event("gemm_kernel", 6, CUDA, device_us=3000.0),
+        _event("gather_kernel", 3, CUDA, device_us=1000.0),
+        _event("Memcpy DtoH (Device -> Pageable)", 3, CUDA, device_us=200.0),
+        _event("cudaLaunchKernel", 6, CPU, cpu_us=60.0),
+        _event("cuLaunchKernelEx", 3, CPU, cpu_us=30.0),  # Triton launches through the driver
+        _event("cudaStreamSynchronize", 3, CPU, cpu_us=300.0),
+        _event("cudaDeviceSynchronize", 1, CPU, cpu_us=10.0),
+        _event("cudaMemcpyAsync", 3, CPU, cpu_us=15.0),  # not a synchronisation by itself
+        _event("aten::mm", 9, CPU, cpu_us=585.0),
+    ]
+    s = summarise(events, steps=3, top=2)
+    assert s["device_s"] == pytest.approx(4200e-6 / 3)
+    assert s["host_self_s"] == pytest.approx(1000e-6 / 3)
+    assert (s["kernels"], s["launches"], s["syncs"]) == (4.0, 3.0, pytest.approx(4 / 3))
+    assert [k["name"] for k in s["top_kernels"]] == ["gemm_kernel", "gather_kernel"]
+    assert s["top_kernels"][0]["calls"] == 2.0 and s["top_kernels"][0]["share"] == pytest.approx(3000 / 4200)
+    assert [o["name"] for o in s["top_ops"]] == ["aten::mm", "cudaStreamSynchronize"]
+    assert s["top_ops"][0]["share"] == pytest.approx(0.585)
+
+
+def test_summarise_without_device_events_reports_no_device_time():
+    s = summarise([_event("aten::add", 4, CPU, cpu_us=40.0)], steps=2)
+    assert s["device_s"] is None and s["top_kernels"] == [] and s["kernels"] == 0
+    assert s["top_ops"] == [{"name": "aten::add", "calls": 2.0, "self_cpu_s": 20e-6, "share": 1.0}]
+
+
+def _tiny(**kw) -> Case:
+    base = dict(model="resnet18", variant="sparse", part="step", batch=2, size=64, mask_ratio=0.6, warmup=1,
+                repeats=1, decoder_width=32)
+    return Case(**{**base, **kw})
+
+
+def test_a_cpu_step_profile_names_its_operators():
+    summary, table = profile_case(_tiny(), steps=1)
+    assert summary["wall_s"] > 0 and summary["profiled_wall_s"] > 0 and summary["busy"] is None
+    assert summary["device_s"] is None and summary["kernels"] == 0
+    names = [o["name"] for o in summary["top_ops"]]
+    assert any(n.startswith("aten::") for n in names)
+    assert 0 < sum(o["share"] for o in summary["top_ops"]) <= 1 + 1e-9
+    assert "Self CPU" in table
+
+
+def test_plan_puts_the_baseline_after_each_models_backends():
+    cases = plan(["resnet18", "convnext_atto"], ["torch", "triton"], "cuda", 8, 64, 0.6, "bf16", "step", 1, 1, 32)
+    assert [(c.model, c.variant, c.conv_impl) for c in cases] == [
+        ("resnet18", "sparse", "torch"), ("resnet18", "sparse", "triton"), ("resnet18", "masked_dense", "auto"),
+        ("convnext_atto", "sparse", "torch"), ("convnext_atto", "sparse", "triton"),
+        ("convnext_atto", "masked_dense", "auto")]
+    assert all(c.amp == "bf16" for c in cases) and [c.channels_last for c in cases] == [False, False, True] * 2
+
+
+def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path):
+    argv = ["--device", "cpu", "--models", "resnet18", "--conv-impl", "torch", "triton", "--batch", "2",
+            "--size", "64", "--decoder-width", "32", "--warmup", "1", "--repeats", "1", "--steps", "1",
+            "--out", str(tmp_path)]
+    assert main(argv) == 1  # triton does not run on CPU tensors outside the interpreter
+    cases = json.loads((tmp_path / "profile.json").read_text())["cases"]
+    assert [c["name"] for c in cases] == [
+        "resnet18-sparse-torch-step-fp32", "resnet18-sparse-triton-step-fp32", "resnet18-masked_dense-nchw-step-fp32"]
+    assert "error" in cases[1] and "CUDA" in cases[1]["error"]
+    assert "error" not in cases[0] and "error" not in cases[2]
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == [
+        "resnet18-masked_dense-nchw-step-fp32.txt", "resnet18-sparse-torch-step-fp32.txt"]
+    lines = profile_lines({"cases": cases})
+    rows = [line for line in lines if line.startswith("| resnet18")]
+    assert len(rows) == 3 and "failed: ValueError" in rows[1]
+    assert rows[0].split(" | ")[2] == f"{cases[0]['wall_s'] * 1e3:.1f}"
+
+
+def test_amp_on_cpu_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--amp", "bf16", "--out", "unused"])
+    assert e.value.code == 2 and "--amp is for CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("conv_impl", [pytest.param(c, marks=NEEDS_CUDA) for c in ("torch", "triton")])
+def test_a_cuda_step_profile_sees_kernels_launches_and_device_time(conv_impl):
+    summary, _ = profile_case(_tiny(device="cuda", conv_impl=conv_impl, amp="bf16"), steps=2)
+    assert summary["device_s"] > 0 and 0 < summary["busy"]
+    assert summary["kernels"] > 0 and summary["launches"] > 0 and summary["top_kernels"]
+    assert summary["syncs"] >= 0
