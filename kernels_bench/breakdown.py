@@ -24,6 +24,7 @@ import MinkowskiEngine as ME
 import torch
 
 from kernels_bench.measure import Case, build_sparse_spark, make_inputs
+from spark_me import SparK
 from spark_me.gather import to_sparse
 from spark_me.layers import SparseConv2d
 from spark_me.loss import masked_reconstruction_loss
@@ -81,6 +82,43 @@ def gemm_time(shapes: list[tuple[int, int, int]], warmup: int, repeats: int) -> 
     return median_time(run, warmup, repeats)
 
 
+def step_parts(model: SparK, images: torch.Tensor, active: torch.Tensor) -> dict[str, Callable[[bool], None]]:
+    """Forward+backward of each part of a sparse SparK step, gradients zeroed first: the
+    encoder on the images, densify and decoder + loss each on detached inputs (so a part's
+    time is its own). The argument turns bf16 autocast on (on CPU: kernels_bench.cpu_bf16)."""
+    b, _, h, w = images.shape
+    features = model.encoder(images, active)
+    detached = [ME.SparseTensor(f.F.detach().requires_grad_(), coordinate_map_key=f.coordinate_map_key,
+                                coordinate_manager=f.coordinate_manager) for f in features]
+    maps = [m.detach().requires_grad_() for m in model.densify(detached, b, (h, w))]
+
+    def autocast(bf16: bool) -> torch.autocast:
+        return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def encoder(bf16: bool) -> None:
+        with autocast(bf16):
+            out = model.encoder(images, active)
+        sum(f.F.float().sum() for f in out).backward()
+
+    def densify(bf16: bool) -> None:
+        with autocast(bf16):
+            out = model.densify(detached, b, (h, w))
+        sum(m.float().sum() for m in out).backward()
+
+    def decoder_loss(bf16: bool) -> None:
+        with autocast(bf16):
+            reconstruction = model.decoder(maps)
+        masked_reconstruction_loss(reconstruction.float(), images, active, model.patch_size).backward()
+
+    def zeroed(fn: Callable[[bool], None]) -> Callable[[bool], None]:
+        def run(bf16: bool) -> None:
+            model.zero_grad(set_to_none=True)
+            fn(bf16)
+        return run
+
+    return {"sparse encoder": zeroed(encoder), "densify": zeroed(densify), "decoder + loss": zeroed(decoder_loss)}
+
+
 def sparse_step_breakdown(model_name: str, batch: int, size: int, mask_ratio: float, warmup: int = 1,
                           repeats: int = 3, decoder_width: int = 768) -> dict:
     """Seconds per component of one sparse SparK forward+backward (CPU), and their shares."""
@@ -88,7 +126,6 @@ def sparse_step_breakdown(model_name: str, batch: int, size: int, mask_ratio: fl
     model = build_sparse_spark(case, torch.device("cpu"))
     images, active = make_inputs(case, torch.device("cpu"))
     enc = model.encoder
-    b, _, h, w = images.shape
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -105,29 +142,14 @@ def sparse_step_breakdown(model_name: str, batch: int, size: int, mask_ratio: fl
         with torch.no_grad():
             enc.forward_sparse(gathered)
 
-    def encoder_fwd_bwd() -> None:
-        model.zero_grad(set_to_none=True)
-        sum(f.F.sum() for f in enc(images, active)).backward()
-
-    features = enc(images, active)
-    detached = [ME.SparseTensor(f.F.detach().requires_grad_(), coordinate_map_key=f.coordinate_map_key,
-                                coordinate_manager=f.coordinate_manager) for f in features]
-
-    def densify() -> None:
-        sum(m.sum() for m in model.densify(detached, b, (h, w))).backward()
-
-    maps = [m.detach().requires_grad_() for m in model.densify(detached, b, (h, w))]
-
-    def decoder_loss() -> None:
-        masked_reconstruction_loss(model.decoder(maps), images, active, model.patch_size).backward()
-
+    parts = step_parts(model, images, active)
     t = {
         "step_fwd_bwd": median_time(step, warmup, repeats),
         "encoder_fwd": median_time(encoder_fwd, warmup, repeats),
         "encoder_fwd_cached_maps": median_time(encoder_fwd_cached, warmup, repeats),
-        "encoder_fwd_bwd": median_time(encoder_fwd_bwd, warmup, repeats),
-        "densify_fwd_bwd": median_time(densify, warmup, repeats),
-        "decoder_loss_fwd_bwd": median_time(decoder_loss, warmup, repeats),
+        "encoder_fwd_bwd": median_time(lambda: parts["sparse encoder"](False), warmup, repeats),
+        "densify_fwd_bwd": median_time(lambda: parts["densify"](False), warmup, repeats),
+        "decoder_loss_fwd_bwd": median_time(lambda: parts["decoder + loss"](False), warmup, repeats),
         "gemm_estimate": gemm_time(conv_gemm_shapes(model, images, active), warmup, repeats),
     }
     kernel_maps = max(t["encoder_fwd"] - t["encoder_fwd_cached_maps"], 0.0)

@@ -5,9 +5,9 @@
 Times the forward+backward of the sparse encoder, densify, and decoder + loss, each in
 fp32 and under bf16 autocast, alternating in rounds (so a machine that slows down mid-run
 slows both alike), and logs the medians and the spread of the per-round ratios. The
-parts run on detached inputs, as in kernels_bench/breakdown.py. It decides the CPU
-default: a part would run in bf16 only where its ratio is below 1 (on the development
-machine, which exposes AVX2 only, the medians are 11-16, so CPU runs stay fp32).
+parts are kernels_bench/breakdown.py's (densify and decoder on detached inputs). It
+decides the CPU default: a part would run in bf16 only where its ratio is below 1 (on the
+development machine, which exposes AVX2 only, the medians are 11-16: CPU runs stay fp32).
 """
 from __future__ import annotations
 
@@ -19,53 +19,21 @@ import sys
 import time
 from typing import Callable, Optional
 
-import MinkowskiEngine as ME
 import torch
 
+from kernels_bench.breakdown import step_parts
 from kernels_bench.measure import Case, build_sparse_spark, make_inputs
 from spark_me import SparK
-from spark_me.loss import masked_reconstruction_loss
 
 log = logging.getLogger(__name__)
 
 
 def part_functions(model_name: str, batch: int, size: int, mask: float) -> tuple[SparK, dict[str, Callable[[bool], None]]]:
-    """The model, and the forward+backward of each part of its sparse step (the argument
-    turns bf16 autocast on)."""
+    """The model of a sparse step at this configuration, and its parts (breakdown.step_parts)."""
     case = Case(model_name, "sparse", "step", batch, size, mask)
     model = build_sparse_spark(case, torch.device("cpu"))
     images, active = make_inputs(case, torch.device("cpu"))
-    b, _, h, w = images.shape
-    features = model.encoder(images, active)
-    detached = [ME.SparseTensor(f.F.detach().requires_grad_(), coordinate_map_key=f.coordinate_map_key,
-                                coordinate_manager=f.coordinate_manager) for f in features]
-    maps = [m.detach().requires_grad_() for m in model.densify(detached, b, (h, w))]
-
-    def autocast(bf16: bool) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-
-    def encoder(bf16: bool) -> None:
-        with autocast(bf16):
-            out = model.encoder(images, active)
-        sum(f.F.float().sum() for f in out).backward()
-
-    def densify(bf16: bool) -> None:
-        with autocast(bf16):
-            out = model.densify(detached, b, (h, w))
-        sum(m.float().sum() for m in out).backward()
-
-    def decoder_loss(bf16: bool) -> None:
-        with autocast(bf16):
-            reconstruction = model.decoder(maps)
-        masked_reconstruction_loss(reconstruction.float(), images, active, model.patch_size).backward()
-
-    def zeroed(fn: Callable[[bool], None]) -> Callable[[bool], None]:
-        def run(bf16: bool) -> None:
-            model.zero_grad(set_to_none=True)
-            fn(bf16)
-        return run
-
-    return model, {"sparse encoder": zeroed(encoder), "densify": zeroed(densify), "decoder + loss": zeroed(decoder_loss)}
+    return model, step_parts(model, images, active)
 
 
 def compare(fn: Callable[[bool], None], rounds: int) -> dict:

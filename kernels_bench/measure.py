@@ -72,7 +72,8 @@ class Case:
             raise ValueError("grad_checkpointing rows are sparse rows of a part with a backward")
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -196,7 +197,7 @@ def run_case(case: Case) -> dict:
     fn, active = prepare_case(case)
     device = torch.device(case.device)
 
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -207,7 +208,7 @@ def run_case(case: Case) -> dict:
     for i in range(case.warmup + case.repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         if i >= case.warmup:
             times.append(time.perf_counter() - start)
     if device.type == "cuda":

@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Protocol
 
 import torch
 
-from kernels_bench.measure import Case, prepare_case
+from kernels_bench.measure import Case, prepare_case, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ def summarise(events: Iterable[ProfiledEvent], steps: int, top: int = 10) -> dic
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_case(case: Case, steps: int = 3, table_rows: int = 30) -> tuple[dict, str]:
     """Profile ``steps`` runs of a case's part after ``case.warmup`` runs; returns the
     summary (with the case's fields) and the profiler's operator table."""
@@ -86,12 +81,12 @@ def profile_case(case: Case, steps: int = 3, table_rows: int = 30) -> tuple[dict
     device = torch.device(case.device)
     for _ in range(case.warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     walls = []
     for _ in range(case.repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         walls.append(time.perf_counter() - start)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -100,7 +95,7 @@ def profile_case(case: Case, steps: int = 3, table_rows: int = 30) -> tuple[dict
         start = time.perf_counter()
         for _ in range(steps):
             fn()
-        _sync(device)
+        synchronize(device)
         profiled = time.perf_counter() - start
     averages = prof.key_averages()
     wall = statistics.median(walls)
