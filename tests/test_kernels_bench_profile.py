@@ -9,6 +9,7 @@ import torch
 
 from conftest import NEEDS_CUDA
 from kernels_bench.measure import Case
+from kernels_bench import profile
 from kernels_bench.profile import main, plan, profile_case, summarise
 from kernels_bench.report import profile_lines
 
@@ -73,21 +74,29 @@ def test_plan_puts_the_baseline_after_each_models_backends():
     assert all(c.amp == "bf16" for c in cases) and [c.channels_last for c in cases] == [False, False, True] * 2
 
 
-def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path):
+def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path, monkeypatch):
+    real = profile.profile_case
+
+    def failing_triton(case: Case, steps: int):  # whether Triton runs on CPU depends on the process
+        if case.conv_impl == "triton":
+            raise RuntimeError("an illegal instruction, say")
+        return real(case, steps)
+
+    monkeypatch.setattr(profile, "profile_case", failing_triton)
     argv = ["--device", "cpu", "--models", "resnet18", "--conv-impl", "torch", "triton", "--batch", "2",
             "--size", "64", "--decoder-width", "32", "--warmup", "1", "--repeats", "1", "--steps", "1",
             "--out", str(tmp_path)]
-    assert main(argv) == 1  # triton does not run on CPU tensors outside the interpreter
+    assert main(argv) == 1
     cases = json.loads((tmp_path / "profile.json").read_text())["cases"]
     assert [c["name"] for c in cases] == [
         "resnet18-sparse-torch-step-fp32", "resnet18-sparse-triton-step-fp32", "resnet18-masked_dense-nchw-step-fp32"]
-    assert "error" in cases[1] and "CUDA" in cases[1]["error"]
+    assert cases[1]["error"] == "RuntimeError: an illegal instruction, say"
     assert "error" not in cases[0] and "error" not in cases[2]
     assert sorted(p.name for p in tmp_path.glob("*.txt")) == [
         "resnet18-masked_dense-nchw-step-fp32.txt", "resnet18-sparse-torch-step-fp32.txt"]
     lines = profile_lines({"cases": cases})
     rows = [line for line in lines if line.startswith("| resnet18")]
-    assert len(rows) == 3 and "failed: ValueError" in rows[1]
+    assert len(rows) == 3 and "failed: RuntimeError: an illegal instruction, say" in rows[1]
     assert rows[0].split(" | ")[2] == f"{cases[0]['wall_s'] * 1e3:.1f}"
 
 
