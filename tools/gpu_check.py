@@ -251,10 +251,12 @@ def phase_bench(args: argparse.Namespace) -> int:
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
         shutil.copy(data_json, out / "data_throughput.json")
-    # where a bf16 step's GPU time goes, per backend and for the emulation (about a minute)
+    # where a bf16 step's GPU time goes, per backend and for the emulation (about a minute;
+    # MinkowskiEngine's kernels are fp32-only, so the torch backend stands in for them)
+    bf16_impls = [c for c in args.conv_impl if c != "minkowski"] or ["torch"]
     profile = phase.run("profile", [
         python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
-        "--amp", "bf16", "--conv-impl", *[c for c in args.conv_impl if c != "minkowski"], "--out", str(out / "profile"),
+        "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
     ], started=_STARTED_CASE)
     # what each part of a bf16 step keeps for backward, sparse vs masked-dense (seconds on a GPU)
     saved = [phase.run("saved tensors", [
