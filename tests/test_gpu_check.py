@@ -118,3 +118,10 @@ def test_bench_phase_without_data_or_a_gpu_measures_nothing_and_says_so(tmp_path
     assert "data pipeline not measured (--no-data)" in log and "kernels_bench.data_throughput" not in log
     assert "GPU benchmarks SKIPPED" in log
     assert not (logs / "data_throughput.json").exists()
+
+
+def test_the_test_phase_runs_every_test_file_once_the_unproven_ones_first():
+    paths = gpu_check.test_paths()
+    assert paths[:len(gpu_check.FIRST_TESTS)] == list(gpu_check.FIRST_TESTS)
+    on_disk = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py"))
+    assert sorted(paths) == on_disk and all((REPO / p).is_file() for p in gpu_check.FIRST_TESTS)
