@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from kernels_bench.breakdown import step_parts
-from kernels_bench.measure import Case, build_sparse_spark, make_inputs
+from kernels_bench.measure import Case, build_sparse_spark, case_error, make_inputs
 from spark_me import SparK
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if error := case_error(Case(m, "sparse", "step", args.batch, args.size, args.mask) for m in args.models):
+        p.error(error)
+    if args.rounds < 1 or args.threads < 1:
+        p.error(f"--rounds and --threads must be at least 1, got {args.rounds} and {args.threads}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     log.info("torch %s, CPU capability %s, %d thread(s), batch %d, %d px, mask %g", torch.__version__,

@@ -20,13 +20,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from kernels_bench.variants import VARIANTS, build_variant, feature_sum
-from spark_me import SparK, build_sparse_encoder, import_encoder_modules, random_patch_mask
+from spark_me import SparK, build_sparse_encoder, import_encoder_modules, list_encoders, random_patch_mask
 
 PARTS = ("encoder_fwd", "encoder_fwd_bwd", "step")
 
@@ -60,6 +60,8 @@ class Case:
             raise ValueError(f"variant {self.variant!r} is unknown; choose from {', '.join(VARIANTS)}")
         if self.part not in PARTS:
             raise ValueError(f"part {self.part!r} is unknown; choose from {', '.join(PARTS)}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}")
         if self.size % 32:
             raise ValueError(f"size {self.size} is not a multiple of 32")
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -70,6 +72,20 @@ class Case:
             raise ValueError("amp and channels_last rows are for CUDA only")
         if self.grad_checkpointing and (self.variant != "sparse" or self.part == "encoder_fwd"):
             raise ValueError("grad_checkpointing rows are sparse rows of a part with a backward")
+
+
+def case_error(cases: Iterable[Case]) -> Optional[str]:
+    """Why one of ``cases`` cannot run (an unknown encoder, a bad size, ...), or None: for a
+    command line to report before it measures anything."""
+    known = list_encoders()
+    for case in cases:
+        if case.model not in known:
+            return f"unknown encoder {case.model!r}; registered: {', '.join(known)}"
+        try:
+            case.validate()
+        except ValueError as e:
+            return str(e)
+    return None
 
 
 def synchronize(device: torch.device) -> None:

@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Protocol
 
 import torch
 
-from kernels_bench.measure import Case, prepare_case, synchronize
+from kernels_bench.measure import Case, case_error, prepare_case, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--amp is for CUDA (on the development CPU bf16 was 11-16x slower than fp32: python -m kernels_bench.cpu_bf16)")
     cases = plan(args.models, args.conv_impl, args.device, args.batch, args.size, args.mask, args.amp,
                  args.part, args.warmup, args.repeats, args.decoder_width)
+    if error := case_error(cases):
+        p.error(error)
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error(f"--steps and --repeats must be at least 1 and --warmup at least 0, got {args.steps}, "
+                f"{args.repeats} and {args.warmup}")
     results = run(cases, args.out, args.steps)
     failed = [r["name"] for r in results if "error" in r]
     if failed:

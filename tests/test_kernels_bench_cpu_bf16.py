@@ -40,3 +40,14 @@ def test_cli_logs_every_part_of_every_model(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert sum(line.startswith("resnet18 ") and "bf16/fp32" in line for line in lines) == 3
     assert lines[-1].startswith("RESULTS [")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--models", "resnet999"], "unknown encoder 'resnet999'"),
+    (["--size", "100"], "size 100 is not a multiple of 32"),
+    (["--rounds", "0"], "--rounds and --threads must be at least 1"),
+])
+def test_bad_arguments_are_refused(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err

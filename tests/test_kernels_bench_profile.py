@@ -100,10 +100,18 @@ def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path, 
     assert rows[0].split(" | ")[2] == f"{cases[0]['wall_s'] * 1e3:.1f}"
 
 
-def test_amp_on_cpu_is_refused(capsys):
+@pytest.mark.parametrize("args,message", [
+    (["--amp", "bf16"], "--amp is for CUDA"),
+    (["--models", "resnet999"], "unknown encoder 'resnet999'; registered: "),
+    (["--size", "100"], "size 100 is not a multiple of 32"),
+    (["--batch", "0"], "batch must be at least 1, got 0"),
+    (["--steps", "0"], "--steps and --repeats must be at least 1"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        main(["--device", "cpu", "--amp", "bf16", "--out", "unused"])
-    assert e.value.code == 2 and "--amp is for CUDA" in capsys.readouterr().err
+        main(["--device", "cpu", "--out", str(tmp_path / "out"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("conv_impl", [pytest.param(c, marks=NEEDS_CUDA) for c in ("torch", "triton")])
