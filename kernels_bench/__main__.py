@@ -72,12 +72,10 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = quick_plan(args.device, args.threads) if args.quick else full_plan(args.device, args.threads)
     if args.models:
-        from spark_me import list_encoders
+        from kernels_bench.measure import unknown_encoders_error
 
-        unknown = [m for m in args.models if m not in list_encoders()]
-        if unknown:
-            p.error(f"unknown encoder(s) {', '.join(unknown)}; registered: {', '.join(list_encoders())} "
-                    "(add --import MODULE_OR_FILE for your own)")
+        if error := unknown_encoders_error(args.models):
+            p.error(f"{error} (add --import MODULE_OR_FILE for your own)")
         plan.models = args.models
     plan.imports = tuple(str(Path(i).resolve()) if i.endswith(".py") or "/" in i else i for i in args.imports)
     if args.conv_impl:

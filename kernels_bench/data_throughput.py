@@ -3,11 +3,11 @@
     python -m kernels_bench.data_throughput [--workers N] [--seconds 20] [--images 256]
 
 Writes ImageNet-like JPEGs (random sizes around 500×375, quality 90; textured so they do
-not compress to nothing) into a temporary folder, then runs the same loader a pre-training
-run uses (ImageFolder → SparKAugment at 224 px → DataLoader with N workers, batch 128)
-for a fixed time and reports images/s. Compare it with a training step's images/s from
-the GPU benchmark: if decoding is slower, the GPU waits for data. Results go to
-build/gpu-check/data_throughput.json.
+not compress to nothing) into a temporary folder, then runs the same loader a
+pre-training run uses (ImageFolder → SparKAugment at 224 px → uint8 batches of 128 from a
+DataLoader with N workers, pinned when CUDA is present) for a fixed time and reports
+images/s. Compare it with a training step's images/s from the GPU benchmark: if decoding
+is slower, the GPU waits for data. Results go to build/gpu-check/data_throughput.json.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def measure(folder: Path, workers: int, seconds: float, batch: int, size: int) -
     """Images/s of the loader over ``seconds`` (after one warm-up batch), epochs repeating."""
     data = PretrainImages(ImageFolder(folder), SparKAugment(size))
     loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate,
-                        drop_last=True, persistent_workers=workers > 0)
+                        drop_last=True, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     images = 0
     it = iter(loader)
     next(it)  # start the workers

@@ -74,13 +74,21 @@ class Case:
             raise ValueError("grad_checkpointing rows are sparse rows of a part with a backward")
 
 
+def unknown_encoders_error(models: Iterable[str]) -> Optional[str]:
+    """The message for encoder names that are not registered, or None when all are."""
+    known = list_encoders()
+    unknown = [m for m in models if m not in known]
+    if not unknown:
+        return None
+    return f"unknown encoder(s) {', '.join(map(repr, unknown))}; registered: {', '.join(known)}"
+
+
 def case_error(cases: Iterable[Case]) -> Optional[str]:
     """Why one of ``cases`` cannot run (an unknown encoder, a bad size, ...), or None: for a
     command line to report before it measures anything."""
-    known = list_encoders()
     for case in cases:
-        if case.model not in known:
-            return f"unknown encoder {case.model!r}; registered: {', '.join(known)}"
+        if error := unknown_encoders_error([case.model]):
+            return error
         try:
             case.validate()
         except ValueError as e:

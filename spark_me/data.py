@@ -1,7 +1,9 @@
 """Pre-training data: image sources, the SparK augmentation, and a resumable sharded sampler.
 
 Augmentation is the paper's minimal one: RandomResizedCrop (scale 0.67–1, bicubic),
-horizontal flip, ImageNet normalisation. Its randomness comes from a generator seeded by
+horizontal flip, ImageNet normalisation. The loader yields the crops as uint8 and the
+trainer normalises them on its device (:func:`normalize`): the workers skip a float
+conversion and move a quarter of the bytes. Its randomness comes from a generator seeded by
 ``(seed, epoch, index)``, so a sample looks the same whichever worker or rank loads it and
 a resumed run sees exactly the images an uninterrupted one would.
 """
@@ -71,6 +73,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB (grayscale, palette, RGBA, CMYK, 16-bit ... converted)."""
     with Image.open(path) as img:
         img.load()
+        if img.mode == "RGB":  # the common case: convert() would copy it
+            return img
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -103,7 +107,7 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 class SparKAugment:
-    """RandomResizedCrop(size, scale, bicubic) + horizontal flip + ImageNet normalisation."""
+    """RandomResizedCrop(size, scale, bicubic) + horizontal flip, as a uint8 (3, size, size) tensor."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.67, 1.0)) -> None:
         self.size = size
@@ -138,18 +142,30 @@ class SparKAugment:
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], TF.InterpolationMode.BICUBIC)
         if float(torch.rand(1, generator=g)) < 0.5:
             img = TF.hflip(img)
-        return normalize(TF.to_tensor(img))
+        return TF.pil_to_tensor(img)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of a (3, H, W) tensor in [0, 1]."""
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of uint8 images (..., 3, H, W) to float32, on their device.
+
+    The same float32 operations as ``to_tensor`` followed by ``Normalize`` on the CPU, so the
+    result does not depend on where it runs.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 images (0-255), got {images.dtype}")
+    if images.dim() < 3 or images.shape[-3] != 3:
+        raise ValueError(f"normalize expects images shaped (..., 3, H, W), got {tuple(images.shape)}")
+    x = images.to(torch.float32).div(255)
+    # per channel with Python scalars: no statistics tensor to copy to the device each step
+    for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+        x.select(-3, c).sub_(mean).div_(std)
+    return x
 
 
 def center_view(img: Image.Image, size: int) -> torch.Tensor:
-    """Deterministic view for visualisation: resize the short side, centre-crop, normalise."""
+    """Deterministic view for visualisation: resize the short side, centre-crop; uint8 like the loader's."""
     img = TF.resize(img, size, TF.InterpolationMode.BICUBIC)
-    return normalize(TF.to_tensor(TF.center_crop(img, [size, size])))
+    return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
 
 
 class PretrainImages(Dataset):

@@ -59,7 +59,15 @@ from spark_me.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from spark_me.data import PretrainImages, ResumableSampler, SparKAugment, build_loader, build_source, center_view
+from spark_me.data import (
+    PretrainImages,
+    ResumableSampler,
+    SparKAugment,
+    build_loader,
+    build_source,
+    center_view,
+    normalize,
+)
 from spark_me.distributed import (
     DistInfo,
     all_gather_objects,
@@ -86,6 +94,10 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 PATCH_SIZE = 32  # total stride of every built-in encoder = mask patch size
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGGERS = ("jsonl", "wandb")
+# Warn (once) when the step waited for images this share of its time, over at least this
+# many steps; the first batch of each epoch's loader (its workers starting) is not counted.
+DATA_BOUND_SHARE = 0.2
+DATA_BOUND_MIN_STEPS = 20
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -657,7 +669,7 @@ class PretrainRun:
                     f"none of the {len(self.source)} images of data.path={self.cfg.data.path} could be read "
                     "(see the warnings above): check the dataset or point data.path elsewhere"
                 )
-            images = torch.stack(views).to(self.device)
+            images = normalize(torch.stack(views).to(self.device))
             grid = (size // PATCH_SIZE, size // PATCH_SIZE)
             g = torch.Generator().manual_seed(self.seed)
             self._vis = images, random_patch_mask(len(views), grid, self.model.mask_ratio, g, self.device)
@@ -673,7 +685,7 @@ class PretrainRun:
     # -- the loop
 
     def _masked(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
+        images = normalize(images.to(self.device, non_blocking=True))
         b, _, h, w = images.shape
         active = random_patch_mask(b, (h // PATCH_SIZE, w // PATCH_SIZE), self.model.mask_ratio, self.mask_generator, self.device)
         return images, active
@@ -714,6 +726,8 @@ class PretrainRun:
         losses: list[float] = []
         window: dict[str, float] = {"loss": 0.0, "n": 0, "images": 0, "data": 0.0, "compute": 0.0}
         skipped_total = skipped_reported = 0.0
+        steady = {"data": 0.0, "compute": 0.0, "n": 0}  # waits for data once each loader runs
+        warned_data_bound = False
         last_metrics: dict[str, float] = {}
         start = time.perf_counter()
         window_start = start
@@ -736,12 +750,16 @@ class PretrainRun:
                     self.dataset.set_epoch(epoch)
                     loader = build_loader(self.dataset, self.sampler, int(self.cfg.data.num_workers), epoch, self.seed)
                     t_data = time.perf_counter()
-                    for micro_batches in _chunks(loader, self.plan.grad_accum_steps):
+                    for batch_index, micro_batches in enumerate(_chunks(loader, self.plan.grad_accum_steps)):
                         t_compute = time.perf_counter()
                         metrics = self.train_step(micro_batches)
                         now = time.perf_counter()
                         window["data"] += t_compute - t_data
                         window["compute"] += now - t_compute
+                        if batch_index > 0:
+                            steady["data"] += t_compute - t_data
+                            steady["compute"] += now - t_compute
+                            steady["n"] += 1
                         window["loss"] += metrics["loss"]
                         window["n"] += 1
                         window["images"] += self.global_batch
@@ -753,6 +771,8 @@ class PretrainRun:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{rate:.1f}")
                         if self.step % int(lg.log_every) == 0 or self.step == end:
                             self._log_window(window, metrics, skipped_total, now - window_start, now - start)
+                            if not warned_data_bound and self.is_main:
+                                warned_data_bound = self._warn_if_data_bound(steady)
                             if skipped_total > skipped_reported and self.is_main:
                                 log.warning("%d unreadable image(s) skipped so far", int(skipped_total))
                                 skipped_reported = skipped_total
@@ -800,6 +820,21 @@ class PretrainRun:
         }
         if self.logger:
             self.logger.log(record)
+
+    def _warn_if_data_bound(self, steady: dict) -> bool:
+        """Say so (and return True) when the step has been waiting for the loader."""
+        busy = steady["data"] + steady["compute"]
+        if steady["n"] < DATA_BOUND_MIN_STEPS or steady["data"] < DATA_BOUND_SHARE * busy:
+            return False
+        log.warning(
+            "the step waited for images %.0f%% of the time over %d steps (%.3f s of %.3f s per step): the data loader "
+            "is the bottleneck. Raise data.num_workers (now %d; at most the cores per process), store the images "
+            "smaller, or measure the loader alone with `python -m kernels_bench.data_throughput --workers N` in a "
+            "spark_me checkout",
+            100 * steady["data"] / busy, steady["n"], steady["data"] / steady["n"], busy / steady["n"],
+            int(self.cfg.data.num_workers),
+        )
+        return True
 
     def _summary(self, losses: list[float], elapsed: float, last: dict) -> dict[str, Any]:
         k = max(1, min(10, len(losses) // 4)) if losses else 0

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from spark_me.checkpoint import CheckpointError, load_model
-from spark_me.data import center_view, find_images, load_rgb
+from spark_me.data import center_view, find_images, load_rgb, normalize
 from spark_me.masking import random_patch_mask
 from spark_me.preflight import ConfigError, check_device
 from spark_me.visualize import save_reconstruction_grid
@@ -55,7 +55,7 @@ def reconstruct_images(
             log.warning("skipping %s: %s", path, e)
     if not batch:
         raise ValueError(f"none of the given images could be read: {', '.join(images)}")
-    x = torch.stack(batch).to(device)
+    x = normalize(torch.stack(batch).to(device))
     g = torch.Generator().manual_seed(seed)
     active = random_patch_mask(len(batch), (size // patch, size // patch), ratio, g, device)
     model.to(device).eval()

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from spark_me.data import (
@@ -15,9 +16,12 @@ from spark_me.data import (
     SparKAugment,
     build_loader,
     find_images,
+    center_view,
     load_rgb,
+    normalize,
     sample_generator,
 )
+from spark_me.spark import IMAGENET_MEAN, IMAGENET_STD
 from spark_me.demo_data import DemoImages
 
 
@@ -56,7 +60,7 @@ def test_empty_or_missing_folder_errors_name_data_path(tmp_path):
         find_images(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "1"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "I;16", "1"])
 def test_load_rgb_converts_every_mode(tmp_path, mode):
     suffix = ".jpg" if mode == "CMYK" else ".png"
     path = _write(tmp_path / f"img{suffix}", mode=mode)
@@ -74,7 +78,7 @@ def test_unreadable_files_are_skipped_counted_and_logged(tmp_path, caplog):
     ds = PretrainImages(source, SparKAugment(32), seed=0)
     with caplog.at_level(logging.WARNING, logger="spark_me.data"):
         image, skipped = ds[bad]
-    assert image.shape == (3, 32, 32) and torch.isfinite(image).all()
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
     assert skipped >= 1
     assert any("bad.png" in r.getMessage() for r in caplog.records)
     # a whole epoch goes through, and the skip count reaches the batch
@@ -99,8 +103,34 @@ def test_augmentation_is_a_function_of_seed_epoch_index():
     ds.set_epoch(1)
     c, _ = ds[1]
     assert not torch.equal(a, c)
-    # normalised with ImageNet statistics: values leave [0, 1]
-    assert a.min() < 0 and a.max() > 1
+    assert a.dtype == torch.uint8  # normalised later, on the trainer's device
+
+
+def test_normalize_equals_to_tensor_then_imagenet_normalize_bit_for_bit():
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)) for _ in range(3)]
+    reference = torch.stack([TF.normalize(TF.to_tensor(im), IMAGENET_MEAN, IMAGENET_STD) for im in imgs])
+    batch = torch.stack([TF.pil_to_tensor(im) for im in imgs])
+    assert torch.equal(normalize(batch), reference)
+    assert torch.equal(normalize(batch[1]), reference[1])
+    assert batch.dtype == torch.uint8  # the input is left as it was
+    out = normalize(batch)
+    assert out.dtype == torch.float32 and out.min() < 0 and out.max() > 1
+
+
+def test_normalize_refuses_floats_and_wrong_channels():
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, H, W\)"):
+        normalize(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
+
+
+def test_center_view_is_the_centred_short_side_resize_as_uint8():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    view = center_view(img, 32)
+    assert view.shape == (3, 32, 32) and view.dtype == torch.uint8
+    expected = TF.center_crop(TF.resize(img, 32, TF.InterpolationMode.BICUBIC), [32, 32])
+    assert torch.equal(view, TF.pil_to_tensor(expected))
 
 
 def test_random_resized_crop_draws_within_scale_and_ratio():

@@ -43,7 +43,7 @@ def test_cli_logs_every_part_of_every_model(caplog):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--models", "resnet999"], "unknown encoder 'resnet999'"),
+    (["--models", "resnet999"], "unknown encoder(s) 'resnet999'"),
     (["--size", "100"], "size 100 is not a multiple of 32"),
     (["--rounds", "0"], "--rounds and --threads must be at least 1"),
 ])

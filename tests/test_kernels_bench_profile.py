@@ -102,7 +102,7 @@ def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path, 
 
 @pytest.mark.parametrize("args,message", [
     (["--amp", "bf16"], "--amp is for CUDA"),
-    (["--models", "resnet999"], "unknown encoder 'resnet999'; registered: "),
+    (["--models", "resnet999"], "unknown encoder(s) 'resnet999'; registered: "),
     (["--size", "100"], "size 100 is not a multiple of 32"),
     (["--batch", "0"], "batch must be at least 1, got 0"),
     (["--steps", "0"], "--steps and --repeats must be at least 1"),

@@ -233,3 +233,14 @@ def test_recompute_rows_are_sparse_headline_rows_and_named_apart():
     assert row["grad_checkpointing"] and row["median_s"] > 0
     results = {"plan": {"batch": 2, "size": 64}, "rows": [row, {**row, "grad_checkpointing": False}]}
     assert {h["backend"] for h in headline(results)} == {"auto", "auto+recompute"}
+
+
+def test_the_cli_refuses_unknown_encoders_naming_the_registered_ones(tmp_path, capsys):
+    from kernels_bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--models", "resnet18", "resnet999", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown encoder(s) 'resnet999'; registered: " in err and "resnet18" in err and "--import" in err
+    assert not (tmp_path / "out").exists()

@@ -174,6 +174,7 @@ def test_drop_path_on_a_batch_reads_the_coordinates_once_and_never_syncs():
             out = dp(xs)
         assert torch.equal(out.F, expected) and audit.ops == []
     assert len(reads) == 1 and len(cm.batch_indices) == 1
+    assert cm.table_bytes() == 8 * len(xs.F)  # the cached int64 index is counted with the tables
 
 
 def test_drop_path_on_a_plain_manager_reads_the_coordinates():

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,15 @@ from omegaconf import open_dict
 from PIL import Image
 
 import spark_me
+import spark_me.pretrain as pretrain_module
 from spark_me.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_model
+from spark_me.data import build_loader, normalize
+from spark_me.distributed import DistInfo
 from spark_me.export import export_encoder
 from spark_me.pretrain import (
     ConfigError,
     NonFiniteLossError,
+    PretrainRun,
     SparKStep,
     accumulate_gradients,
     build_model,
@@ -411,6 +417,37 @@ def test_folder_data_with_unreadable_files_trains_and_counts_them(tmp_path):
     assert _metrics(out)[-1]["skipped_images"] >= 1  # the epoch visits every file once
 
 
+class _DelayedSource:
+    """An image source whose every read takes ``delay`` seconds longer (a slow disk or decoder)."""
+
+    def __init__(self, source, delay: float) -> None:
+        self.source, self.delay = source, delay
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        return self.source.name(index)
+
+    def load(self, index: int):
+        time.sleep(self.delay)
+        return self.source.load(index)
+
+
+@pytest.mark.parametrize("delay, warned", [(0.2, True), (0.0, False)])
+def test_a_run_waiting_for_its_loader_says_so_once(tmp_path, monkeypatch, caplog, delay, warned):
+    monkeypatch.setattr(pretrain_module, "DATA_BOUND_MIN_STEPS", 4)
+    build_source = pretrain_module.build_source
+    monkeypatch.setattr(pretrain_module, "build_source", lambda cfg: _DelayedSource(build_source(cfg), delay))
+    with caplog.at_level(logging.WARNING, logger="spark_me.pretrain"):
+        run(_tiny(tmp_path / "run", "data.num_images=16", "trainer.max_steps=8"))
+    warnings = [r.getMessage() for r in caplog.records if "the data loader is the bottleneck" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
+    if warned:
+        assert "data.num_workers (now 0" in warnings[0] and "over 4 steps" in warnings[0]
+        assert min(m["data_time"] for m in _metrics(tmp_path / "run")) >= 2 * delay  # two reads per batch
+
+
 def test_wandb_offline_logs_scalars_and_images_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -429,6 +466,16 @@ def test_spark_step_fp32_is_the_model_loss():
     x = torch.randn(2, 3, 64, 64)
     active = model.random_mask(x, torch.Generator().manual_seed(0))
     assert torch.equal(SparKStep(model)(x, active), model(x, active))
+
+
+def test_the_loader_yields_bytes_and_the_step_sees_them_normalised(tmp_path):
+    cfg = _tiny(tmp_path / "run")
+    pretrain_run = PretrainRun(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    loader = build_loader(pretrain_run.dataset, pretrain_run.sampler, 0, 0, pretrain_run.seed)
+    images, _ = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 64, 64)
+    inputs, active = pretrain_run._masked(images)
+    assert torch.equal(inputs, normalize(images)) and active.shape == (2, 2, 2)
 
 
 @pytest.mark.cuda

@@ -200,9 +200,11 @@ class TableCache(ME.CoordinateManager):
                 f"{len(self.neighbour_tables)} neighbour tables)")
 
     def table_bytes(self) -> int:
-        """Bytes of the tensors that this batch's cached tables hold, each storage once."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for tables in self.neighbour_tables.values() for t in tables.tensors()}
+        """Bytes of the tensors this batch's caches hold (neighbour tables and per-site batch
+        indices), each storage once."""
+        tensors = [t for tables in self.neighbour_tables.values() for t in tables.tensors()]
+        tensors += self.batch_indices.values()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 
 
