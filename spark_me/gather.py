@@ -30,6 +30,11 @@ def check_inputs(images: torch.Tensor, active: torch.Tensor, patch_size: int) ->
     b, c, h, w = images.shape
     if c != 3:
         raise ValueError(f"images must have 3 channels (RGB), got {c}: convert grayscale/RGBA first")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be floating point and ImageNet-normalised, got {images.dtype}: "
+            "spark_me.data.normalize turns uint8 images (0-255) into them"
+        )
     check_image_size(h, w, patch_size)
     expected = (b, h // patch_size, w // patch_size)
     if tuple(active.shape) != expected:

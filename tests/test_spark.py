@@ -101,6 +101,7 @@ def test_reconstruct_outputs():
     [
         (torch.randn(2, 3, 60, 64), None, "not a multiple of the encoder's downsample ratio 32"),
         (torch.randn(2, 1, 64, 64), None, "3 channels"),
+        (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), None, "floating point and ImageNet-normalised.*normalize"),
         (torch.randn(3, 64, 64), None, r"\(B, 3, H, W\)"),
         (torch.randn(2, 3, 64, 64), torch.ones(2, 3, 3, dtype=torch.bool), "mask shape"),
         (torch.randn(2, 3, 64, 64), torch.ones(2, 2, 2), "bool"),
