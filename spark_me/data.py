@@ -137,12 +137,17 @@ class SparKAugment:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
+    def resized_crop(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        """The random crop, resized to ``size`` (bicubic)."""
         top, left, h, w = self.crop_box(img.width, img.height, g)
-        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], TF.InterpolationMode.BICUBIC)
-        if float(torch.rand(1, generator=g)) < 0.5:
-            img = TF.hflip(img)
-        return TF.pil_to_tensor(img)
+        return TF.resized_crop(img, top, left, h, w, [self.size, self.size], TF.InterpolationMode.BICUBIC)
+
+    def flip(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        """Mirrored with probability 1/2."""
+        return TF.hflip(img) if float(torch.rand(1, generator=g)) < 0.5 else img
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
+        return TF.pil_to_tensor(self.flip(self.resized_crop(img, g), g))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"normalize expects uint8 images (0-255), got {images.dtype}")
     if images.dim() < 3 or images.shape[-3] != 3:
         raise ValueError(f"normalize expects images shaped (..., 3, H, W), got {tuple(images.shape)}")
-    x = images.to(torch.float32).div(255)
+    x = images.to(torch.float32).div_(255)
     # per channel with Python scalars: no statistics tensor to copy to the device each step
     for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
         x.select(-3, c).sub_(mean).div_(std)
