@@ -192,6 +192,7 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             on_row(rows)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
         variant = case.variant + (f"[{case.conv_impl}]" if case.variant == "sparse" else "")
+        variant += "+recompute" if case.grad_checkpointing else ""
         log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, total,
                  case.model, variant, case.part, case.batch, case.size, case.mask_ratio, extra,
                  row["median_s"], row["images_per_s"], row["peak_growth_mib"])

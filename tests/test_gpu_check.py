@@ -125,3 +125,29 @@ def test_the_test_phase_runs_every_test_file_once_the_unproven_ones_first():
     assert paths[:len(gpu_check.FIRST_TESTS)] == list(gpu_check.FIRST_TESTS)
     on_disk = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py"))
     assert sorted(paths) == on_disk and all((REPO / p).is_file() for p in gpu_check.FIRST_TESTS)
+
+
+def test_bench_results_come_back_as_one_archive_that_unpacks_in_a_checkout(tmp_path, monkeypatch):
+    """$OUT takes few files and shallow folders; the node's working tree does not come back."""
+    import tarfile
+
+    repo = tmp_path / "repo"
+    results = repo / "kernels_bench" / "results" / "gpu-x"
+    (results / "profile" / "deep").mkdir(parents=True)
+    (results / "results.json").write_text('{"rows": []}')
+    (results / "profile" / "deep" / "trace.txt").write_text("kernels")
+    monkeypatch.setattr(gpu_check, "REPO", repo)
+    monkeypatch.delenv("OUT", raising=False)
+    assert gpu_check.bundle_results(results) is None  # nowhere to put it
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    assert gpu_check.bundle_results(repo / "missing") is None
+    archive = gpu_check.bundle_results(results)
+    assert archive == out / gpu_check.BUNDLE and [p.name for p in out.iterdir()] == [gpu_check.BUNDLE]
+    checkout = tmp_path / "checkout"
+    with tarfile.open(archive) as tar:
+        tar.extractall(checkout, filter="data")
+    restored = checkout / "kernels_bench" / "results" / "gpu-x"
+    assert (restored / "results.json").read_text() == '{"rows": []}'
+    assert (restored / "profile" / "deep" / "trace.txt").read_text() == "kernels"

@@ -219,7 +219,7 @@ def test_a_backend_that_ends_the_run_leaves_the_rows_measured_before_it(tmp_path
     assert [(c["conv_impl"], c["passed"]) for c in saved["sanity"]] == [("torch", True), ("minkowski", True)]
 
 
-def test_recompute_rows_are_sparse_headline_rows_and_named_apart():
+def test_recompute_rows_are_sparse_headline_rows_and_named_apart(caplog):
     cases = _plan(parts=["encoder_fwd", "encoder_fwd_bwd", "step"], extra_batches=[2], grad_checkpointing=True).cases()
     recompute = [c for c in cases if c.grad_checkpointing]
     assert {(c.variant, c.part, c.mask_ratio, c.batch, c.amp) for c in recompute} == {
@@ -228,8 +228,10 @@ def test_recompute_rows_are_sparse_headline_rows_and_named_apart():
     assert {c.amp for c in gpu if c.grad_checkpointing} == {"bf16"}
     with pytest.raises(ValueError, match="grad_checkpointing rows are sparse rows"):
         Case("resnet18", "masked_dense", "step", 2, 64, 0.5, grad_checkpointing=True).validate()
-    row = run_case(Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.6, warmup=0, repeats=1, decoder_width=64,
-                        grad_checkpointing=True))
+    caplog.set_level("INFO", logger="kernels_bench.suite")
+    [row] = run_cases([Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.6, warmup=0, repeats=1,
+                            decoder_width=64, grad_checkpointing=True)], isolate=False)
+    assert "resnet18 sparse[auto]+recompute encoder_fwd_bwd" in caplog.records[-1].getMessage()
     assert row["grad_checkpointing"] and row["median_s"] > 0
     results = {"plan": {"batch": 2, "size": 64}, "rows": [row, {**row, "grad_checkpointing": False}]}
     assert {h["backend"] for h in headline(results)} == {"auto", "auto+recompute"}

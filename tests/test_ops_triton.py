@@ -25,6 +25,7 @@ import os
 import MinkowskiEngine as ME
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -36,7 +37,7 @@ from test_ops import (  # noqa: E402
 )
 from spark_me import ops  # noqa: E402
 from spark_me.gather import to_dense  # noqa: E402
-from spark_me.layers import SparseConv2d, set_conv_impl  # noqa: E402
+from spark_me.layers import SparseActivation, SparseConv2d, set_conv_impl  # noqa: E402
 
 
 def _import_backend():
@@ -258,15 +259,15 @@ def test_kernels_compile_for_the_gpu(dtype, table):
         assert compiled.asm["cubin"]
 
 
-def _encoder_pair(name: str, device: torch.device):
-    """The same randomly initialised encoder twice: conv_impl triton and torch."""
+def _encoder_pair(name: str, device: torch.device, candidate: str = "triton"):
+    """The same randomly initialised encoder twice: conv_impl ``candidate`` and torch."""
     from spark_me import build_sparse_encoder
 
     torch.manual_seed(0)
-    triton_enc = build_sparse_encoder(name, conv_impl="triton")
-    randomize_norms(triton_enc, torch.Generator().manual_seed(1))
-    torch_enc = set_conv_impl(copy.deepcopy(triton_enc), "torch")
-    return triton_enc.to(device).eval(), torch_enc.to(device).eval()
+    cand_enc = build_sparse_encoder(name, conv_impl=candidate)
+    randomize_norms(cand_enc, torch.Generator().manual_seed(1))
+    torch_enc = set_conv_impl(copy.deepcopy(cand_enc), "torch")
+    return cand_enc.to(device).eval(), torch_enc.to(device).eval()
 
 
 def _encoder_step(encoder, images: torch.Tensor, active: torch.Tensor):
@@ -391,7 +392,52 @@ def test_cuda_depthwise_triton_equals_torch(channels):
         assert rel_err(g, r) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
 @_on_cuda
-def test_cuda_encoder_triton_equals_torch(name):
-    _check_encoder(name, torch.device("cuda"), 4, (7, 7), 1e-4)
+def test_cuda_convnext_tiny_triton_equals_torch():
+    _check_encoder("convnext_tiny", torch.device("cuda"), 4, (7, 7), 1e-4)
+
+
+def _smooth(encoder: torch.nn.Module) -> torch.nn.Module:
+    """``encoder`` with GELU in place of every ReLU."""
+    for module in encoder.modules():
+        if isinstance(module, SparseActivation) and module.fn is F.relu:
+            module.fn = F.gelu
+    return encoder
+
+
+def check_float32_gradients_as_exact_as_torch(candidate: str, device: torch.device, batch: int, grid: tuple[int, int]):
+    """A ResNet-50 encoder with ``conv_impl=candidate`` against the torch backend: float32
+    features to 1e-4, and float32 gradients (image and every parameter) no further from the
+    torch backend's float64 gradients than 5× the torch backend's own float32 gradients are
+    (or 1e-4).
+
+    Why not gradients to 1e-4 directly: float32 gradients of a whole ReLU network are a
+    lottery (DESIGN.md, numerics). Two backends proven equal in float64 (torch and
+    minkowski: 4e-15) differ by 1e-6 to 1.3e-2 in this test on the CPU, depending on the
+    seed: a few units within rounding of a ReLU kink flip, each moving every gradient
+    upstream of it. With GELU in place of ReLU (the ops under test are the convolutions
+    and the max-pool, not the activation) the flips are gone, and the float32 error of
+    either backend against float64 is 8e-5 to 6e-4 on six seeds, the two backends within 2.7×
+    of each other per tensor; a wrong kernel or table gives errors near 1."""
+    cand_enc, torch_enc = (_smooth(e) for e in _encoder_pair("resnet50", device, candidate))
+    exact_enc = copy.deepcopy(torch_enc).double()
+    images = torch.randn(batch, 3, 32 * grid[0], 32 * grid[1], generator=torch.Generator().manual_seed(3)).to(device)
+    active = _active(batch, grid, seed=1).to(device)
+    got, ref = _encoder_step(cand_enc, images, active), _encoder_step(torch_enc, images, active)
+    exact = _encoder_step(exact_enc, images.double(), active)
+    for g, r in zip(got[0], ref[0]):
+        assert rel_err(g, r) <= 1e-4
+    assert got[2].keys() == ref[2].keys() == exact[2].keys()
+    for n, g, r, e in [("image", got[1], ref[1], exact[1]), *((n, got[2][n], ref[2][n], exact[2][n]) for n in exact[2])]:
+        assert rel_err(g, e) <= max(1e-4, 5 * rel_err(r, e)), n
+
+
+@_on_cuda
+def test_cuda_resnet50_triton_gradients_are_as_exact_as_torchs():
+    check_float32_gradients_as_exact_as_torch("triton", torch.device("cuda"), 4, (7, 7))
+
+
+def test_the_resnet50_gradient_bound_holds_for_two_backends_proven_equal_in_float64():
+    """The bound of the CUDA test above, on the CPU with MinkowskiEngine's kernels as the
+    candidate (the torch and minkowski backends agree to ~1e-15 in float64: test_resnet)."""
+    check_float32_gradients_as_exact_as_torch("minkowski", torch.device("cpu"), 4, (7, 7))

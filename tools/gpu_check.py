@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -236,6 +237,25 @@ def run_pytest(phase: Phase, cmd: list[str]) -> tuple[dict, list[str]]:
     return r, crashes
 
 
+BUNDLE = "gpu-check-bench-results.tar.gz"
+
+
+def bundle_results(out: Path) -> Optional[Path]:
+    """Pack the bench's result folder into ``$OUT/gpu-check-bench-results.tar.gz``, paths
+    relative to the repository (``tar xzf`` in a checkout puts them back), and return it.
+
+    A lent node's working tree is not copied back, and ``$OUT`` takes a limited number of
+    files and folders only a few levels deep, so one archive is what survives the node."""
+    if not os.environ.get("OUT") or not out.is_dir():
+        return None
+    target = Path(os.environ["OUT"]) / BUNDLE
+    partial = target.with_name(target.name + ".part")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(out, arcname=str(out.relative_to(REPO)))
+    partial.replace(target)  # a limit that ends the phase mid-write leaves the last whole archive
+    return target
+
+
 def phase_bench(args: argparse.Namespace) -> int:
     phase = Phase("bench", args.limit, args.log_dir)
     python = _python()
@@ -263,6 +283,7 @@ def phase_bench(args: argparse.Namespace) -> int:
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
         shutil.copy(data_json, out / "data_throughput.json")
+    bundle_results(out)
     # where a bf16 step's GPU time goes, per backend and for the emulation (about a minute;
     # MinkowskiEngine's kernels are fp32-only, so the torch backend stands in for them)
     bf16_impls = [c for c in args.conv_impl if c != "minkowski"] or ["torch"]
@@ -270,17 +291,20 @@ def phase_bench(args: argparse.Namespace) -> int:
         python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
         "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
     ], started=_STARTED_CASE)
+    bundle_results(out)
     # what each part of a bf16 step keeps for backward, sparse vs masked-dense (seconds on a GPU)
     saved = [phase.run("saved tensors", [
         python, "-m", "kernels_bench.saved_memory", "--device", "cuda", "--models", *args.models, "--batch", "128",
         "--amp", "bf16", *flag, "--out", str(out / ("saved-memory" + suffix)),
     ]) for flag, suffix in (([], ""), (["--grad-checkpointing"], "-grad-checkpointing"))]
+    bundle_results(out)
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
     ok = (bench["rc"] == 0 and not bench["timed_out"] and profile["rc"] == 0 and report["rc"] == 0
           and all(r["rc"] == 0 for r in saved))
     if ok and data_json.exists():
         phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
-    return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}")
+    bundled = f" (and {BUNDLE} in $OUT)" if bundle_results(out) else ""
+    return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}{bundled}")
 
 
 def data_vs_step(data: dict, results_json: Path) -> str:
