@@ -8,7 +8,7 @@ import json
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,15 @@ def scaling(results: dict) -> list[dict]:
     return out
 
 
+PROFILE_FOLDERS = ("profile", "profile-encoder")
+_PROFILED_PART = {"step": "a step's", "encoder_fwd_bwd": "the encoder's forward+backward", "encoder_fwd": "the encoder's forward"}
+
+
 def profile_lines(profile: dict) -> list[str]:
-    """The table of a results folder's ``profile/profile.json`` (kernels_bench/profile.py)."""
+    """The table of a results folder's ``profile*/profile.json`` (kernels_bench/profile.py)."""
     cases = profile["cases"]
-    lines = ["", "Where a step's time goes (`python -m kernels_bench.profile`: torch.profiler over "
+    part = _PROFILED_PART.get(cases[0].get("part", "step"), "the profiled part's")
+    lines = ["", f"Where {part} time goes (`python -m kernels_bench.profile`: torch.profiler over "
              f"{cases[0].get('steps', '?')} steps; wall time measured without the profiler; device time = the kernels' "
              "and copies' durations; GPU busy = device / wall, far below 1 when the host bounds the step):", "",
              "| case | precision | ms/step | device ms | GPU busy | kernels | host syncs | most device time (or self CPU time) |",
@@ -201,7 +206,7 @@ def profile_lines(profile: dict) -> list[str]:
     return lines
 
 
-def _device_section(results: dict, plots_rel: list[str], folder: str, profile: Optional[dict] = None) -> list[str]:
+def _device_section(results: dict, plots_rel: list[str], folder: str, profiles: Sequence[dict] = ()) -> list[str]:
     env, plan = results["environment"], results["plan"]
     memory = ("GPU: `torch.cuda.max_memory_allocated` during the timed runs, above what was allocated before"
               if plan["device"].startswith("cuda") else
@@ -260,8 +265,9 @@ def _device_section(results: dict, plots_rel: list[str], folder: str, profile: O
                   "Top operators by self CPU time (torch.profiler, one step):", "", "| op | calls | self s | share |",
                   "|---|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['calls']} | {o['self_s']:.3f} | {o['share']:.0%} |" for o in bd["profile_top_ops"]]
-    if profile and profile.get("cases"):
-        lines += profile_lines(profile)
+    for profile in profiles:
+        if profile.get("cases"):
+            lines += profile_lines(profile)
     failed = [r for r in results["rows"] if "error" in r]
     if failed:
         lines += ["", "Cases without a result: " + "; ".join(
@@ -281,9 +287,10 @@ def write_report(results_root: Path, out: Path) -> Path:
             continue
         plots = plot(results, path.parent / "plots")
         rel = [str(Path("..") / p.relative_to(out.parent.parent)) if out.parent.parent in p.parents else str(p) for p in plots]
-        profile_json = path.parent / "profile" / "profile.json"
-        profile = json.loads(profile_json.read_text()) if profile_json.exists() else None
-        sections.append(_device_section(results, rel, path.parent.name, profile))
+        # the step's profile, then the encoder's (tools/gpu_check.py writes both)
+        profiles = [json.loads(f.read_text()) for f in (path.parent / d / "profile.json" for d in PROFILE_FOLDERS)
+                    if f.exists()]
+        sections.append(_device_section(results, rel, path.parent.name, profiles))
     devices = {json.loads(p.read_text())["plan"]["device"].split(":")[0] for p in results_root.glob("*/results.json")
                if not json.loads(p.read_text())["plan"].get("quick")}
     lines = [

@@ -1,10 +1,16 @@
 """Shared test helpers: tolerances, random weights, and device parametrisation."""
 from __future__ import annotations
 
+import os
+import traceback
+from pathlib import Path
+
 import MinkowskiEngine as ME
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import spark_me
 
 # float64 and float32 tolerances on relative error (DESIGN.md).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -71,6 +77,9 @@ HOST_SYNC_OPS = frozenset({
 })
 
 
+_PACKAGE = str(Path(spark_me.__file__).resolve().parent) + os.sep
+
+
 class HostSyncAudit(TorchDispatchMode):
     """Records every op of :data:`HOST_SYNC_OPS` dispatched inside it, on any device: on a CPU
     run it finds the places where the same code on a GPU would stall the host."""
@@ -78,8 +87,11 @@ class HostSyncAudit(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.sources: list[str] = []  # per op: the innermost spark_me file:function that called it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name in HOST_SYNC_OPS:
             self.ops.append(func._schema.name)
+            ours = [f for f in traceback.extract_stack() if f.filename.startswith(_PACKAGE)]
+            self.sources.append(f"{Path(ours[-1].filename).name}:{ours[-1].name}" if ours else "outside spark_me")
         return func(*args, **(kwargs or {}))

@@ -292,15 +292,17 @@ def phase_bench(args: argparse.Namespace) -> int:
         "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
     ], started=_STARTED_CASE)
     bundle_results(out)
-    # what each part of a bf16 step keeps for backward, sparse vs masked-dense (seconds on a GPU)
-    saved = [phase.run("saved tensors", [
-        python, "-m", "kernels_bench.saved_memory", "--device", "cuda", "--models", *args.models, "--batch", "128",
-        "--amp", "bf16", *flag, "--out", str(out / ("saved-memory" + suffix)),
-    ]) for flag, suffix in (([], ""), (["--grad-checkpointing"], "-grad-checkpointing"))]
+    # the encoder alone, where ConvNeXt-T's bf16 sparse encoder was no faster than the
+    # emulation on the H100. (What a step keeps for backward, kernels_bench.saved_memory, is
+    # counted the same on any device, as the H100 confirmed: the CPU machine measures it.)
+    encoder = phase.run("encoder profile", [
+        python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
+        "--amp", "bf16", "--conv-impl", *bf16_impls, "--part", "encoder_fwd_bwd", "--out", str(out / "profile-encoder"),
+    ], started=_STARTED_CASE)
     bundle_results(out)
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
     ok = (bench["rc"] == 0 and not bench["timed_out"] and profile["rc"] == 0 and report["rc"] == 0
-          and all(r["rc"] == 0 for r in saved))
+          and encoder["rc"] == 0)
     if ok and data_json.exists():
         phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
     bundled = f" (and {BUNDLE} in $OUT)" if bundle_results(out) else ""
