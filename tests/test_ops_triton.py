@@ -259,13 +259,13 @@ def test_kernels_compile_for_the_gpu(dtype, table):
         assert compiled.asm["cubin"]
 
 
-def _encoder_pair(name: str, device: torch.device, candidate: str = "triton"):
+def _encoder_pair(name: str, device: torch.device, candidate: str = "triton", seed: int = 0):
     """The same randomly initialised encoder twice: conv_impl ``candidate`` and torch."""
     from spark_me import build_sparse_encoder
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cand_enc = build_sparse_encoder(name, conv_impl=candidate)
-    randomize_norms(cand_enc, torch.Generator().manual_seed(1))
+    randomize_norms(cand_enc, torch.Generator().manual_seed(seed + 1))
     torch_enc = set_conv_impl(copy.deepcopy(cand_enc), "torch")
     return cand_enc.to(device).eval(), torch_enc.to(device).eval()
 
@@ -405,14 +405,14 @@ def _smooth(encoder: torch.nn.Module) -> torch.nn.Module:
     return encoder
 
 
-GRADIENT_FLOOR, GRADIENT_FACTOR = 1e-4, 5.0  # check_float32_gradients_as_exact_as_torch's bound
+GRADIENT_FLOOR, GRADIENT_FACTOR = 1e-4, 10.0  # check_float32_gradients_as_exact_as_torch's bound
 
 
 def check_float32_gradients_as_exact_as_torch(candidate: str, device: torch.device, batch: int, grid: tuple[int, int]):
     """A ResNet-50 encoder with ``conv_impl=candidate`` against the torch backend: float32
     features to 1e-4, and float32 gradients (image and every parameter) no further from the
-    torch backend's float64 gradients than 5× the torch backend's own float32 gradients are
-    (or 1e-4).
+    torch backend's float64 gradients than 10× the torch backend's own float32 gradients
+    are (or 1e-4).
 
     Why not gradients to 1e-4 directly: float32 gradients of a whole ReLU network are a
     lottery (DESIGN.md, numerics). Two backends proven equal in float64 (torch and
@@ -421,19 +421,28 @@ def check_float32_gradients_as_exact_as_torch(candidate: str, device: torch.devi
     every gradient upstream of it. With GELU in place of ReLU (the ops under test are the
     convolutions and the max-pool, not the activation) the flips are gone: both backends
     are 8e-5 to 9e-4 from float64, and either one, as the candidate against the other,
-    needs a factor of at most 2.1 on six seeds (tests/float32_gradient_study.py). A wrong
-    kernel or table gives errors near 1."""
+    needs a factor of 1.0 to 3.3 (14 runs of six seeds; MinkowskiEngine's CPU kernels
+    round differently from run to run: tests/float32_gradient_study.py). A wrong kernel or
+    table gives errors near 1; precision (TF32, low-precision accumulation) is the
+    per-layer tests' job, at 1e-4 against float64."""
     cand_enc, torch_enc = (_smooth(e) for e in _encoder_pair("resnet50", device, candidate))
-    exact_enc = copy.deepcopy(torch_enc).double()
     images = torch.randn(batch, 3, 32 * grid[0], 32 * grid[1], generator=torch.Generator().manual_seed(3)).to(device)
-    active = _active(batch, grid, seed=1).to(device)
+    features, gradients = float32_errors(cand_enc, torch_enc, images, _active(batch, grid, seed=1).to(device))
+    assert max(features) <= 1e-4
+    for name, (cand_err, torch_err) in gradients.items():
+        assert cand_err <= max(GRADIENT_FLOOR, GRADIENT_FACTOR * torch_err), name
+
+
+def float32_errors(cand_enc, torch_enc, images: torch.Tensor, active: torch.Tensor):
+    """One float32 step of each encoder and a float64 step of the torch one: the candidate's
+    feature errors against the torch backend's (one per scale), and per gradient (``"image"``
+    and each parameter) the (candidate, torch) errors against float64."""
     got, ref = _encoder_step(cand_enc, images, active), _encoder_step(torch_enc, images, active)
-    exact = _encoder_step(exact_enc, images.double(), active)
-    for g, r in zip(got[0], ref[0]):
-        assert rel_err(g, r) <= 1e-4
+    exact = _encoder_step(copy.deepcopy(torch_enc).double(), images.double(), active)
     assert got[2].keys() == ref[2].keys() == exact[2].keys()
-    for n, g, r, e in [("image", got[1], ref[1], exact[1]), *((n, got[2][n], ref[2][n], exact[2][n]) for n in exact[2])]:
-        assert rel_err(g, e) <= max(GRADIENT_FLOOR, GRADIENT_FACTOR * rel_err(r, e)), n
+    features = [rel_err(g, r) for g, r in zip(got[0], ref[0])]
+    grads = {"image": (got[1], ref[1], exact[1]), **{n: (got[2][n], ref[2][n], exact[2][n]) for n in exact[2]}}
+    return features, {n: (rel_err(g, e), rel_err(r, e)) for n, (g, r, e) in grads.items()}
 
 
 @INTERPRETER
