@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(str(e))
 
     from kernels_bench.breakdown import sparse_step_breakdown
-    from kernels_bench.kernels import run_kernel_bench
+    from kernels_bench.kernels import layer_backends, run_kernel_bench
     from kernels_bench.suite import full_plan, quick_plan, run_cases, sanity_check, save_results, environment
 
     plan = quick_plan(args.device, args.threads) if args.quick else full_plan(args.device, args.threads)
@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     if plan.isolate is False and not args.device.startswith("cuda"):
         for r in rows:  # peak RSS of a shared process says nothing about one case
             r["peak_mib"] = r["peak_growth_mib"] = None
-    kernels = [] if "kernels" in args.skip else run_kernel_bench(args.device, quick=args.quick)
+    kernels = [] if "kernels" in args.skip else run_kernel_bench(
+        args.device, quick=args.quick, batch=plan.batch, conv_impls=layer_backends(plan.conv_impls, args.device),
+        dtypes=(torch.float32, torch.bfloat16) if plan.cuda_extras else (torch.float32,))
     breakdown = None
     if "breakdown" not in args.skip and args.device == "cpu":
         b, s = (plan.batch, plan.size)

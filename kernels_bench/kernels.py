@@ -1,16 +1,20 @@
-"""Kernel-level bench: one sparse conv against the dense conv, density 0.1 to 1.0.
+"""Kernel-level bench: one sparse conv per backend and dtype against (b) and (c), by density.
 
-    python -m kernels_bench.kernels --device cpu --json kernels.json [--quick]
+    python -m kernels_bench.kernels --device cpu [--quick] [--out DIR]
+    python -m kernels_bench.kernels --device cuda --batch 128 --conv-impl torch triton minkowski \
+        --dtype float32 bfloat16 --densities 0.4 1.0 --out kernels_bench/results/gpu-...
 
-Each layer kind in :data:`LAYERS` (1×1, 3×3, depthwise 7×7 by our gathers and by
-MinkowskiEngine's loop, strided 3×3/2 and 2×2/2) runs on a feature map at tensor stride 8
-(image 224 -> a 28×28 map, C=256 by default: ResNet-50/ConvNeXt-T stage 2-3 sizes). The
+Each layer kind in :data:`LAYERS` (1×1, 3×3, depthwise 7×7, strided 3×3/2 and 2×2/2) runs
+on a feature map at tensor stride 8 (image 224 -> a 28×28 map, C=256 by default: ResNet-50
+/ ConvNeXt-T stage 2-3 sizes), once per sparse backend (``conv_impl``: ``torch``,
+``triton``, or ``minkowski``, MinkowskiEngine 0.5.4's own kernels, its channel-wise conv for
+the depthwise layer: the "before") and dtype (``minkowski`` computes in float32 only). The
 sites are those of a random 32-px patch mask (``random_patch_mask`` with ratio
-``1 - density`` on the 7×7 patch grid, as in training); ``density_actual`` is the
-rounded fraction of visible patches it keeps.
+``1 - density`` on the 7×7 patch grid, as in training); ``density_actual`` is the rounded
+fraction of visible patches it keeps.
 
-Per (layer, density, pass), medians of ``repeats`` timed runs after ``warmup``, the
-variants taking turns within each round:
+Per (layer, backend, dtype, density, pass), medians of ``repeats`` timed runs after
+``warmup``, the variants taking turns within each round:
 
 * ``sparse_total_s``: a fresh ``SparseTensor`` from features + coordinates (a new
   coordinate manager, so the coordinate hash map and every kernel map are built anew,
@@ -22,20 +26,29 @@ variants taking turns within each round:
   It includes ``coords_s`` (the ``SparseTensor`` construction alone, also reported), which
   a network pays once per batch rather than once per layer. A difference of medians, so
   it can come out slightly negative where it is tiny (the 1×1 conv needs no kernel map).
-  With the gather backends (``conv_impl`` torch/auto) this share is the neighbour
-  tables of :mod:`spark_me.ops.tables`, cached on the tensor's coordinate manager;
+  With the gather backends (torch, triton) this share is the neighbour tables of
+  :mod:`spark_me.ops.tables`, cached on the tensor's coordinate manager;
 * ``kernel_map_direct_s``: the same share measured directly, with far less noise: a fresh
   ``SparseTensor`` plus the maps the layer needs, built through MinkowskiEngine's
   ``CoordinateManager.stride`` / ``.kernel_map`` (which also copies each map out into a
   tensor, a little more work than the conv's internal use). Includes ``coords_s`` too;
-* ``dense_s``: ``nn.Conv2d`` with the same weights on the full dense (B, C, H, W) map;
-* ``ratio = sparse_total_s / dense_s``.
+* ``masked_dense_s``: (b), the emulation's way: ``nn.Conv2d`` with the same weights on the
+  zero-filled dense (B, C, H, W) map, its output multiplied by the output sites' mask;
+* ``dense_s``: (c), the same ``nn.Conv2d`` on the dense map, unmasked;
+* ``ratio = sparse_total_s / dense_s`` and ``masked_ratio = sparse_total_s / masked_dense_s``.
+
+The dense twins run in the same dtype, in channels_last memory on CUDA (cuDNN's fastest
+layout there, as the suite's GPU baselines) and contiguous on CPU (``dense_layout``).
 
 ``pass`` is ``"fwd"`` (forward under ``torch.no_grad``) or ``"fwd_bwd"`` (forward, then
 backward of a contiguous gradient of ones into the input features and the weights).
-Before timing a (layer, density), the sparse output is checked against the dense conv of
-the zero-filled map, masked to the output sites (float32, relative error at most 1e-4); a
-mismatch raises :class:`NumericsError`.
+Before timing a (layer, backend, dtype, density), the sparse output is checked against the
+dense conv of the zero-filled map, masked to the output sites (relative error at most 1e-4
+in float32, 3e-2 in bfloat16, where both sides round differently from the float32 truth); a
+mismatch raises :class:`NumericsError`. ``--out DIR`` writes ``DIR/kernels.json`` (rows and
+environment, after every layer, so a run cut short keeps what it measured) and
+``DIR/kernels.csv``; the report (``python -m kernels_bench report``) shows the rows of a
+results folder's ``kernels.json`` beside those of its ``results.json``.
 """
 from __future__ import annotations
 
@@ -45,7 +58,8 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import MinkowskiEngine as ME
 import torch
@@ -55,7 +69,8 @@ import torch.nn.functional as F
 from spark_me.gather import to_dense
 from spark_me.layers import SparseConv2d, with_features
 from spark_me.masking import random_patch_mask, upsample_mask
-from spark_me.ops import new_coordinate_manager
+from spark_me.ops import CONV_IMPLS, new_coordinate_manager
+from spark_me.ops.dispatch import resolve_conv_impl
 
 log = logging.getLogger("kernels_bench.kernels")
 
@@ -64,6 +79,9 @@ DENSITIES = tuple(round(0.1 * i, 1) for i in range(1, 11))
 QUICK_DENSITIES = (0.2, 0.6, 1.0)
 PASSES = ("fwd", "fwd_bwd")
 TOLERANCE = 1e-4  # float32 relative error
+# bf16 sparse vs bf16 dense: both round differently from the float32 truth, each by ~2^-8
+TOLERANCES = {torch.float32: TOLERANCE, torch.bfloat16: 3e-2}
+DTYPES = tuple(str(d).removeprefix("torch.") for d in TOLERANCES)
 
 
 @dataclass(frozen=True)
@@ -74,15 +92,13 @@ class LayerSpec:
     kernel_size: int
     stride: int = 1
     depthwise: bool = False
-    depthwise_impl: str = "gather"
     bias: bool = False
 
 
 LAYERS: tuple[LayerSpec, ...] = (
     LayerSpec("conv1x1", 1),  # ResNet bottleneck conv1/conv3
     LayerSpec("conv3x3", 3),  # ResNet bottleneck conv2, submanifold
-    LayerSpec("dw7x7", 7, depthwise=True, bias=True),  # ConvNeXt conv_dw, spark_me.ops gathers
-    LayerSpec("dw7x7_me", 7, depthwise=True, depthwise_impl="minkowski", bias=True),  # ME's loop
+    LayerSpec("dw7x7", 7, depthwise=True, bias=True),  # ConvNeXt conv_dw
     LayerSpec("conv3x3_s2", 3, stride=2),  # ResNet's first bottleneck of a stage
     LayerSpec("conv2x2_s2", 2, stride=2, bias=True),  # ConvNeXt downsample
 )
@@ -104,10 +120,13 @@ class SparseInput:
     density_actual: float
 
     def sparse(self, features: torch.Tensor | None = None) -> ME.SparseTensor:
-        """A fresh SparseTensor (new coordinate manager) on these sites."""
+        """A fresh SparseTensor (new coordinate manager) on these sites; the manager knows the
+        image's extent, as a training batch's does (spark_me.gather.to_sparse)."""
         feats = self.features if features is None else features
+        batch, _, height, width = self.dense.shape
+        extent = (batch, height * self.tensor_stride, width * self.tensor_stride)
         return ME.SparseTensor(feats, coordinates=self.coords, tensor_stride=self.tensor_stride,
-                               coordinate_manager=new_coordinate_manager(self.coords))
+                               coordinate_manager=new_coordinate_manager(self.coords, extent=extent))
 
 
 def make_input(
@@ -144,13 +163,16 @@ def make_input(
 def make_layers(
     spec: LayerSpec, channels: int, device: str = "cpu", conv_impl: str = "auto", dtype: torch.dtype = torch.float32
 ) -> tuple[SparseConv2d, nn.Conv2d]:
-    """The sparse conv and its dense ``nn.Conv2d`` twin, sharing the same weights."""
+    """The sparse conv and its dense ``nn.Conv2d`` twin, sharing the same weights. With
+    ``conv_impl="minkowski"`` every layer is MinkowskiEngine's own, its channel-wise conv for
+    the depthwise one (the encoders' ``minkowski`` backend runs depthwise convs by the
+    torch backend's algorithm instead, as MinkowskiEngine's is the slowest)."""
     k = spec.kernel_size
     groups = channels if spec.depthwise else 1
     dense = nn.Conv2d(channels, channels, k, spec.stride, padding=k // 2 if k % 2 else 0, groups=groups, bias=spec.bias)
     sparse = SparseConv2d(
-        channels, channels, k, spec.stride, bias=spec.bias, groups=groups, depthwise_impl=spec.depthwise_impl,
-        conv_impl=conv_impl,
+        channels, channels, k, spec.stride, bias=spec.bias, groups=groups,
+        depthwise_impl="minkowski" if conv_impl == "minkowski" else "gather", conv_impl=conv_impl,
     )
     sparse.load_state_dict(dense.state_dict())
     return sparse.to(device, dtype), dense.to(device, dtype)
@@ -169,17 +191,20 @@ def check_numerics(got: torch.Tensor, expected: torch.Tensor, tolerance: float =
     return err
 
 
-def verify_layer(sparse: SparseConv2d, dense: nn.Conv2d, inp: SparseInput, tolerance: float = TOLERANCE) -> float:
-    """Sparse output vs. the dense conv of the zero-filled map, masked to the output sites.
+def output_sites(sites: torch.Tensor, stride: int) -> torch.Tensor:
+    """``(B, 1, H/s, W/s)`` float mask of a stride-``s`` conv's output sites, computed
+    independently of MinkowskiEngine: an output site exists iff any input site of its s×s
+    block does."""
+    mask = sites[:, None].float()
+    return F.max_pool2d(mask, stride, stride) if stride > 1 else mask
 
-    The expected output sites are computed independently of MinkowskiEngine: a stride-s
-    conv's output site exists iff any input site of its s×s block does.
-    """
+
+def verify_layer(sparse: SparseConv2d, dense: nn.Conv2d, inp: SparseInput, tolerance: float = TOLERANCE) -> float:
+    """Sparse output vs. the dense conv of the zero-filled map, masked to the output sites."""
     # exact float32 on both sides: CUDA convolutions default to TF32 (~1e-3 relative error)
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         out = sparse(inp.sparse())
-        stride = sparse.stride
-        out_sites = F.max_pool2d(inp.sites[:, None].float(), stride, stride) if stride > 1 else inp.sites[:, None].float()
+        out_sites = output_sites(inp.sites, sparse.stride).to(inp.dense.dtype)
         expected = dense(inp.dense) * out_sites
         if out.F.shape[0] != int(out_sites.sum()):
             raise NumericsError(f"sparse conv has {out.F.shape[0]} output sites, expected {int(out_sites.sum())}")
@@ -228,20 +253,22 @@ def _run_sparse(layer: SparseConv2d, x: ME.SparseTensor, backward: bool) -> None
             layer(x)
 
 
-def _run_dense(layer: nn.Conv2d, x: torch.Tensor, backward: bool) -> None:
+def _run_dense(layer: nn.Conv2d, x: torch.Tensor, backward: bool, mask: Optional[torch.Tensor] = None) -> None:
+    """The dense conv, its output multiplied by ``mask`` where given (the emulation's way)."""
     if backward:
         layer.zero_grad(set_to_none=True)
-        out = layer(x)
+        out = layer(x) if mask is None else layer(x) * mask
         out.backward(torch.ones_like(out))
     else:
         with torch.no_grad():
-            layer(x)
+            out = layer(x) if mask is None else layer(x) * mask
 
 
 def time_layer(
     sparse: SparseConv2d, dense: nn.Conv2d, inp: SparseInput, backward: bool, warmup: int, repeats: int, device: str
 ) -> dict[str, float]:
-    """Sparse (fresh coordinates / cached maps / map construction) and dense times of one pass."""
+    """Sparse (fresh coordinates / cached maps / map construction), masked-dense and dense
+    times of one pass (the dense layer and ``inp.dense`` in the memory layout to time)."""
 
     def leaf(t: torch.Tensor) -> torch.Tensor:
         return t.detach().requires_grad_(backward)
@@ -262,19 +289,29 @@ def time_layer(
         build_maps(sparse, inp.sparse())
 
     dense_in = leaf(inp.dense)
+    mask = output_sites(inp.sites, sparse.stride).to(inp.dense.dtype)
     times = median_times(
         {
             "sparse_total_s": total,
             "sparse_cached_s": cached,
             "coords_s": coords,
             "kernel_map_direct_s": direct,
+            "masked_dense_s": lambda: _run_dense(dense, dense_in, backward, mask),
             "dense_s": lambda: _run_dense(dense, dense_in, backward),
         },
         warmup, repeats, device,
     )
     times["kernel_map_s"] = times["sparse_total_s"] - times["sparse_cached_s"]
     times["ratio"] = times["sparse_total_s"] / times["dense_s"]
+    times["masked_ratio"] = times["sparse_total_s"] / times["masked_dense_s"]
     return times
+
+
+def layer_backends(conv_impls: tuple[str, ...], device: str) -> tuple[str, ...]:
+    """The backends a suite run compares per layer: its own (``auto`` resolved), then
+    ``minkowski``, the baseline, once each."""
+    resolved = [resolve_conv_impl(c, torch.device(device)) for c in conv_impls]
+    return tuple(dict.fromkeys([*resolved, "minkowski"]))
 
 
 def run_kernel_bench(
@@ -287,41 +324,53 @@ def run_kernel_bench(
     image_size: int = 224,
     tensor_stride: int = 8,
     layers: tuple[LayerSpec, ...] = LAYERS,
-    densities: tuple[float, ...] | None = None,
+    densities: Optional[tuple[float, ...]] = None,
     passes: tuple[str, ...] = PASSES,
     seed: int = 0,
-    conv_impls: tuple[str, ...] = ("auto",),
-    dtype: torch.dtype = torch.float32,
+    conv_impls: tuple[str, ...] = ("torch", "minkowski"),
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    on_rows: Optional[Callable[[list[dict]], None]] = None,
 ) -> list[dict]:
-    """One row per (layer, density, pass); see the module docstring for the fields.
+    """One row per (layer, backend, dtype, density, pass); see the module docstring for the
+    fields. ``on_rows`` gets every row so far after each (layer, backend, dtype).
 
     ``quick`` shrinks the run for a smoke test (densities 0.2/0.6/1.0, batch <= 2,
     channels <= 64, one timed repeat).
     """
+    for dtype in dtypes:
+        if dtype not in TOLERANCES:
+            raise ValueError(f"dtype {dtype} is not benchmarked; choose from {', '.join(DTYPES)}")
+    for conv_impl in conv_impls:
+        resolve_conv_impl(conv_impl, torch.device(device))  # a backend this device cannot run fails here, clearly
     if quick:
         batch, channels, repeats = min(batch, 2), min(channels, 64), min(repeats, 1)
     if densities is None:
         densities = QUICK_DENSITIES if quick else DENSITIES
     torch.manual_seed(seed)
     map_size = image_size // tensor_stride
-    rows = []
-    # bf16 sparse vs bf16 dense: both round differently from the fp32 truth, each by ~2^-8
-    tolerance = TOLERANCE if dtype != torch.bfloat16 else 3e-2
-    for spec, conv_impl in ((s, c) for s in layers for c in conv_impls):
-        if conv_impl == "minkowski" and dtype != torch.float32:
-            continue  # MinkowskiEngine computes in float32 only
+    cuda = torch.device(device).type == "cuda"
+    layout = torch.channels_last if cuda else torch.contiguous_format
+    groups = [(s, c, d) for s in layers for c in conv_impls for d in dtypes
+              if not (c == "minkowski" and d != torch.float32)]  # MinkowskiEngine computes in float32 only
+    rows: list[dict] = []
+    for i, (spec, conv_impl, dtype) in enumerate(groups, 1):
+        dtype_name = str(dtype).removeprefix("torch.")
+        log.info("[%d/%d] running %s %s %s", i, len(groups), spec.name, conv_impl, dtype_name)
+        started = time.perf_counter()
         sparse, dense = make_layers(spec, channels, device, conv_impl, dtype)
+        dense = dense.to(memory_format=layout)
         for density in densities:
             g = torch.Generator().manual_seed(seed + int(round(density * 1000)))
             inp = make_input(batch, channels, image_size, tensor_stride, density, g, device, dtype)
-            err = verify_layer(sparse, dense, inp, tolerance)
+            inp.dense = inp.dense.contiguous(memory_format=layout)
+            err = verify_layer(sparse, dense, inp, TOLERANCES[dtype])
             for pass_name in passes:
                 times = time_layer(sparse, dense, inp, pass_name == "fwd_bwd", warmup, repeats, device)
-                row = {
+                rows.append({
                     "bench": "kernel",
                     "layer": spec.name,
                     "conv_impl": conv_impl,
-                    "dtype": str(dtype).removeprefix("torch."),
+                    "dtype": dtype_name,
                     "pass": pass_name,
                     "density": density,
                     "density_actual": inp.density_actual,
@@ -335,11 +384,17 @@ def run_kernel_bench(
                     "sites": int(inp.coords.shape[0]),
                     **times,
                     "max_rel_err": err,
+                    "dense_layout": "channels_last" if cuda else "contiguous",
                     "device": device,
                     "threads": torch.get_num_threads(),
-                }
-                rows.append(row)
-                log.debug("%s", row)
+                })
+        mine = [r for r in rows if (r["layer"], r["conv_impl"], r["dtype"]) == (spec.name, conv_impl, dtype_name)]
+        at = min(mine, key=lambda r: (r["pass"] != "fwd_bwd", abs(r["density"] - 0.4)))  # the training density
+        log.info("[%d/%d] %s %s %s: %.1f s; %s at density %.2f: sparse %.2f ms, (b) %.2f ms, (c) %.2f ms",
+                 i, len(groups), spec.name, conv_impl, dtype_name, time.perf_counter() - started, at["pass"],
+                 at["density_actual"], 1e3 * at["sparse_total_s"], 1e3 * at["masked_dense_s"], 1e3 * at["dense_s"])
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 
@@ -347,17 +402,31 @@ def format_table(rows: list[dict]) -> str:
     """The rows as a fixed-width text table (times in ms)."""
     head = (
         f"{'layer':<11} {'impl':<9} {'dtype':<8} {'pass':<7} {'dens':>5} {'sites':>6} {'total':>8} {'cached':>8} {'kmap':>7} "
-        f"{'kmap_dir':>8} {'coords':>6} {'dense':>8} {'ratio':>6} {'relerr':>7}"
+        f"{'kmap_dir':>8} {'coords':>6} {'(b)':>8} {'(c)':>8} {'a/b':>5} {'a/c':>5} {'relerr':>7}"
     )
     lines = [head + "   (times in ms)", "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['layer']:<11} {r.get('conv_impl', 'auto'):<9} {r.get('dtype', 'float32'):<8} {r['pass']:<7} {r['density_actual']:>5.2f} {r['sites']:>6d} "
+            f"{r['layer']:<11} {r['conv_impl']:<9} {r['dtype']:<8} {r['pass']:<7} {r['density_actual']:>5.2f} {r['sites']:>6d} "
             f"{1e3 * r['sparse_total_s']:>8.1f} {1e3 * r['sparse_cached_s']:>8.1f} {1e3 * r['kernel_map_s']:>7.1f} "
-            f"{1e3 * r['kernel_map_direct_s']:>8.2f} {1e3 * r['coords_s']:>6.2f} {1e3 * r['dense_s']:>8.1f} "
-            f"{r['ratio']:>6.2f} {r['max_rel_err']:>7.0e}"
+            f"{1e3 * r['kernel_map_direct_s']:>8.2f} {1e3 * r['coords_s']:>6.2f} {1e3 * r['masked_dense_s']:>8.1f} "
+            f"{1e3 * r['dense_s']:>8.1f} {r['masked_ratio']:>5.2f} {r['ratio']:>5.2f} {r['max_rel_err']:>7.0e}"
         )
     return "\n".join(lines)
+
+
+def save_rows(out_dir: Path, rows: list[dict], args: dict) -> None:
+    """``kernels.json`` (rows, the run's arguments and the environment) and ``kernels.csv``."""
+    from kernels_bench.suite import environment, write_csv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # float32 dense convs take TF32 where cuDNN allows it (PyTorch's default); the sparse
+    # backends' float32 products do not (matmul TF32 is off by default, Triton's are IEEE)
+    precision = {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                 "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    payload = {"environment": {**environment(), **precision}, "args": args, "kernels": rows}
+    (out_dir / "kernels.json").write_text(json.dumps(payload, indent=1))
+    write_csv(out_dir / "kernels.csv", rows)
 
 
 def main() -> None:
@@ -372,19 +441,33 @@ def main() -> None:
     p.add_argument("--tensor-stride", type=int, default=8, help="stride of the benchmarked feature map")
     p.add_argument("--layers", nargs="+", choices=[s.name for s in LAYERS], default=None)
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    p.add_argument("--json", default=None, help="write the rows to this file")
-    p.add_argument("--conv-impl", nargs="+", default=["auto"], choices=("auto", "torch", "minkowski"),
-                   help="sparse conv backend(s), one set of rows each")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--densities", nargs="+", type=float, default=None,
+                   help="fractions of visible patches, in (0, 1] (default: 0.1 to 1.0 by 0.1)")
+    p.add_argument("--conv-impl", nargs="+", default=["torch", "minkowski"],
+                   choices=[c for c in CONV_IMPLS if c != "auto"], help="sparse conv backends, one set of rows each")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES, help="one set of rows each")
+    p.add_argument("--out", type=Path, default=None, help="write kernels.json and kernels.csv into this folder")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.densities and not all(0.0 < d <= 1.0 for d in args.densities):
+        p.error(f"--densities must be in (0, 1], got {args.densities}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    for conv_impl in args.conv_impl:
+        try:
+            resolve_conv_impl(conv_impl, torch.device(args.device))
+        except (ValueError, ImportError) as e:
+            p.error(str(e))
 
     layers = LAYERS if args.layers is None else tuple(s for s in LAYERS if s.name in args.layers)
+    recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     start = time.perf_counter()
     rows = run_kernel_bench(
         device=args.device, quick=args.quick, repeats=args.repeats, warmup=args.warmup, batch=args.batch,
         channels=args.channels, image_size=args.size, tensor_stride=args.tensor_stride, layers=layers,
-        passes=tuple(args.passes), conv_impls=tuple(args.conv_impl), dtype=getattr(torch, args.dtype),
+        densities=tuple(args.densities) if args.densities else None, passes=tuple(args.passes),
+        conv_impls=tuple(args.conv_impl), dtypes=tuple(getattr(torch, d) for d in args.dtype),
+        on_rows=(lambda rows: save_rows(args.out, rows, recorded)) if args.out else None,
     )
     r0 = rows[0]
     log.info(
@@ -393,10 +476,8 @@ def main() -> None:
         r0["tensor_stride"], time.perf_counter() - start,
     )
     log.info("%s", format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-        log.info("wrote %d rows to %s", len(rows), args.json)
+    if args.out:
+        log.info("wrote %d rows to %s", len(rows), args.out / "kernels.json")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,42 @@ def profile_lines(profile: dict) -> list[str]:
     return lines
 
 
+def kernel_lines(kernels: list[dict]) -> list[str]:
+    """The kernel-level tables (kernels_bench/kernels.py), one per layer shape. Rows from
+    before the masked-dense column existed show n/a there."""
+    shapes: dict[tuple, list[dict]] = defaultdict(list)
+    for k in kernels:
+        shapes[(k["batch"], k["channels"], k["map_size"], k.get("dense_layout", "contiguous"))].append(k)
+    lines = []
+    for (batch, channels, size, layout), rows in shapes.items():
+        lines += ["", f"Kernel level (one layer: batch {batch}, C={channels}, {size}×{size} map; (b) and (c) in the "
+                      f"same dtype, {layout.replace('_', ' ')}; kernel-map construction shown separately):", "",
+                  "| layer | backend | dtype | pass | density | sites | sparse total s | coordinates + kernel map s | "
+                  "(b) masked-dense s | (c) dense s | a/b | a/c |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {k['layer']} | {k.get('conv_impl', 'auto')} | {k.get('dtype', 'float32')} | {k['pass']} | "
+                  f"{k['density_actual']:.2f} | {k['sites']} | {k['sparse_total_s']:.4f} | {k['kernel_map_direct_s']:.4f} | "
+                  f"{_fmt(k.get('masked_dense_s'), '.4f')} | {k['dense_s']:.4f} | {_fmt(k.get('masked_ratio'), '.2f')} | "
+                  f"{k['ratio']:.2f} |" for k in rows]
+    return lines
+
+
+def _kernel_section(payload: dict, folder: str) -> list[str]:
+    """A results folder holding only per-layer rows (``python -m kernels_bench.kernels --out``)."""
+    env, args, rows = payload["environment"], payload.get("args", {}), payload["kernels"]
+    device = rows[0]["device"]
+    command = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                       for k, v in args.items() if v not in (None, False) and k != "out")
+    lines = [
+        f"### {device.upper()}: {env.get('gpu') or env['cpu']} (`kernels_bench/results/{folder}`, per layer)",
+        "",
+        f"{env['date']}; torch {env['torch']}, MinkowskiEngine {env['minkowskiengine']}, Python {env['python']}, "
+        f"{env['cpu_count']} cores, {rows[0]['threads']} torch thread(s), commit {env.get('git_commit')}. "
+        f"`python -m kernels_bench.kernels {command}`." + (f" {payload['notes']}" if payload.get("notes") else ""),
+    ]
+    return lines + kernel_lines(rows) + [""]
+
+
 def _device_section(results: dict, plots_rel: list[str], folder: str, profiles: Sequence[dict] = ()) -> list[str]:
     env, plan = results["environment"], results["plan"]
     memory = ("GPU: `torch.cuda.max_memory_allocated` during the timed runs, above what was allocated before"
@@ -249,12 +285,7 @@ def _device_section(results: dict, plots_rel: list[str], folder: str, profiles: 
         lines += [f"| {s['model']} | {PART_LABELS[s['part']]} | {s['variant']} | {s['mask_ratio']:.2f} | "
                   f"{s['visible']:.2f} | {s['median_s']:.3f} | {s['relative_to_mask0']:.2f} |" for s in sc]
     if results.get("kernels"):
-        lines += ["", "Kernel level (one layer; kernel-map construction shown separately):", "",
-                  "| layer | backend | dtype | pass | density | sites | sparse total s | coordinates + kernel map s | dense s | sparse/dense |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {k['layer']} | {k.get('conv_impl', 'auto')} | {k.get('dtype', 'float32')} | {k['pass']} | "
-                  f"{k['density_actual']:.2f} | {k['sites']} | {k['sparse_total_s']:.4f} | "
-                  f"{k['kernel_map_direct_s']:.4f} | {k['dense_s']:.4f} | {k['ratio']:.2f} |" for k in results["kernels"]]
+        lines += kernel_lines(results["kernels"])
     if results.get("breakdown"):
         bd = results["breakdown"]
         lines += ["", f"Where the time of a sparse step goes ({bd['model']}, batch {bd['batch']}, {bd['size']} px, "
@@ -285,12 +316,18 @@ def write_report(results_root: Path, out: Path) -> Path:
         results = json.loads(path.read_text())
         if results["plan"].get("quick"):
             continue
+        extra = path.parent / "kernels.json"  # python -m kernels_bench.kernels --out (tools/gpu_check.py bench)
+        if extra.exists():
+            results["kernels"] = (results.get("kernels") or []) + json.loads(extra.read_text())["kernels"]
         plots = plot(results, path.parent / "plots")
         rel = [str(Path("..") / p.relative_to(out.parent.parent)) if out.parent.parent in p.parents else str(p) for p in plots]
         # the step's profile, then the encoder's (tools/gpu_check.py writes both)
         profiles = [json.loads(f.read_text()) for f in (path.parent / d / "profile.json" for d in PROFILE_FOLDERS)
                     if f.exists()]
         sections.append(_device_section(results, rel, path.parent.name, profiles))
+    for path in sorted(results_root.glob("*/kernels.json")):
+        if not (path.parent / "results.json").exists():  # else shown with that folder's results
+            sections.append(_kernel_section(json.loads(path.read_text()), path.parent.name))
     devices = {json.loads(p.read_text())["plan"]["device"].split(":")[0] for p in results_root.glob("*/results.json")
                if not json.loads(p.read_text())["plan"].get("quick")}
     lines = [

@@ -242,12 +242,15 @@ def save_results(out_dir: Path, payload: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
     for key in ("rows", "kernels"):
-        rows = payload.get(key) or []
-        if not rows:
-            continue
-        fields = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
-        with open(out_dir / f"{key}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        if payload.get(key):
+            write_csv(out_dir / f"{key}.csv", payload[key])
     log.info("wrote %s", out_dir / "results.json")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as CSV, one column per scalar field any row has (lists and dicts left out)."""
+    fields = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -151,3 +151,33 @@ def test_bench_results_come_back_as_one_archive_that_unpacks_in_a_checkout(tmp_p
     restored = checkout / "kernels_bench" / "results" / "gpu-x"
     assert (restored / "results.json").read_text() == '{"rows": []}'
     assert (restored / "profile" / "deep" / "trace.txt").read_text() == "kernels"
+
+
+def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkeypatch):
+    """The GPU branch's plan, with every step faked: the suite (no per-layer rows of its
+    own), the encoder profile, the per-layer bench (each backend, fp32 and bf16, at batch 128,
+    into the suite's folder, where the report finds kernels.json), the step profile, the
+    report; the results are bundled after each measuring step."""
+    monkeypatch.setattr(gpu_check, "_cuda_status", lambda python: (True, "fake GPU"))
+    monkeypatch.setattr(gpu_check.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout="Fake GPU 80GB\n", stderr=""))
+    ran: list[tuple[str, list[str]]] = []
+
+    def run(self, label, cmd, started=None, env=None):
+        ran.append((label, cmd))
+        return {"label": label, "rc": 0, "seconds": 0.0, "timed_out": False}
+
+    bundles: list[int] = []
+    monkeypatch.setattr(gpu_check.Phase, "run", run)
+    monkeypatch.setattr(gpu_check, "bundle_results", lambda out: bundles.append(len(ran)))
+    assert gpu_check.main(["bench", "--no-data", "--limit", "60", "--log-dir", str(tmp_path)]) == 0
+    assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "per-layer", "profile", "report"]
+    steps = dict(ran)
+    suite, layers = " ".join(steps["kernels_bench"]), steps["per-layer"]
+    assert "--skip breakdown kernels" in suite
+    assert " ".join(layers[1:3]) == "-m kernels_bench.kernels"
+    assert " ".join(layers[layers.index("--conv-impl"):]).startswith("--conv-impl torch triton minkowski --dtype float32 bfloat16")
+    assert layers[layers.index("--batch") + 1] == "128"
+    folder = layers[layers.index("--out") + 1]
+    assert folder.endswith("kernels_bench/results/gpu-fake-gpu-80gb") and f"--out {folder}" in suite
+    assert bundles[:4] == [1, 2, 3, 4]  # after the suite, the encoder profile, the per-layer bench, the profile

@@ -188,8 +188,10 @@ def test_a_backend_failing_its_sanity_check_loses_only_its_rows(tmp_path, monkey
 
     monkeypatch.setattr(suite, "sanity_check", check)
     main(["--quick", "--models", "resnet18", "--parts", "encoder_fwd", "--masks", "0.6", "--threads", "1",
-          "--conv-impl", "torch", "minkowski", "--skip", "kernels", "breakdown", "--out", str(tmp_path)])
+          "--conv-impl", "torch", "minkowski", "--skip", "breakdown", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
+    # the per-layer rows compare the run's backends (MinkowskiEngine's among them), fp32 on CPU
+    assert {(k["conv_impl"], k["dtype"]) for k in saved["kernels"]} == {("torch", "float32"), ("minkowski", "float32")}
     by_impl = {s["conv_impl"]: s for s in saved["sanity"]}
     assert by_impl["torch"]["passed"] and max(by_impl["torch"]["feature_rel_err"]) < 1e-4
     assert not by_impl["minkowski"]["passed"] and "disagree" in by_impl["minkowski"]["error"]

@@ -278,31 +278,40 @@ def phase_bench(args: argparse.Namespace) -> int:
     bench = phase.run("kernels_bench", [
         python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
         "--conv-impl", *args.conv_impl, "--parts", "encoder_fwd_bwd", "step",
-        "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "--grad-checkpointing",
+        "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "kernels", "--grad-checkpointing",
         "--out", str(out),
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():
         shutil.copy(data_json, out / "data_throughput.json")
     bundle_results(out)
-    # where a bf16 step's GPU time goes, per backend and for the emulation (about a minute;
-    # MinkowskiEngine's kernels are fp32-only, so the torch backend stands in for them)
+    # Then, most telling first (a phase limit cuts from the end): the bf16 encoder alone,
+    # where ConvNeXt-T's sparse encoder was no faster than the emulation on the H100
+    # (device time against wall time says whether the GPU or the host sets its pace) ...
     bf16_impls = [c for c in args.conv_impl if c != "minkowski"] or ["torch"]
-    profile = phase.run("profile", [
-        python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
-        "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
-    ], started=_STARTED_CASE)
-    bundle_results(out)
-    # the encoder alone, where ConvNeXt-T's bf16 sparse encoder was no faster than the
-    # emulation on the H100. (What a step keeps for backward, kernels_bench.saved_memory, is
-    # counted the same on any device, as the H100 confirmed: the CPU machine measures it.)
     encoder = phase.run("encoder profile", [
         python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
         "--amp", "bf16", "--conv-impl", *bf16_impls, "--part", "encoder_fwd_bwd", "--out", str(out / "profile-encoder"),
     ], started=_STARTED_CASE)
     bundle_results(out)
+    # ... each layer kind per backend, fp32 and bf16, against (b) and (c) at the training
+    # density and at full density (kernels.json beside results.json; the report shows both) ...
+    layers = phase.run("per-layer", [
+        python, "-m", "kernels_bench.kernels", "--device", "cuda", "--batch", "128", "--conv-impl", *args.conv_impl,
+        "--dtype", "float32", "bfloat16", "--densities", "0.4", "1.0", "--repeats", str(args.repeats),
+        "--out", str(out),
+    ], started=_STARTED_CASE)
+    bundle_results(out)
+    # ... and where a bf16 step's GPU time goes, per backend and for the emulation
+    # (MinkowskiEngine's kernels are fp32-only, so the torch backend stands in for them).
+    # What a step keeps for backward (kernels_bench.saved_memory) counts the same on any
+    # device, as the H100 confirmed: the CPU machine measures it.
+    profile = phase.run("profile", [
+        python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
+        "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
+    ], started=_STARTED_CASE)
+    bundle_results(out)
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
-    ok = (bench["rc"] == 0 and not bench["timed_out"] and profile["rc"] == 0 and report["rc"] == 0
-          and encoder["rc"] == 0)
+    ok = all(step["rc"] == 0 and not step["timed_out"] for step in (bench, encoder, layers, profile, report))
     if ok and data_json.exists():
         phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
     bundled = f" (and {BUNDLE} in $OUT)" if bundle_results(out) else ""
