@@ -11,7 +11,15 @@ For each case it reports, per step:
   the kernels' and copies' durations, from the profile); their ratio is how busy the GPU
   is: far below 1, the host (Python, dispatch, launches, synchronisations) bounds the step;
 * kernels launched and host synchronisations (each stalls the host until the GPU drains);
+* the host time inside spark_me's profiler ranges (``spark_me::to_sparse``, the gather
+  into a ``SparseTensor``, and ``spark_me::neighbour_tables``, building a batch's tables
+  through MinkowskiEngine's coordinate maps, synchronisations included: the work that
+  MinkowskiEngine's C++ does outside the profiler's view is inside these ranges);
 * the kernels with the most device time and the operators with the most self CPU time.
+
+Ranges that code marks with ``record_function`` (the optimizer's step, spark_me's) also
+show up on the device side as annotations spanning their kernels; they are not kernels and
+are left out of the device time.
 
 Results go to ``profile.json`` (rewritten after each case, so a case that kills the
 process leaves the earlier ones) and one ``<case>.txt`` operator table per case.
@@ -40,6 +48,8 @@ log = logging.getLogger(__name__)
 # and those that block the host until the device is done.
 _LAUNCH = re.compile(r"^cu(da)?Launch")
 _SYNC = re.compile(r"^cu(da)?(Stream|Device|Event|Ctx)Synchronize$")
+# spark_me's own profiler ranges (spark_me.gather.to_sparse, spark_me.ops.tables)
+RANGE_PREFIX = "spark_me::"
 
 
 class ProfiledEvent(Protocol):
@@ -47,6 +57,7 @@ class ProfiledEvent(Protocol):
 
     key: str
     count: int
+    cpu_time_total: float  # microseconds, children included
     self_cpu_time_total: float  # microseconds
     self_device_time_total: float  # microseconds
     device_type: torch.autograd.DeviceType
@@ -55,8 +66,12 @@ class ProfiledEvent(Protocol):
 def summarise(events: Iterable[ProfiledEvent], steps: int, top: int = 10) -> dict:
     """Per-step totals and top entries of ``steps`` profiled steps' aggregated events."""
     events = list(events)
-    on_device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
     on_host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    # A range's device-side span carries the range's name (and, in recent PyTorch, the
+    # is_user_annotation flag); no kernel is named like a host-side event.
+    host_keys = {e.key for e in on_host}
+    on_device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU
+                 and e.key not in host_keys and not getattr(e, "is_user_annotation", False)]
     device_us = sum(e.self_device_time_total for e in on_device)
     host_us = sum(e.self_cpu_time_total for e in on_host)
     kernels = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)
@@ -67,6 +82,7 @@ def summarise(events: Iterable[ProfiledEvent], steps: int, top: int = 10) -> dic
         "kernels": sum(e.count for e in on_device) / steps,
         "launches": sum(e.count for e in on_host if _LAUNCH.match(e.key)) / steps,
         "syncs": sum(e.count for e in on_host if _SYNC.match(e.key)) / steps,
+        "ranges": {e.key: e.cpu_time_total / 1e6 / steps for e in on_host if e.key.startswith(RANGE_PREFIX)},
         "top_kernels": [{"name": e.key, "calls": e.count / steps, "device_s": e.self_device_time_total / 1e6 / steps,
                          "share": e.self_device_time_total / device_us if device_us else 0.0} for e in kernels[:top]],
         "top_ops": [{"name": e.key, "calls": e.count / steps, "self_cpu_s": e.self_cpu_time_total / 1e6 / steps,
@@ -159,6 +175,8 @@ def describe(r: dict) -> str:
     if r["device_s"] is not None:
         line += (f", device {r['device_s'] * 1e3:.1f} ms (busy {r['busy']:.0%}), {r['kernels']:.0f} kernels, "
                  f"{r['syncs']:.0f} host syncs")
+    if r.get("ranges"):
+        line += "; host in " + ", ".join(f"{k.removeprefix(RANGE_PREFIX)} {v * 1e3:.1f} ms" for k, v in r["ranges"].items())
     top = r["top_kernels"] or r["top_ops"]
     if top:
         line += "; top: " + ", ".join(f"{t['name'][:48]} {t['share']:.0%}" for t in top[:3])

@@ -190,19 +190,25 @@ def profile_lines(profile: dict) -> list[str]:
     part = _PROFILED_PART.get(cases[0].get("part", "step"), "the profiled part's")
     lines = ["", f"Where {part} time goes (`python -m kernels_bench.profile`: torch.profiler over "
              f"{cases[0].get('steps', '?')} steps; wall time measured without the profiler; device time = the kernels' "
-             "and copies' durations; GPU busy = device / wall, far below 1 when the host bounds the step):", "",
-             "| case | precision | ms/step | device ms | GPU busy | kernels | host syncs | most device time (or self CPU time) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "and copies' durations; GPU busy = device / wall, far below 1 when the host bounds the step; host ms in "
+             "gather / tables = wall time inside `spark_me::to_sparse` / `spark_me::neighbour_tables`, MinkowskiEngine's "
+             "coordinate maps and their synchronisations included; n/a where not recorded):", "",
+             "| case | precision | ms/step | device ms | GPU busy | kernels | host syncs | host ms in gather / tables | "
+             "most device time (or self CPU time) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in cases:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r.get('amp') or 'fp32'} | failed: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['name']} | {r.get('amp') or 'fp32'} | failed: {r['error'][:120]} | | | | | | |")
             continue
         device = r["device_s"] is not None
         top = ", ".join(f"`{t['name'][:60]}` {t['share']:.0%}" for t in (r["top_kernels"] or r["top_ops"])[:3])
+        ranges = r.get("ranges")
+        host = (" / ".join(_fmt(ranges.get(f"spark_me::{k}", 0.0) * 1e3, ".1f") for k in ("to_sparse", "neighbour_tables"))
+                if ranges else "n/a")
         lines.append(
             f"| {r['name']} | {r.get('amp') or 'fp32'} | {r['wall_s'] * 1e3:.1f} | "
             f"{_fmt(r['device_s'] * 1e3 if device else None, '.1f')} | {_fmt(r['busy'], '.0%')} | "
-            f"{r['kernels']:.0f} | {r['syncs']:.0f} | {top} |")
+            f"{r['kernels']:.0f} | {r['syncs']:.0f} | {host} | {top} |")
     return lines
 
 

@@ -56,12 +56,14 @@ def to_sparse(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> ME
     """Visible pixels of ``images`` (B, C, H, W) as a SparseTensor at tensor stride 1.
 
     Its coordinate manager caches the neighbour tables of the sparse ops for this batch.
+    (A profiler range, ``spark_me::to_sparse``, lets kernels_bench.profile time it.)
     """
-    pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
-    coords = pixel_mask.nonzero().int().contiguous()  # [b, y, x], row-major
-    features = images.permute(0, 2, 3, 1)[pixel_mask]
-    manager = new_coordinate_manager(coords, extent=tuple(pixel_mask.shape))
-    return ME.SparseTensor(features, coordinates=coords, coordinate_manager=manager)
+    with torch.profiler.record_function("spark_me::to_sparse"):
+        pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
+        coords = pixel_mask.nonzero().int().contiguous()  # [b, y, x], row-major
+        features = images.permute(0, 2, 3, 1)[pixel_mask]
+        manager = new_coordinate_manager(coords, extent=tuple(pixel_mask.shape))
+        return ME.SparseTensor(features, coordinates=coords, coordinate_manager=manager)
 
 
 def to_dense(

@@ -24,7 +24,7 @@ from kernels_bench.kernels import (
     run_kernel_bench,
     verify_layer,
 )
-from kernels_bench.report import kernel_lines
+from kernels_bench.report import kernel_lines, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("torch", "minkowski")
@@ -107,9 +107,10 @@ def test_layer_backends_resolve_auto_and_add_minkowski_once():
 
 
 def test_cli_writes_rows_the_report_shows(tmp_path):
-    """``--out`` writes kernels.json and kernels.csv; the report shows them, (b) included,
-    beside a results folder's own rows (old rows without (b) show n/a)."""
-    out = tmp_path / "gpu-x"
+    """``--out`` writes kernels.json and kernels.csv; the report shows them, (b) included, in
+    a section of their own (or beside a results folder's own rows; old rows without (b) show
+    n/a)."""
+    out = tmp_path / "results" / "cpu-x"
     run = subprocess.run(
         [sys.executable, "-m", "kernels_bench.kernels", "--quick", "--layers", "conv3x3", "--densities", "0.6",
          "--passes", "fwd", "--conv-impl", "torch", "--out", str(out)],
@@ -124,6 +125,10 @@ def test_cli_writes_rows_the_report_shows(tmp_path):
     assert f"| conv3x3 | torch | float32 | fwd | {row['density_actual']:.2f} | {row['sites']} |" in table
     assert f"| {row['masked_dense_s']:.4f} | {row['dense_s']:.4f} | {row['masked_ratio']:.2f} | {row['ratio']:.2f} |" in table
     assert table.count("Kernel level") == 2 and "| n/a |" in table  # one table per shape
+    report = write_report(tmp_path / "results", tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "### CPU: " in report and "(`kernels_bench/results/cpu-x`, per layer)" in report
+    assert "`python -m kernels_bench.kernels --device cpu --quick" in report and "--conv-impl torch" in report
+    assert f"| conv3x3 | torch | float32 | fwd | {row['density_actual']:.2f} | {row['sites']} |" in report
 
 
 def test_cli_refuses_bad_arguments_clearly():

@@ -16,8 +16,10 @@ from kernels_bench.report import profile_lines
 CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
 
-def _event(key: str, count: int, device_type, cpu_us: float = 0.0, device_us: float = 0.0) -> SimpleNamespace:
+def _event(key: str, count: int, device_type, cpu_us: float = 0.0, device_us: float = 0.0,
+           total_cpu_us: float | None = None) -> SimpleNamespace:
     return SimpleNamespace(key=key, count=count, device_type=device_type, self_cpu_time_total=cpu_us,
+                           cpu_time_total=cpu_us if total_cpu_us is None else total_cpu_us,
                            self_device_time_total=device_us)
 
 
@@ -41,6 +43,32 @@ def test_summarise_counts_kernels_launches_and_syncs_per_step():
     assert s["top_kernels"][0]["calls"] == 2.0 and s["top_kernels"][0]["share"] == pytest.approx(3000 / 4200)
     assert [o["name"] for o in s["top_ops"]] == ["aten::mm", "cudaStreamSynchronize"]
     assert s["top_ops"][0]["share"] == pytest.approx(0.585)
+
+
+def test_summarise_times_spark_me_ranges_and_leaves_their_device_spans_out_of_the_kernels():
+    events = [
+        _event("gemm_kernel", 6, CUDA, device_us=3000.0),
+        _event("spark_me::neighbour_tables", 3, CPU, cpu_us=900.0, total_cpu_us=6000.0),
+        _event("spark_me::neighbour_tables", 3, CUDA, device_us=2500.0),  # the range's span on the device
+        _event("Optimizer.step#AdamW.step", 3, CPU, cpu_us=30.0, total_cpu_us=600.0),
+        _event("Optimizer.step#AdamW.step", 3, CUDA, device_us=800.0),
+        SimpleNamespace(key="gpu_user_annotation", count=3, device_type=CUDA, self_cpu_time_total=0.0,
+                        cpu_time_total=0.0, self_device_time_total=700.0, is_user_annotation=True),
+        _event("aten::mm", 6, CPU, cpu_us=300.0),
+    ]
+    s = summarise(events, steps=3)
+    assert s["device_s"] == pytest.approx(3000e-6 / 3) and s["kernels"] == 2.0
+    assert [k["name"] for k in s["top_kernels"]] == ["gemm_kernel"]
+    assert s["ranges"] == {"spark_me::neighbour_tables": pytest.approx(2e-3)}  # children included
+    line = profile.describe({"name": "x", "wall_s": 0.01, "device_s": None, "top_kernels": [], "top_ops": [],
+                             "ranges": s["ranges"]})
+    assert line == "x: 10.0 ms/step; host in neighbour_tables 2.0 ms"
+
+
+def test_a_cpu_encoder_profile_times_the_gather_and_the_tables():
+    summary, _ = profile_case(_tiny(part="encoder_fwd_bwd"), steps=1)
+    assert set(summary["ranges"]) == {"spark_me::to_sparse", "spark_me::neighbour_tables"}
+    assert all(0 < v < summary["profiled_wall_s"] for v in summary["ranges"].values())
 
 
 def test_summarise_without_device_events_reports_no_device_time():

@@ -94,12 +94,14 @@ def test_results_files_and_report(tmp_path):
     (tmp_path / "results" / "cpu" / "profile-encoder" / "profile.json").write_text(json.dumps({"cases": [
         {"name": "resnet18-sparse-torch-encoder_fwd_bwd-fp32", "part": "encoder_fwd_bwd", "amp": None, "steps": 3,
          "wall_s": 0.05, "device_s": None, "busy": None, "kernels": 0.0, "syncs": 0.0, "top_kernels": [],
-         "top_ops": [{"name": "aten::mm", "share": 0.6}]}]}))
+         "top_ops": [{"name": "aten::mm", "share": 0.6}],
+         "ranges": {"spark_me::to_sparse": 0.002, "spark_me::neighbour_tables": 0.0125}}]}))
     report = write_report(tmp_path / "results", tmp_path / "docs" / "benchmarks.md").read_text()
     assert "Where a step's time goes" in report
-    assert "| resnet18-sparse-torch-step-fp32 | fp32 | 125.0 | n/a | n/a | 0 | 0 | `aten::mm` 50% |" in report
+    assert "| resnet18-sparse-torch-step-fp32 | fp32 | 125.0 | n/a | n/a | 0 | 0 | n/a | `aten::mm` 50% |" in report
     assert report.index("Where a step's time goes") < report.index("Where the encoder's forward+backward time goes")
-    assert "| resnet18-sparse-torch-encoder_fwd_bwd-fp32 | fp32 | 50.0 | n/a | n/a | 0 | 0 | `aten::mm` 60% |" in report
+    assert ("| resnet18-sparse-torch-encoder_fwd_bwd-fp32 | fp32 | 50.0 | n/a | n/a | 0 | 0 | 2.0 / 12.5 | "
+            "`aten::mm` 60% |") in report
 
 
 def test_user_encoder_case_in_its_own_process():

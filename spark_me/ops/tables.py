@@ -290,12 +290,23 @@ def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neigh
     cache_key = (*_map_id(in_key), kernel_size, stride)
     if cache is not None and cache_key in cache:
         return cache[cache_key]
+    with torch.profiler.record_function("spark_me::neighbour_tables"):  # timed by kernels_bench.profile
+        tables = _build_tables(x, kernel_size, stride)
+    if cache is not None:
+        cache[cache_key] = tables
+    return tables
+
+
+def _build_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> NeighbourTables:
+    """:func:`neighbour_tables` without the cache."""
+    cm, in_key = x.coordinate_manager, x.coordinate_map_key
+    cached = isinstance(cm, TableCache)
     out_key = in_key if stride == 1 else cm.stride(in_key, stride)
     device = x.F.device
     # The tables keep no coordinates; `sites` reads them again where an op needs them. A
     # cached table refers to its manager weakly (the manager holds the table), and is only
     # used while the manager's batch lives.
-    manager = weakref.ref(cm) if cache is not None else (lambda cm=cm: cm)
+    manager = weakref.ref(cm) if cached else (lambda cm=cm: cm)
 
     def sites() -> tuple[torch.Tensor, torch.Tensor]:
         live = manager()
@@ -305,10 +316,7 @@ def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neigh
         return coords, coords if stride == 1 else live.get_coordinates(out_key).to(device)
 
     in_coords, out_coords = sites()
-    extent = cm.extent if cache is not None else None
+    extent = cm.extent if cached else None
     forward = _grid_lookup(in_coords.long(), out_coords.long(), x.tensor_stride[0], kernel_size, extent)
-    tables = NeighbourTables(forward, out_key, kernel_size, stride, len(in_coords), len(out_coords),
-                             sites=sites, tensor_stride=x.tensor_stride[0], extent=extent)
-    if cache is not None:
-        cache[cache_key] = tables
-    return tables
+    return NeighbourTables(forward, out_key, kernel_size, stride, len(in_coords), len(out_coords),
+                           sites=sites, tensor_stride=x.tensor_stride[0], extent=extent)
