@@ -54,6 +54,9 @@ class Case:
     imports: tuple[str, ...] = ()  # modules registering users' encoders (see import_encoder_modules)
     conv_impl: str = "auto"  # sparse conv backend of the sparse encoder (spark_me.ops.CONV_IMPLS)
     grad_checkpointing: bool = False  # the sparse encoder recomputes its blocks in the backward
+    # the sparse encoder runs on one batch gathered once, its maps and tables built once
+    # (kernels_bench.variants.SparseSparK): the encoder without what every new batch costs
+    reuse_batch: bool = False
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -72,6 +75,8 @@ class Case:
             raise ValueError("amp and channels_last rows are for CUDA only")
         if self.grad_checkpointing and (self.variant != "sparse" or self.part == "encoder_fwd"):
             raise ValueError("grad_checkpointing rows are sparse rows of a part with a backward")
+        if self.reuse_batch and (self.variant != "sparse" or self.part == "step"):
+            raise ValueError("reuse_batch rows are sparse rows of an encoder part (a step always gathers its batch)")
 
 
 def unknown_encoders_error(models: Iterable[str]) -> Optional[str]:
@@ -205,7 +210,7 @@ def prepare_case(case: Case) -> tuple[Callable[[], None], torch.Tensor]:
     if case.threads:
         torch.set_num_threads(case.threads)
     sparse = build_sparse_spark(case, device)
-    model = build_variant(sparse, case.variant).to(device).train()
+    model = build_variant(sparse, case.variant, case.reuse_batch).to(device).train()
     if case.variant != "sparse":
         del sparse  # the dense variants hold copies; keep only what is measured
     if case.channels_last:

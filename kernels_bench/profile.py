@@ -4,7 +4,10 @@
         --amp bf16 --conv-impl torch triton --out kernels_bench/results/gpu-<name>/profile
 
 Profiled per model: the sparse step with each backend, then the masked-dense emulation
-(on CUDA in channels_last, its faster layout) as the baseline, at the same precision.
+(on CUDA in channels_last, its faster layout) as the baseline, at the same precision. For
+the encoder parts, also the first backend on one batch gathered once and encoded again
+and again (``…-reused_batch``): its tables exist, so the difference to the plain row is
+what gathering a batch and building its maps and tables cost, syncs included.
 For each case it reports, per step:
 
 * the wall time, measured without the profiler (median), and the device time (the sum of
@@ -129,20 +132,25 @@ def profile_case(case: Case, steps: int = 3, table_rows: int = 30) -> tuple[dict
 
 def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size: int, mask: float,
          amp: Optional[str], part: str, warmup: int, repeats: int, decoder_width: int) -> list[Case]:
-    """Per model: the sparse part with each backend, then the masked-dense baseline."""
+    """Per model: the sparse part with each backend; for an encoder part, the first backend
+    again on a batch gathered once (``reuse_batch``: no gather, no new maps or tables, the
+    difference being what every new batch costs); then the masked-dense baseline."""
     cuda = device.startswith("cuda")
     common = dict(part=part, batch=batch, size=size, mask_ratio=mask, device=device, amp=amp,
                   warmup=warmup, repeats=repeats, decoder_width=decoder_width)
     cases = []
     for model in models:
         cases += [Case(model, "sparse", conv_impl=impl, **common) for impl in conv_impls]
+        if part != "step":
+            cases.append(Case(model, "sparse", conv_impl=conv_impls[0], reuse_batch=True, **common))
         cases.append(Case(model, "masked_dense", channels_last=cuda, **common))
     return cases
 
 
 def case_name(case: Case) -> str:
     backend = case.conv_impl if case.variant == "sparse" else ("channels_last" if case.channels_last else "nchw")
-    return f"{case.model}-{case.variant}-{backend}-{case.part}-{case.amp or 'fp32'}"
+    reused = "-reused_batch" if case.reuse_batch else ""
+    return f"{case.model}-{case.variant}-{backend}{reused}-{case.part}-{case.amp or 'fp32'}"
 
 
 def run(cases: list[Case], out: Path, steps: int) -> list[dict]:

@@ -100,6 +100,23 @@ def test_plan_puts_the_baseline_after_each_models_backends():
         ("convnext_atto", "sparse", "torch"), ("convnext_atto", "sparse", "triton"),
         ("convnext_atto", "masked_dense", "auto")]
     assert all(c.amp == "bf16" for c in cases) and [c.channels_last for c in cases] == [False, False, True] * 2
+    assert not any(c.reuse_batch for c in cases)  # a step always gathers its batch
+
+
+def test_an_encoder_plan_adds_the_first_backend_on_a_reused_batch():
+    cases = plan(["resnet18"], ["torch", "triton"], "cuda", 8, 64, 0.6, "bf16", "encoder_fwd_bwd", 1, 1, 32)
+    assert [(c.variant, c.conv_impl, c.reuse_batch) for c in cases] == [
+        ("sparse", "torch", False), ("sparse", "triton", False), ("sparse", "torch", True), ("masked_dense", "auto", False)]
+    assert profile.case_name(cases[2]) == "resnet18-sparse-torch-reused_batch-encoder_fwd_bwd-bf16"
+
+
+def test_a_reused_batch_builds_no_tables_after_its_first_run():
+    """The reused-batch row times the encoder alone: its first run gathers and builds the
+    tables, the later ones neither gather nor build any (the profile's ranges say so)."""
+    summary, _ = profile_case(_tiny(part="encoder_fwd_bwd", reuse_batch=True), steps=2)
+    assert summary["ranges"] == {}
+    fresh, _ = profile_case(_tiny(part="encoder_fwd_bwd"), steps=2)
+    assert set(fresh["ranges"]) == {"spark_me::to_sparse", "spark_me::neighbour_tables"}
 
 
 def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path, monkeypatch):
@@ -148,3 +165,13 @@ def test_a_cuda_step_profile_sees_kernels_launches_and_device_time(conv_impl):
     assert summary["device_s"] > 0 and 0 < summary["busy"]
     assert summary["kernels"] > 0 and summary["launches"] > 0 and summary["top_kernels"]
     assert summary["syncs"] >= 0
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_a_cuda_encoder_profile_times_its_ranges_and_counts_no_annotation_as_a_kernel(device):
+    fresh, _ = profile_case(_tiny(device=device, part="encoder_fwd_bwd", amp="bf16"), steps=2)
+    assert set(fresh["ranges"]) == {"spark_me::to_sparse", "spark_me::neighbour_tables"}
+    assert all(0 < v < fresh["profiled_wall_s"] for v in fresh["ranges"].values())
+    assert not any(k["name"].startswith(("spark_me::", "Optimizer.")) for k in fresh["top_kernels"])
+    reused, _ = profile_case(_tiny(device=device, part="encoder_fwd_bwd", amp="bf16", reuse_batch=True), steps=2)
+    assert reused["ranges"] == {} and reused["device_s"] > 0

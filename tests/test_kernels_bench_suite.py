@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -258,3 +259,30 @@ def test_the_cli_refuses_unknown_encoders_naming_the_registered_ones(tmp_path, c
     err = capsys.readouterr().err
     assert "unknown encoder(s) 'resnet999'; registered: " in err and "resnet18" in err and "--import" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reused_batch_is_gathered_once_and_encodes_like_a_fresh_one():
+    from kernels_bench.measure import build_sparse_spark, make_inputs
+    from kernels_bench.variants import as_dense, build_variant
+
+    case = Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1, decoder_width=64,
+                reuse_batch=True)
+    cpu = torch.device("cpu")
+    sparse = build_sparse_spark(case, cpu).eval()
+    reused, plain = build_variant(sparse, "sparse", reuse_batch=True), build_variant(sparse, "sparse")
+    images, active = make_inputs(case, cpu)
+    with torch.no_grad():
+        first = reused.encode(images, active)
+        gathered = reused._gathered[2]
+        again = reused.encode(images, active)
+        fresh = plain.encode(images, active)
+    assert reused._gathered[2] is gathered  # not gathered again
+    assert again[0].coordinate_manager is first[0].coordinate_manager  # its maps and tables reused
+    for a, b, c in zip(*(as_dense(f, 2, (64, 64)) for f in (first, again, fresh))):
+        assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+    assert run_case(case)["median_s"] > 0
+    for bad in (dataclasses.replace(case, part="step"), dataclasses.replace(case, variant="masked_dense")):
+        with pytest.raises(ValueError, match="reuse_batch rows are sparse rows of an encoder part"):
+            bad.validate()
+    with pytest.raises(ValueError, match="reuse_batch is for the sparse variant"):
+        build_variant(sparse, "dense", reuse_batch=True)
