@@ -25,13 +25,18 @@ show up on the device side as annotations spanning their kernels; they are not k
 are left out of the device time.
 
 Results go to ``profile.json`` (rewritten after each case, so a case that kills the
-process leaves the earlier ones) and one ``<case>.txt`` operator table per case.
+process leaves the earlier ones) and one ``<case>.txt`` operator table per case; with
+``--trace NAME``, the cases whose name contains NAME also leave the profiler's timeline of
+their last profiled step, ``<case>.trace.json.gz`` (Chrome's trace format: chrome://tracing
+or Perfetto open it), where the gaps between kernels and what the host did during them
+can be read off.
 ``python -m kernels_bench report`` shows a results folder's ``profile/profile.json``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import logging
 import re
@@ -39,7 +44,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Protocol
+from typing import Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -93,9 +98,10 @@ def summarise(events: Iterable[ProfiledEvent], steps: int, top: int = 10) -> dic
     }
 
 
-def profile_case(case: Case, steps: int = 3, table_rows: int = 30) -> tuple[dict, str]:
+def profile_case(case: Case, steps: int = 3, table_rows: int = 30, trace: Optional[Path] = None) -> tuple[dict, str]:
     """Profile ``steps`` runs of a case's part after ``case.warmup`` runs; returns the
-    summary (with the case's fields) and the profiler's operator table."""
+    summary (with the case's fields) and the profiler's operator table. With ``trace``, the
+    last step is profiled once more, alone, and its timeline written there (gzipped)."""
     fn, _ = prepare_case(case)
     device = torch.device(case.device)
     for _ in range(case.warmup):
@@ -127,7 +133,21 @@ def profile_case(case: Case, steps: int = 3, table_rows: int = 30) -> tuple[dict
     )
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = averages.table(sort_by=sort_by, row_limit=table_rows, max_name_column_width=80)
+    if trace is not None:
+        write_trace(fn, device, activities, trace)
     return {**dataclasses.asdict(case), **summary}, table
+
+
+def write_trace(fn, device: torch.device, activities: list, path: Path) -> None:
+    """The timeline of one run of ``fn`` in Chrome's trace format, gzipped to ``path``."""
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    raw = path.with_name(path.name.removesuffix(".gz"))
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        dst.write(src.read())
+    raw.unlink()
 
 
 def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size: int, mask: float,
@@ -153,15 +173,17 @@ def case_name(case: Case) -> str:
     return f"{case.model}-{case.variant}-{backend}{reused}-{case.part}-{case.amp or 'fp32'}"
 
 
-def run(cases: list[Case], out: Path, steps: int) -> list[dict]:
-    """Profile every case in turn; a case that raises is recorded with its error."""
+def run(cases: list[Case], out: Path, steps: int, trace: Sequence[str] = ()) -> list[dict]:
+    """Profile every case in turn; a case that raises is recorded with its error. Cases
+    whose name contains one of ``trace`` also leave their timeline (:func:`write_trace`)."""
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     for i, case in enumerate(cases, 1):
         name = case_name(case)
         log.info("[%d/%d] running %s", i, len(cases), name)
         try:
-            summary, table = profile_case(case, steps)
+            timeline = out / f"{name}.trace.json.gz" if any(t in name for t in trace) else None
+            summary, table = profile_case(case, steps, trace=timeline)
         except Exception as e:  # one backend failing must not cost the other cases
             log.error("%s failed: %s: %s", name, type(e).__name__, e)
             summary, table = {**dataclasses.asdict(case), "error": f"{type(e).__name__}: {e}"}, None
@@ -213,6 +235,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="unprofiled timed runs (median: the wall time)")
     p.add_argument("--steps", type=int, default=3, help="profiled runs")
     p.add_argument("--out", type=Path, required=True, help="folder for profile.json and the tables")
+    p.add_argument("--trace", nargs="+", default=[], metavar="NAME",
+                   help="also write the timeline of one step of each case whose name contains NAME")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -226,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         p.error(f"--steps and --repeats must be at least 1 and --warmup at least 0, got {args.steps}, "
                 f"{args.repeats} and {args.warmup}")
-    results = run(cases, args.out, args.steps)
+    results = run(cases, args.out, args.steps, args.trace)
     failed = [r["name"] for r in results if "error" in r]
     if failed:
         log.error("%d of %d cases failed: %s", len(failed), len(results), ", ".join(failed))

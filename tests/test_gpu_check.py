@@ -165,19 +165,27 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
 
     def run(self, label, cmd, started=None, env=None):
         ran.append((label, cmd))
+        if label == "encoder profile":  # it leaves one timeline, which the phase then reads into its log
+            folder = Path(cmd[cmd.index("--out") + 1])
+            folder.mkdir(parents=True)
+            (folder / "c.trace.json.gz").write_bytes(b"")
         return {"label": label, "rc": 0, "seconds": 0.0, "timed_out": False}
 
     bundles: list[int] = []
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path / "repo")
     monkeypatch.setattr(gpu_check.Phase, "run", run)
     monkeypatch.setattr(gpu_check, "bundle_results", lambda out: bundles.append(len(ran)))
     assert gpu_check.main(["bench", "--no-data", "--limit", "60", "--log-dir", str(tmp_path)]) == 0
-    assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "per-layer", "profile", "report"]
+    assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz",
+                                           "per-layer", "profile", "report"]
     steps = dict(ran)
     suite, layers = " ".join(steps["kernels_bench"]), steps["per-layer"]
     assert "--skip breakdown kernels" in suite
+    assert "--part encoder_fwd_bwd" in " ".join(steps["encoder profile"])
+    assert " ".join(steps["encoder profile"]).endswith("--trace convnext_tiny-sparse-torch-encoder")
     assert " ".join(layers[1:3]) == "-m kernels_bench.kernels"
     assert " ".join(layers[layers.index("--conv-impl"):]).startswith("--conv-impl torch triton minkowski --dtype float32 bfloat16")
     assert layers[layers.index("--batch") + 1] == "128"
     folder = layers[layers.index("--out") + 1]
     assert folder.endswith("kernels_bench/results/gpu-fake-gpu-80gb") and f"--out {folder}" in suite
-    assert bundles[:4] == [1, 2, 3, 4]  # after the suite, the encoder profile, the per-layer bench, the profile
+    assert bundles[:4] == [1, 2, 4, 5]  # after the suite, the encoder profile, the per-layer bench, the profile

@@ -122,10 +122,10 @@ def test_a_reused_batch_builds_no_tables_after_its_first_run():
 def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path, monkeypatch):
     real = profile.profile_case
 
-    def failing_triton(case: Case, steps: int):  # whether Triton runs on CPU depends on the process
+    def failing_triton(case: Case, steps: int, **kw):  # whether Triton runs on CPU depends on the process
         if case.conv_impl == "triton":
             raise RuntimeError("an illegal instruction, say")
-        return real(case, steps)
+        return real(case, steps, **kw)
 
     monkeypatch.setattr(profile, "profile_case", failing_triton)
     argv = ["--device", "cpu", "--models", "resnet18", "--conv-impl", "torch", "triton", "--batch", "2",
@@ -143,6 +143,21 @@ def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path, 
     rows = [line for line in lines if line.startswith("| resnet18")]
     assert len(rows) == 3 and "failed: RuntimeError: an illegal instruction, say" in rows[1]
     assert rows[0].split(" | ")[2] == f"{cases[0]['wall_s'] * 1e3:.1f}"
+
+
+def test_a_traced_case_leaves_the_timeline_of_one_step(tmp_path):
+    import gzip
+
+    argv = ["--device", "cpu", "--models", "resnet18", "--conv-impl", "torch", "--part", "encoder_fwd_bwd",
+            "--batch", "2", "--size", "64", "--warmup", "1", "--repeats", "1", "--steps", "1",
+            "--trace", "sparse-torch-encoder", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    traces = sorted(p.name for p in tmp_path.glob("*.trace.json.gz"))
+    assert traces == ["resnet18-sparse-torch-encoder_fwd_bwd-fp32.trace.json.gz"]  # not the reused or dense cases
+    events = json.loads(gzip.decompress((tmp_path / traces[0]).read_bytes()))["traceEvents"]
+    names = [e.get("name", "") for e in events]
+    assert names.count("spark_me::to_sparse") == 1 and "spark_me::neighbour_tables" in names  # one step
+    assert not list(tmp_path.glob("*.trace.json"))  # only the gzipped file is left
 
 
 @pytest.mark.parametrize("args,message", [

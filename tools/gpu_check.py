@@ -286,13 +286,17 @@ def phase_bench(args: argparse.Namespace) -> int:
     bundle_results(out)
     # Then, most telling first (a phase limit cuts from the end): the bf16 encoder alone,
     # where ConvNeXt-T's sparse encoder was no faster than the emulation on the H100
-    # (device time against wall time says whether the GPU or the host sets its pace) ...
+    # (device time against wall time says whether the GPU or the host sets its pace; the
+    # timeline of one ConvNeXt-T step with the torch backend shows where the GPU waits) ...
     bf16_impls = [c for c in args.conv_impl if c != "minkowski"] or ["torch"]
     encoder = phase.run("encoder profile", [
         python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
         "--amp", "bf16", "--conv-impl", *bf16_impls, "--part", "encoder_fwd_bwd", "--out", str(out / "profile-encoder"),
+        "--trace", "convnext_tiny-sparse-torch-encoder",
     ], started=_STARTED_CASE)
     bundle_results(out)
+    for trace in sorted((out / "profile-encoder").glob("*.trace.json.gz")):  # its gaps, into the log too
+        phase.run(f"timeline {trace.name}", [python, "-m", "kernels_bench.timeline", str(trace)])
     # ... each layer kind per backend, fp32 and bf16, against (b) and (c) at the training
     # density and at full density (kernels.json beside results.json; the report shows both) ...
     layers = phase.run("per-layer", [
