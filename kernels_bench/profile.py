@@ -16,8 +16,9 @@ For each case it reports, per step:
 * kernels launched and host synchronisations (each stalls the host until the GPU drains);
 * the host time inside spark_me's profiler ranges (``spark_me::to_sparse``, the gather
   into a ``SparseTensor``, and ``spark_me::neighbour_tables``, building a batch's tables
-  through MinkowskiEngine's coordinate maps, synchronisations included: the work that
-  MinkowskiEngine's C++ does outside the profiler's view is inside these ranges);
+  through MinkowskiEngine's coordinate maps and their parts built on first use,
+  synchronisations included: the work that MinkowskiEngine's C++ does outside the
+  profiler's view is inside these ranges, which do not nest);
 * the kernels with the most device time and the operators with the most self CPU time.
 
 Ranges that code marks with ``record_function`` (the optimizer's step, spark_me's) also
