@@ -251,6 +251,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         p.error(f"--steps and --repeats must be at least 1 and --warmup at least 0, got {args.steps}, "
                 f"{args.repeats} and {args.warmup}")
+    names = [case_name(c) for c in cases]
+    unmatched = [t for t in args.trace if not any(t in n for n in names)]
+    if unmatched:
+        p.error(f"--trace {' '.join(unmatched)} names no case; the cases are: {', '.join(names)}")
     results = run(cases, args.out, args.steps, args.trace)
     failed = [r["name"] for r in results if "error" in r]
     if failed:

@@ -166,6 +166,7 @@ def test_a_traced_case_leaves_the_timeline_of_one_step(tmp_path):
     (["--size", "100"], "size 100 is not a multiple of 32"),
     (["--batch", "0"], "batch must be at least 1, got 0"),
     (["--steps", "0"], "--steps and --repeats must be at least 1"),
+    (["--trace", "vit_"], "--trace vit_ names no case; the cases are: resnet50-sparse-torch-step-fp32"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
