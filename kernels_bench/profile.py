@@ -22,8 +22,8 @@ For each case it reports, per step:
 * the kernels with the most device time and the operators with the most self CPU time.
 
 Ranges that code marks with ``record_function`` (the optimizer's step, spark_me's) also
-show up on the device side as annotations spanning their kernels; they are not kernels and
-are left out of the device time.
+show up on the device side, flagged as user annotations, spanning their kernels; they are
+not kernels and are left out of the device time.
 
 Results go to ``profile.json`` (rewritten after each case, so a case that kills the
 process leaves the earlier ones) and one ``<case>.txt`` operator table per case; with
@@ -76,11 +76,9 @@ def summarise(events: Iterable[ProfiledEvent], steps: int, top: int = 10) -> dic
     """Per-step totals and top entries of ``steps`` profiled steps' aggregated events."""
     events = list(events)
     on_host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    # A range's device-side span carries the range's name (and, in recent PyTorch, the
-    # is_user_annotation flag); no kernel is named like a host-side event.
-    host_keys = {e.key for e in on_host}
+    # A range's device-side span is flagged as a user annotation (PyTorch 2.5 on).
     on_device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU
-                 and e.key not in host_keys and not getattr(e, "is_user_annotation", False)]
+                 and not getattr(e, "is_user_annotation", False)]
     device_us = sum(e.self_device_time_total for e in on_device)
     host_us = sum(e.self_cpu_time_total for e in on_host)
     kernels = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)

@@ -202,9 +202,9 @@ def profile_lines(profile: dict) -> list[str]:
             continue
         device = r["device_s"] is not None
         top = ", ".join(f"`{t['name'][:60]}` {t['share']:.0%}" for t in (r["top_kernels"] or r["top_ops"])[:3])
-        ranges = r.get("ranges")
-        host = (" / ".join(_fmt(ranges.get(f"spark_me::{k}", 0.0) * 1e3, ".1f") for k in ("to_sparse", "neighbour_tables"))
-                if ranges else "n/a")
+        ranges = r.get("ranges")  # None in profiles from before the ranges; none at all for the dense variants
+        host = ("n/a" if ranges is None or r.get("variant", "sparse") != "sparse" else
+                " / ".join(_fmt(ranges.get(f"spark_me::{k}", 0.0) * 1e3, ".1f") for k in ("to_sparse", "neighbour_tables")))
         lines.append(
             f"| {r['name']} | {r.get('amp') or 'fp32'} | {r['wall_s'] * 1e3:.1f} | "
             f"{_fmt(r['device_s'] * 1e3 if device else None, '.1f')} | {_fmt(r['busy'], '.0%')} | "

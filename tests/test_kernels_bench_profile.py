@@ -45,20 +45,25 @@ def test_summarise_counts_kernels_launches_and_syncs_per_step():
     assert s["top_ops"][0]["share"] == pytest.approx(0.585)
 
 
+def _annotation(key: str, count: int, device_us: float) -> SimpleNamespace:
+    """A range's span on the device, as the profiler flags it."""
+    return SimpleNamespace(**vars(_event(key, count, CUDA, device_us=device_us)), is_user_annotation=True)
+
+
 def test_summarise_times_spark_me_ranges_and_leaves_their_device_spans_out_of_the_kernels():
     events = [
         _event("gemm_kernel", 6, CUDA, device_us=3000.0),
         _event("spark_me::neighbour_tables", 3, CPU, cpu_us=900.0, total_cpu_us=6000.0),
-        _event("spark_me::neighbour_tables", 3, CUDA, device_us=2500.0),  # the range's span on the device
+        _annotation("spark_me::neighbour_tables", 3, 2500.0),  # the range's span on the device
         _event("Optimizer.step#AdamW.step", 3, CPU, cpu_us=30.0, total_cpu_us=600.0),
-        _event("Optimizer.step#AdamW.step", 3, CUDA, device_us=800.0),
-        SimpleNamespace(key="gpu_user_annotation", count=3, device_type=CUDA, self_cpu_time_total=0.0,
-                        cpu_time_total=0.0, self_device_time_total=700.0, is_user_annotation=True),
+        _annotation("Optimizer.step#AdamW.step", 3, 800.0),
+        _event("fused_kernel", 3, CPU, cpu_us=30.0),  # a host event named like its kernel: the kernel counts
+        _event("fused_kernel", 3, CUDA, device_us=600.0),
         _event("aten::mm", 6, CPU, cpu_us=300.0),
     ]
     s = summarise(events, steps=3)
-    assert s["device_s"] == pytest.approx(3000e-6 / 3) and s["kernels"] == 2.0
-    assert [k["name"] for k in s["top_kernels"]] == ["gemm_kernel"]
+    assert s["device_s"] == pytest.approx(3600e-6 / 3) and s["kernels"] == 3.0
+    assert [k["name"] for k in s["top_kernels"]] == ["gemm_kernel", "fused_kernel"]
     assert s["ranges"] == {"spark_me::neighbour_tables": pytest.approx(2e-3)}  # children included
     line = profile.describe({"name": "x", "wall_s": 0.01, "device_s": None, "top_kernels": [], "top_ops": [],
                              "ranges": s["ranges"]})
@@ -115,6 +120,8 @@ def test_a_reused_batch_builds_no_tables_after_its_first_run():
     tables, the later ones neither gather nor build any (the profile's ranges say so)."""
     summary, _ = profile_case(_tiny(part="encoder_fwd_bwd", reuse_batch=True), steps=2)
     assert summary["ranges"] == {}
+    (row,) = [line for line in profile_lines({"cases": [{"name": "reused", **summary}]}) if line.startswith("| reused")]
+    assert row.split(" | ")[7] == "0.0 / 0.0"  # none of a step's time in the gather or the tables
     fresh, _ = profile_case(_tiny(part="encoder_fwd_bwd"), steps=2)
     assert set(fresh["ranges"]) == {"spark_me::to_sparse", "spark_me::neighbour_tables"}
 
