@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="sparse conv backend(s) of the sparse encoder; several give one set of sparse rows each")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="add sparse rows with the encoder's blocks recomputed in the backward (bf16 on CUDA)")
+    p.add_argument("--checkpoint-stages", nargs="+", type=int, default=[], metavar="N",
+                   help="with --grad-checkpointing, also encoder forward+backward rows recomputing only the "
+                        "first N stages' blocks, one per N")
     p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "breakdown"), help="parts of the run to leave out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -83,6 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats:
         plan.repeats = args.repeats
     plan.grad_checkpointing = args.grad_checkpointing
+    if args.checkpoint_stages:
+        if not args.grad_checkpointing:
+            p.error("--checkpoint-stages adds rows to those of --grad-checkpointing: give both")
+        if min(args.checkpoint_stages) < 1:
+            p.error(f"--checkpoint-stages must be at least 1, got {args.checkpoint_stages}")
+        plan.checkpoint_stages = tuple(sorted(set(args.checkpoint_stages)))
     if args.parts:
         plan.parts = args.parts
     if args.masks:

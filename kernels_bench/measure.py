@@ -54,6 +54,7 @@ class Case:
     imports: tuple[str, ...] = ()  # modules registering users' encoders (see import_encoder_modules)
     conv_impl: str = "auto"  # sparse conv backend of the sparse encoder (spark_me.ops.CONV_IMPLS)
     grad_checkpointing: bool = False  # the sparse encoder recomputes its blocks in the backward
+    checkpoint_stages: Optional[int] = None  # ... only those of its first N stages (None: all)
     # the sparse encoder runs on one batch gathered once, its maps and tables built once
     # (kernels_bench.variants.SparseSparK): the encoder without what every new batch costs
     reuse_batch: bool = False
@@ -75,6 +76,8 @@ class Case:
             raise ValueError("amp and channels_last rows are for CUDA only")
         if self.grad_checkpointing and (self.variant != "sparse" or self.part == "encoder_fwd"):
             raise ValueError("grad_checkpointing rows are sparse rows of a part with a backward")
+        if self.checkpoint_stages is not None and not (self.grad_checkpointing and self.checkpoint_stages >= 1):
+            raise ValueError(f"checkpoint_stages={self.checkpoint_stages} needs grad_checkpointing and at least 1 stage")
         if self.reuse_batch and (self.variant != "sparse" or self.part == "step"):
             raise ValueError("reuse_batch rows are sparse rows of an encoder part (a step always gathers its batch)")
 
@@ -146,7 +149,7 @@ def build_sparse_spark(case: Case, device: torch.device) -> SparK:
     """The reference SparK of a case; every variant copies its weights."""
     torch.manual_seed(case.seed)
     encoder = build_sparse_encoder(case.model, conv_impl=case.conv_impl)
-    encoder.set_grad_checkpointing(case.grad_checkpointing)
+    encoder.set_grad_checkpointing(case.grad_checkpointing, stages=case.checkpoint_stages)
     return SparK(encoder, decoder_width=case.decoder_width, mask_ratio=case.mask_ratio).to(device).train()
 
 

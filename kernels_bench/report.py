@@ -21,9 +21,18 @@ def _key(r: dict) -> tuple:
     return (r["model"], r["part"], r["batch"], r["size"], r.get("amp"), bool(r.get("channels_last")))
 
 
+def recompute_label(r: dict) -> str:
+    """``+recompute`` where a sparse row's encoder blocks were recomputed in the backward,
+    ``+recompute[1-2]`` where only those of its first two stages were; else ``""``."""
+    if not r.get("grad_checkpointing"):
+        return ""
+    stages = r.get("checkpoint_stages")
+    return "+recompute" if stages is None else "+recompute[1]" if stages == 1 else f"+recompute[1-{stages}]"
+
+
 def _backend(r: dict) -> str:
-    """A sparse row's conv backend, and ``+recompute`` where its blocks were checkpointed."""
-    return (r.get("conv_impl") or "auto") + ("+recompute" if r.get("grad_checkpointing") else "")
+    """A sparse row's conv backend, and its :func:`recompute_label`."""
+    return (r.get("conv_impl") or "auto") + recompute_label(r)
 
 
 def _series(r: dict) -> str:

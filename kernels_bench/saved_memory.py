@@ -169,21 +169,23 @@ class SavedTensorAccount:
 
 def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, device: str = "cpu",
                 amp: Optional[str] = None, decoder_width: int = 768, conv_impl: str = "auto",
-                grad_checkpointing: bool = False) -> dict:
+                grad_checkpointing: bool = False, checkpoint_stages: Optional[int] = None) -> dict:
     """The saved-tensor account of one step's forward for the sparse and masked-dense variants
     (same weights, images and mask); ``amp``: None, ``"bf16"`` or ``"fp16"``;
     ``grad_checkpointing``: the sparse encoder recomputes its blocks in the backward (the
-    emulation keeps its own activations: its masking context lives for one forward only)."""
+    emulation keeps its own activations: its masking context lives for one forward only),
+    those of its first ``checkpoint_stages`` stages only where given."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
     out: dict = {"model": model_name, "batch": batch, "size": size, "mask_ratio": mask_ratio, "amp": amp,
-                 "device": device, "conv_impl": conv_impl, "grad_checkpointing": grad_checkpointing, "variants": {}}
+                 "device": device, "conv_impl": conv_impl, "grad_checkpointing": grad_checkpointing,
+                 "checkpoint_stages": checkpoint_stages, "variants": {}}
     for variant in VARIANTS:
         case = Case(model=model_name, batch=batch, size=size, mask_ratio=mask_ratio, variant=variant, part="step",
                     device=device, decoder_width=decoder_width, conv_impl=conv_impl)
         sparse = build_sparse_spark(case, torch.device(device))
         model = build_variant(sparse, variant).to(device).train()
         if grad_checkpointing and variant == "sparse":
-            model.model.encoder.set_grad_checkpointing(True)
+            model.model.encoder.set_grad_checkpointing(True, stages=checkpoint_stages)
         images, active = make_inputs(case, torch.device(device))
         forward = step_loss(model, images, active, variant, dtype)
         with SavedTensorAccount(model) as account:
@@ -203,6 +205,14 @@ def ratios(result: dict) -> dict:
     return {"total": s["activations_mib"] / d["activations_mib"], "parts": per_part, "with_tables": with_tables}
 
 
+def _checkpointing_note(r: dict) -> str:
+    """The heading's note on what the sparse encoder recomputed, if anything."""
+    if not r.get("grad_checkpointing"):
+        return ""
+    stages = r.get("checkpoint_stages")
+    return ", sparse encoder with gradient checkpointing" + ("" if stages is None else f" of its first {stages} stage(s)")
+
+
 def markdown(results: list[dict]) -> str:
     """A table per model: MiB saved per part by each variant, and their ratio."""
     lines = []
@@ -211,7 +221,7 @@ def markdown(results: list[dict]) -> str:
         q = ratios(r)
         lines += [f"### {r['model']}, batch {r['batch']}, {r['size']} px, mask {r['mask_ratio']}, "
                   f"{r['amp'] or 'fp32'} ({r['visible_fraction']:.2f} visible, {r['device']})"
-                  + (", sparse encoder with gradient checkpointing" if r.get("grad_checkpointing") else ""), "",
+                  + _checkpointing_note(r), "",
                   "| part | sparse MiB | masked-dense MiB | sparse / masked-dense |", "|---|---|---|---|"]
         for p in sorted(set(s["parts_mib"]) | set(d["parts_mib"])):
             ratio = f"{q['parts'][p]:.2f}" if p in q["parts"] else "-"
@@ -239,8 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--conv-impl", default="auto", choices=("auto", "torch", "triton", "minkowski"))
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="the sparse encoder recomputes its blocks in the backward (the emulation does not)")
+    p.add_argument("--checkpoint-stages", type=int, default=None, metavar="N",
+                   help="with --grad-checkpointing: recompute only the blocks of the first N stages")
     p.add_argument("--out", type=Path, default=None,
-                   help="default kernels_bench/results/saved-memory[-grad-checkpointing]")
+                   help="default kernels_bench/results/saved-memory[-grad-checkpointing[-stages-N]]")
     args = p.parse_args(argv)
     if not 0.0 <= args.mask < 1.0:
         p.error(f"--mask must be in [0, 1), got {args.mask}")
@@ -248,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--size must be a multiple of 32, got {args.size}")
     if args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
+    if args.checkpoint_stages is not None and (not args.grad_checkpointing or args.checkpoint_stages < 1):
+        p.error(f"--checkpoint-stages {args.checkpoint_stages} needs --grad-checkpointing and at least 1 stage")
     from spark_me import list_encoders
 
     unknown = [m for m in args.models if m not in list_encoders()]
@@ -256,12 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     amp = None if args.amp == "none" else args.amp
     default_name = "saved-memory" + ("-grad-checkpointing" if args.grad_checkpointing else "")
+    default_name += f"-stages-{args.checkpoint_stages}" if args.checkpoint_stages is not None else ""
     out = args.out or REPO / "kernels_bench" / "results" / default_name
     results = []
     for name in args.models:
         log.info("saved_memory: %s, batch %d, %d px, mask %.2f, %s", name, args.batch, args.size, args.mask, amp or "fp32")
         results.append(count_saved(name, args.batch, args.size, args.mask, args.device, amp, conv_impl=args.conv_impl,
-                                   grad_checkpointing=args.grad_checkpointing))
+                                   grad_checkpointing=args.grad_checkpointing, checkpoint_stages=args.checkpoint_stages))
         q = ratios(results[-1])
         log.info("  sparse / masked-dense activations: %.2f (%s); with the neighbour tables %.2f", q["total"],
                  ", ".join(f"{k} {v:.2f}" for k, v in q["parts"].items()), q["with_tables"])

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from kernels_bench.measure import Case, build_sparse_spark, make_inputs, run_case
+from kernels_bench.report import recompute_label
 from kernels_bench.variants import as_dense, build_variant
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ class Plan:
     conv_impls: tuple[str, ...] = ("auto",)  # sparse conv backends, one set of sparse rows each
     # also sparse rows with the encoder's blocks recomputed in the backward, for the parts
     # with a backward at the headline mask, batch and size (bf16 on CUDA, fp32 on CPU; not
-    # for the minkowski reference)
+    # for the minkowski reference) ...
     grad_checkpointing: bool = False
+    # ... and, with it, encoder forward+backward rows recomputing only the first N stages'
+    # blocks, one per N (the encoder's own time and memory are what the choice trades)
+    checkpoint_stages: tuple[int, ...] = ()
 
     def cases(self) -> list[Case]:
         out: list[Case] = []
@@ -70,8 +74,11 @@ class Plan:
                         out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp="bf16", **common))
                     headline = (mask, batch, size) == (HEADLINE_MASK, self.batch, self.size)
                     if self.grad_checkpointing and part != "encoder_fwd" and headline and impl != "minkowski":
-                        out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl,
-                                        amp="bf16" if self.cuda_extras else None, grad_checkpointing=True, **common))
+                        partial = self.checkpoint_stages if part == "encoder_fwd_bwd" else ()
+                        for stages in (None, *partial):
+                            out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl,
+                                            amp="bf16" if self.cuda_extras else None, grad_checkpointing=True,
+                                            checkpoint_stages=stages, **common))
                 return
             out.append(Case(model, variant, part, batch, size, mask, **common))
             if self.cuda_extras:  # the dense baselines at their fastest: channels_last, and bf16 in it
@@ -192,7 +199,7 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             on_row(rows)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
         variant = case.variant + (f"[{case.conv_impl}]" if case.variant == "sparse" else "")
-        variant += "+recompute" if case.grad_checkpointing else ""
+        variant += recompute_label(dataclasses.asdict(case))
         log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, total,
                  case.model, variant, case.part, case.batch, case.size, case.mask_ratio, extra,
                  row["median_s"], row["images_per_s"], row["peak_growth_mib"])
@@ -219,9 +226,12 @@ def environment() -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-        info["git_commit"] = commit or None
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        # results measured with uncommitted changes to tracked files say so
+        info["git_commit"] = (commit + ("+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
     except OSError:
         info["git_commit"] = None
     return info

@@ -203,6 +203,12 @@ def validate_config(cfg: DictConfig) -> None:
     plan_batches(global_batch, 1, _int(t.grad_accum_steps, "trainer.grad_accum_steps"))
     if not isinstance(t.get("grad_checkpointing", False), bool):
         raise ConfigError(f"trainer.grad_checkpointing={t.grad_checkpointing!r} must be true or false")
+    stages = t.get("grad_checkpointing_stages", None)
+    if stages is not None:
+        _int(stages, "trainer.grad_checkpointing_stages")
+        if not t.get("grad_checkpointing", False):
+            raise ConfigError(f"trainer.grad_checkpointing_stages={stages} chooses which stages are recomputed: "
+                              "it needs trainer.grad_checkpointing=true")
     _int(d.num_workers, "data.num_workers", low=0)
     scale = list(d.crop_scale)
     if len(scale) != 2 or not 0 < _number(scale[0], "data.crop_scale[0]") <= _number(scale[1], "data.crop_scale[1]") <= 1:
@@ -285,10 +291,12 @@ def build_model(cfg: DictConfig) -> SparK:
     kwargs = {"drop_path_rate": float(cfg.model.drop_path_rate)} if cfg.model.drop_path_rate else {}
     encoder = build_sparse_encoder(cfg.model.name, conv_impl=str(cfg.model.get("conv_impl") or "auto"), **kwargs)
     if cfg.trainer.get("grad_checkpointing", False):
+        stages = cfg.trainer.get("grad_checkpointing_stages", None)
         try:
-            encoder.set_grad_checkpointing(True)
+            encoder.set_grad_checkpointing(True, stages=None if stages is None else int(stages))
         except ValueError as e:
-            raise ConfigError(f"trainer.grad_checkpointing=true: {e}") from e
+            what = "trainer.grad_checkpointing=true" + ("" if stages is None else f", grad_checkpointing_stages={stages}")
+            raise ConfigError(f"{what}: {e}") from e
     return SparK(encoder, decoder_width=int(cfg.model.decoder_width), mask_ratio=float(cfg.mask.ratio))
 
 
@@ -544,7 +552,9 @@ class PretrainRun:
             cfg.optimizer.base_lr, self.global_batch, self.device, t.precision if self.amp_dtype else "fp32", self.out,
         )
         if t.get("grad_checkpointing", False):
-            log.info("gradient checkpointing: each encoder block is recomputed in the backward (less memory, more time)")
+            stages = t.get("grad_checkpointing_stages", None)
+            which = "each encoder block is" if stages is None else f"the blocks of the encoder's first {stages} stage(s) are"
+            log.info("gradient checkpointing: %s recomputed in the backward (less memory, more time)", which)
         if self.plan.grad_accum_steps > 1:
             log.info(
                 "gradient accumulation: %d micro-batches of %d images per process and step; BatchNorm statistics "

@@ -250,6 +250,30 @@ def test_recompute_rows_are_sparse_headline_rows_and_named_apart(caplog):
     assert {h["backend"] for h in headline(results)} == {"auto", "auto+recompute"}
 
 
+def test_partial_recompute_rows_follow_each_full_encoder_row_and_are_named_by_their_stages(caplog):
+    cases = _plan(parts=["encoder_fwd_bwd", "step"], grad_checkpointing=True, checkpoint_stages=(1, 2)).cases()
+    assert [(c.part, c.checkpoint_stages) for c in cases if c.grad_checkpointing] == [
+        ("encoder_fwd_bwd", None), ("encoder_fwd_bwd", 1), ("encoder_fwd_bwd", 2), ("step", None)]
+    with pytest.raises(ValueError, match="checkpoint_stages=2 needs grad_checkpointing"):
+        Case("resnet18", "sparse", "step", 2, 64, 0.5, checkpoint_stages=2).validate()
+    caplog.set_level("INFO", logger="kernels_bench.suite")
+    [row] = run_cases([Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.6, warmup=0, repeats=1,
+                            decoder_width=64, grad_checkpointing=True, checkpoint_stages=2)], isolate=False)
+    assert "resnet18 sparse[auto]+recompute[1-2] encoder_fwd_bwd" in caplog.records[-1].getMessage()
+    assert row["checkpoint_stages"] == 2
+    results = {"plan": {"batch": 2, "size": 64}, "rows": [row, {**row, "checkpoint_stages": 1},
+                                                         {**row, "checkpoint_stages": None}]}
+    assert {h["backend"] for h in headline(results)} == {"auto+recompute[1-2]", "auto+recompute[1]", "auto+recompute"}
+
+
+def test_the_cli_refuses_stage_rows_without_recompute_rows(capsys):
+    from kernels_bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--quick", "--models", "resnet18", "--checkpoint-stages", "2"])
+    assert "--checkpoint-stages adds rows to those of --grad-checkpointing: give both" in capsys.readouterr().err
+
+
 def test_the_cli_refuses_unknown_encoders_naming_the_registered_ones(tmp_path, capsys):
     from kernels_bench.__main__ import main
 

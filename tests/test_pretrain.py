@@ -133,6 +133,8 @@ def test_demo_experiment_preset_composes():
         (["+data.batch_size=128"], r"data.batch_size=128 \(a per-process batch\) is gone: .*data.global_batch_size="),
         (["trainer.grad_accum_steps=0"], r"trainer.grad_accum_steps=0 must be an integer >= 1"),
         (["trainer.grad_checkpointing=sometimes"], r"trainer.grad_checkpointing='sometimes' must be true or false"),
+        (["trainer.grad_checkpointing_stages=2"], r"trainer.grad_checkpointing_stages=2 chooses .* needs trainer.grad_checkpointing=true"),
+        (["trainer.grad_checkpointing=true", "trainer.grad_checkpointing_stages=0"], r"trainer.grad_checkpointing_stages=0 must be an integer >= 1"),
         (["data.global_batch_size=4096", "trainer.grad_accum_steps=3"], r"does not split into 1 process\(es\) x trainer.grad_accum_steps=3"),
         (["optimizer.betas=[0.9,1.0]"], r"optimizer.betas\[1\]=1.0 must be in \[0.0, 1.0\)"),
         (["model.decoder_width=100"], r"model.decoder_width=100 must be a multiple of 32"),
@@ -264,6 +266,16 @@ def test_gradient_checkpointing_run_matches_the_plain_run(tmp_path):
     plain, recompute = _metrics(tmp_path / "plain"), _metrics(tmp_path / "recompute")
     assert len(plain) == len(recompute) == 3
     assert [m["loss"] for m in recompute] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
+
+
+def test_gradient_checkpointing_stages_reach_the_encoder_or_fail_naming_the_keys(tmp_path):
+    cfg = _tiny(tmp_path, "trainer.grad_checkpointing=true", "trainer.grad_checkpointing_stages=2")
+    encoder = build_model(cfg).encoder
+    assert encoder.checkpoint_stages == 2 and encoder.checkpoints_stage(1) and not encoder.checkpoints_stage(2)
+    too_many = _tiny(tmp_path, "trainer.grad_checkpointing=true", "trainer.grad_checkpointing_stages=5")
+    with pytest.raises(ConfigError, match=r"trainer.grad_checkpointing=true, grad_checkpointing_stages=5: "
+                                          r"stages must be a whole number from 1 to 4"):
+        build_model(too_many)
 
 
 def _straight_and_split(base: str, *overrides: str) -> None:

@@ -29,17 +29,20 @@ def _step(encoder: SparseEncoder, images: torch.Tensor, active: torch.Tensor, se
     return [f.F.detach() for f in features]
 
 
-@pytest.mark.parametrize("name,kwargs", [("resnet18", {"drop_path_rate": 0.3}), ("resnet50", {}),
-                                         ("convnext_atto", {"drop_path_rate": 0.3})])
-def test_checkpointed_step_equals_the_plain_one(name, kwargs):
+@pytest.mark.parametrize("name,kwargs,stages", [("resnet18", {"drop_path_rate": 0.3}, None), ("resnet50", {}, None),
+                                                ("convnext_atto", {"drop_path_rate": 0.3}, None),
+                                                ("resnet50", {}, 2), ("convnext_atto", {"drop_path_rate": 0.3}, 1)])
+def test_checkpointed_step_equals_the_plain_one(name, kwargs, stages):
     """float64, train mode, stochastic depth on: features, every gradient and every buffer
-    (batch-norm running statistics and counters: updated once, not twice) after two steps."""
+    (batch-norm running statistics and counters: updated once, not twice) after two steps;
+    every stage recomputed, or the first ``stages`` only."""
     torch.manual_seed(0)
     plain = build_sparse_encoder(name, **kwargs).double().train()
     randomize_norms(plain, torch.Generator().manual_seed(3))
     checkpointed = copy.deepcopy(plain)
-    checkpointed.set_grad_checkpointing(True)
+    checkpointed.set_grad_checkpointing(True, stages=stages)
     assert checkpointed.grad_checkpointing and not plain.grad_checkpointing
+    assert checkpointed.checkpoint_stages == stages
     for seed in (1, 2):
         images, active = _inputs(seed)
         got = _step(checkpointed, images, active, seed)
@@ -66,6 +69,53 @@ def test_checkpointing_keeps_a_fraction_of_the_encoders_saved_tensors():
     # 0.51 here (3.8 of 7.4 MiB): the stem's full-resolution maps are not in a block and
     # stay; ResNet-50 at 224 px keeps 0.35 of its encoder's (kernels_bench/results)
     assert 0 < saved[True] < 0.6 * saved[False]
+
+
+def _stage_blocks(encoder: SparseEncoder) -> list[list[torch.nn.Module]]:
+    if hasattr(encoder, "stages"):  # ConvNeXt
+        return [list(stage.blocks) for stage in encoder.stages]
+    return [list(stage) for stage in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_stages_recomputes_exactly_the_blocks_of_the_first_stages(name):
+    images, active = _inputs()
+    encoder = build_sparse_encoder(name).double().train()
+    per_stage = _stage_blocks(encoder)
+    for stages in (1, 2, 3, 4, None):
+        encoder.set_grad_checkpointing(True, stages=stages)
+        seen: list[torch.nn.Module] = []
+        with observe_checkpoints(lambda block, x: seen.append(block)):
+            encoder(images, active)
+        assert seen == [b for stage in per_stage[:stages] for b in stage], stages
+    encoder.set_grad_checkpointing(False)  # and off again: nothing recomputed, stages forgotten
+    assert encoder.checkpoint_stages is None and not any(encoder.checkpoints_stage(i) for i in range(4))
+
+
+def test_recomputing_more_stages_keeps_fewer_saved_tensors():
+    images, active = _inputs()
+    torch.manual_seed(0)
+    encoder = build_sparse_encoder("resnet18").double().train()
+    saved = []
+    for stages in ("off", 1, 2, None):
+        encoder.set_grad_checkpointing(stages != "off", stages=None if stages == "off" else stages)
+        with SavedTensorAccount(encoder) as account:
+            features = encoder(images, active)
+        sum(f.F.sum() for f in features).backward()
+        saved.append(account.summary()["activations_mib"])
+    assert saved == sorted(saved, reverse=True) and len(set(saved)) == 4, saved
+
+
+@pytest.mark.parametrize("stages,message", [
+    (0, r"stages must be a whole number from 1 to 4 \(this encoder's stages\), or None for all, got 0"),
+    (5, r"from 1 to 4 .* got 5"), (True, r"got True"), ("2", r"got '2'")])
+def test_bad_stage_counts_are_refused_naming_the_range(stages, message):
+    encoder = build_sparse_encoder("resnet18")
+    with pytest.raises(ValueError, match=message):
+        encoder.set_grad_checkpointing(True, stages=stages)
+    with pytest.raises(ValueError, match=r"stages=2 recomputes part of the encoder: it needs enable=True"):
+        encoder.set_grad_checkpointing(False, stages=2)
+    assert not encoder.grad_checkpointing and encoder.checkpoint_stages is None  # refused: nothing changed
 
 
 def test_observers_see_every_checkpointed_block_and_its_input_in_their_context_only():
@@ -110,3 +160,11 @@ def test_an_encoder_without_support_refuses_clearly():
     encoder.set_grad_checkpointing(False)  # turning it off is always fine
     with pytest.raises(ValueError, match="does not support gradient checkpointing: run its blocks through"):
         encoder.set_grad_checkpointing(True)
+
+    class AllOrNothing(Plain):  # recomputes its blocks, but not stage by stage
+        supports_grad_checkpointing = True
+
+    encoder = AllOrNothing()
+    encoder.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match=r"AllOrNothing recomputes all its blocks or none .*checkpoints_stage\(i\)"):
+        encoder.set_grad_checkpointing(True, stages=1)

@@ -36,21 +36,47 @@ class SparseEncoder(nn.Module):
     downsample_ratio: int = 32
     feature_channels: list[int]
     timm_name: Optional[str] = None
-    # Encoders that run their blocks through spark_me.recompute.run_blocks set this True.
+    # Encoders that run their blocks through spark_me.recompute.run_blocks set this True;
+    # those that also ask :meth:`checkpoints_stage` per stage set supports_stage_checkpointing.
     supports_grad_checkpointing: bool = False
+    supports_stage_checkpointing: bool = False
     grad_checkpointing: bool = False
+    checkpoint_stages: Optional[int] = None  # recompute only the first N stages (None: all)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool = True, stages: Optional[int] = None) -> None:
         """timm's switch: recompute each block in the backward instead of keeping its
-        activations (less memory, one more forward of the blocks per step)."""
+        activations (less memory, one more forward of the blocks per step).
+
+        ``stages``: recompute only the blocks of the first ``stages`` stages. Their maps
+        are the largest, so they hold most of the activations for a smaller share of the
+        forward's time (``None``: every stage).
+        """
         if enable and not self.supports_grad_checkpointing:
             raise ValueError(
                 f"{type(self).__name__} does not support gradient checkpointing: run its blocks through "
                 "spark_me.recompute.run_blocks and set supports_grad_checkpointing = True, or leave it off"
             )
+        if stages is not None:
+            num_stages = len(self.feature_channels)
+            if not enable:
+                raise ValueError(f"stages={stages} recomputes part of the encoder: it needs enable=True")
+            if not self.supports_stage_checkpointing:
+                raise ValueError(
+                    f"{type(self).__name__} recomputes all its blocks or none (stages=None): to recompute the "
+                    "first stages only, run stage i's blocks with run_blocks(..., self.checkpoints_stage(i)) "
+                    "and set supports_stage_checkpointing = True"
+                )
+            if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= num_stages:
+                raise ValueError(f"stages must be a whole number from 1 to {num_stages} (this encoder's stages), "
+                                 f"or None for all, got {stages!r}")
         for m in self.modules():
             if hasattr(m, "grad_checkpointing"):
                 m.grad_checkpointing = enable
+        self.checkpoint_stages = stages if enable else None
+
+    def checkpoints_stage(self, index: int) -> bool:
+        """Whether the blocks of stage ``index`` (0 = finest) are recomputed in the backward."""
+        return self.grad_checkpointing and (self.checkpoint_stages is None or index < self.checkpoint_stages)
 
     def forward(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
         check_inputs(images, active, self.downsample_ratio)

@@ -101,6 +101,7 @@ class SparseConvNeXt(SparseEncoder):
     """Sparse ConvNeXt with feature maps after each of the four stages."""
 
     supports_grad_checkpointing = True
+    supports_stage_checkpointing = True
 
     def __init__(
         self,
@@ -134,6 +135,11 @@ class SparseConvNeXt(SparseEncoder):
         self.head.norm = CarriedLayerNorm(dims[-1])
         self.init_weights()
         set_conv_impl(self, conv_impl)
+
+    def set_grad_checkpointing(self, enable: bool = True, stages: Optional[int] = None) -> None:
+        super().set_grad_checkpointing(enable, stages)
+        for i, stage in enumerate(self.stages):  # each stage runs its blocks on its own flag
+            stage.grad_checkpointing = self.checkpoints_stage(i)
 
     def init_weights(self) -> None:
         """timm's ConvNeXt initialisation (trunc-normal std .02 weights, zero biases)."""

@@ -94,6 +94,7 @@ class SparseResNet(SparseEncoder):
     """Sparse ResNet; ``layers`` blocks per stage, feature maps after each stage."""
 
     supports_grad_checkpointing = True
+    supports_stage_checkpointing = True
 
     def __init__(
         self,
@@ -153,8 +154,8 @@ class SparseResNet(SparseEncoder):
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         features = []
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = run_blocks(stage, x, self.grad_checkpointing)
+        for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = run_blocks(stage, x, self.checkpoints_stage(i))
             features.append(x)
         return features
 
