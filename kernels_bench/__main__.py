@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-stages", nargs="+", type=int, default=[], metavar="N",
                    help="with --grad-checkpointing, also encoder forward+backward rows recomputing only the "
                         "first N stages' blocks, one per N")
+    p.add_argument("--dense-stem", action="store_true",
+                   help="add sparse rows whose first conv runs densely on the zero-filled image (first backend)")
     p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "breakdown"), help="parts of the run to leave out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats:
         plan.repeats = args.repeats
     plan.grad_checkpointing = args.grad_checkpointing
+    plan.dense_stem = args.dense_stem
     if args.checkpoint_stages:
         if not args.grad_checkpointing:
             p.error("--checkpoint-stages adds rows to those of --grad-checkpointing: give both")

@@ -58,6 +58,9 @@ class Case:
     # the sparse encoder runs on one batch gathered once, its maps and tables built once
     # (kernels_bench.variants.SparseSparK): the encoder without what every new batch costs
     reuse_batch: bool = False
+    # the sparse encoder's first conv runs densely on the zero-filled image and is gathered
+    # at its output sites (SparseEncoder.set_dense_stem): no full-resolution coordinates
+    dense_stem: bool = False
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -80,6 +83,8 @@ class Case:
             raise ValueError(f"checkpoint_stages={self.checkpoint_stages} needs grad_checkpointing and at least 1 stage")
         if self.reuse_batch and (self.variant != "sparse" or self.part == "step"):
             raise ValueError("reuse_batch rows are sparse rows of an encoder part (a step always gathers its batch)")
+        if self.dense_stem and (self.variant != "sparse" or self.reuse_batch):
+            raise ValueError("dense_stem rows are sparse rows that gather each batch (not reuse_batch rows)")
 
 
 def unknown_encoders_error(models: Iterable[str]) -> Optional[str]:
@@ -150,6 +155,7 @@ def build_sparse_spark(case: Case, device: torch.device) -> SparK:
     torch.manual_seed(case.seed)
     encoder = build_sparse_encoder(case.model, conv_impl=case.conv_impl)
     encoder.set_grad_checkpointing(case.grad_checkpointing, stages=case.checkpoint_stages)
+    encoder.set_dense_stem(case.dense_stem)
     return SparK(encoder, decoder_width=case.decoder_width, mask_ratio=case.mask_ratio).to(device).train()
 
 

@@ -151,15 +151,18 @@ def write_trace(fn, device: torch.device, activities: list, path: Path) -> None:
 
 def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size: int, mask: float,
          amp: Optional[str], part: str, warmup: int, repeats: int, decoder_width: int) -> list[Case]:
-    """Per model: the sparse part with each backend; for an encoder part, the first backend
-    again on a batch gathered once (``reuse_batch``: no gather, no new maps or tables, the
-    difference being what every new batch costs); then the masked-dense baseline."""
+    """Per model: the sparse part with each backend; the first backend again with the first
+    conv dense on the zero-filled image (``dense_stem``: no full-resolution coordinates,
+    maps or tables); for an encoder part, the first backend on a batch gathered once
+    (``reuse_batch``: no gather, no new maps or tables, the difference being what every new
+    batch costs); then the masked-dense baseline."""
     cuda = device.startswith("cuda")
     common = dict(part=part, batch=batch, size=size, mask_ratio=mask, device=device, amp=amp,
                   warmup=warmup, repeats=repeats, decoder_width=decoder_width)
     cases = []
     for model in models:
         cases += [Case(model, "sparse", conv_impl=impl, **common) for impl in conv_impls]
+        cases.append(Case(model, "sparse", conv_impl=conv_impls[0], dense_stem=True, **common))
         if part != "step":
             cases.append(Case(model, "sparse", conv_impl=conv_impls[0], reuse_batch=True, **common))
         cases.append(Case(model, "masked_dense", channels_last=cuda, **common))
@@ -169,7 +172,8 @@ def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size
 def case_name(case: Case) -> str:
     backend = case.conv_impl if case.variant == "sparse" else ("channels_last" if case.channels_last else "nchw")
     reused = "-reused_batch" if case.reuse_batch else ""
-    return f"{case.model}-{case.variant}-{backend}{reused}-{case.part}-{case.amp or 'fp32'}"
+    stem = "-dense_stem" if case.dense_stem else ""
+    return f"{case.model}-{case.variant}-{backend}{stem}{reused}-{case.part}-{case.amp or 'fp32'}"
 
 
 def run(cases: list[Case], out: Path, steps: int, trace: Sequence[str] = ()) -> list[dict]:

@@ -31,8 +31,9 @@ def recompute_label(r: dict) -> str:
 
 
 def _backend(r: dict) -> str:
-    """A sparse row's conv backend, and its :func:`recompute_label`."""
-    return (r.get("conv_impl") or "auto") + recompute_label(r)
+    """A sparse row's conv backend, ``+dense_stem`` where its first conv ran densely on the
+    zero-filled image, and its :func:`recompute_label`."""
+    return (r.get("conv_impl") or "auto") + ("+dense_stem" if r.get("dense_stem") else "") + recompute_label(r)
 
 
 def _series(r: dict) -> str:

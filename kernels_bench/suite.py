@@ -58,8 +58,12 @@ class Plan:
     # for the minkowski reference) ...
     grad_checkpointing: bool = False
     # ... and, with it, encoder forward+backward rows recomputing only the first N stages'
-    # blocks, one per N (the encoder's own time and memory are what the choice trades)
+    # blocks, one per N (the encoder's own time and memory are what the choice trades), for
+    # the first backend
     checkpoint_stages: tuple[int, ...] = ()
+    # also headline sparse rows with the first conv dense on the zero-filled image
+    # (SparseEncoder.set_dense_stem), for the first backend, bf16 on CUDA
+    dense_stem: bool = False
 
     def cases(self) -> list[Case]:
         out: list[Case] = []
@@ -73,12 +77,16 @@ class Plan:
                     if self.cuda_extras and impl != "minkowski":  # ME's kernels are fp32-only
                         out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp="bf16", **common))
                     headline = (mask, batch, size) == (HEADLINE_MASK, self.batch, self.size)
+                    amp = "bf16" if self.cuda_extras else None
+                    first = impl == self.conv_impls[0]
                     if self.grad_checkpointing and part != "encoder_fwd" and headline and impl != "minkowski":
-                        partial = self.checkpoint_stages if part == "encoder_fwd_bwd" else ()
+                        partial = self.checkpoint_stages if part == "encoder_fwd_bwd" and first else ()
                         for stages in (None, *partial):
-                            out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl,
-                                            amp="bf16" if self.cuda_extras else None, grad_checkpointing=True,
-                                            checkpoint_stages=stages, **common))
+                            out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp=amp,
+                                            grad_checkpointing=True, checkpoint_stages=stages, **common))
+                    if self.dense_stem and headline and first:
+                        out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp=amp,
+                                        dense_stem=True, **common))
                 return
             out.append(Case(model, variant, part, batch, size, mask, **common))
             if self.cuda_extras:  # the dense baselines at their fastest: channels_last, and bf16 in it
@@ -199,7 +207,7 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             on_row(rows)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
         variant = case.variant + (f"[{case.conv_impl}]" if case.variant == "sparse" else "")
-        variant += recompute_label(dataclasses.asdict(case))
+        variant += ("+dense_stem" if case.dense_stem else "") + recompute_label(dataclasses.asdict(case))
         log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, total,
                  case.model, variant, case.part, case.batch, case.size, case.mask_ratio, extra,
                  row["median_s"], row["images_per_s"], row["peak_growth_mib"])

@@ -203,6 +203,8 @@ def validate_config(cfg: DictConfig) -> None:
     plan_batches(global_batch, 1, _int(t.grad_accum_steps, "trainer.grad_accum_steps"))
     if not isinstance(t.get("grad_checkpointing", False), bool):
         raise ConfigError(f"trainer.grad_checkpointing={t.grad_checkpointing!r} must be true or false")
+    if not isinstance(m.get("dense_stem", False), bool):
+        raise ConfigError(f"model.dense_stem={m.dense_stem!r} must be true or false")
     stages = t.get("grad_checkpointing_stages", None)
     if stages is not None:
         _int(stages, "trainer.grad_checkpointing_stages")
@@ -297,6 +299,11 @@ def build_model(cfg: DictConfig) -> SparK:
         except ValueError as e:
             what = "trainer.grad_checkpointing=true" + ("" if stages is None else f", grad_checkpointing_stages={stages}")
             raise ConfigError(f"{what}: {e}") from e
+    if cfg.model.get("dense_stem", False):
+        try:
+            encoder.set_dense_stem(True)
+        except ValueError as e:
+            raise ConfigError(f"model.dense_stem=true: {e}") from e
     return SparK(encoder, decoder_width=int(cfg.model.decoder_width), mask_ratio=float(cfg.mask.ratio))
 
 
@@ -551,6 +558,8 @@ class PretrainRun:
             self.plan.describe(), self.steps_per_epoch, s.epochs, cfg.optimizer.name, *cfg.optimizer.betas, lr,
             cfg.optimizer.base_lr, self.global_batch, self.device, t.precision if self.amp_dtype else "fp32", self.out,
         )
+        if cfg.model.get("dense_stem", False):
+            log.info("dense stem: the encoder's first conv runs on the zero-filled image, gathered at its output sites")
         if t.get("grad_checkpointing", False):
             stages = t.get("grad_checkpointing_stages", None)
             which = "each encoder block is" if stages is None else f"the blocks of the encoder's first {stages} stage(s) are"

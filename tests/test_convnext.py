@@ -43,10 +43,12 @@ def test_all_visible_equals_timm(name, train, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("conv_impl,impl", [("torch", "gather"), ("minkowski", "gather"), ("minkowski", "minkowski")])
+@pytest.mark.parametrize("conv_impl,impl,dense_stem", [("torch", "gather", False), ("minkowski", "gather", False),
+                                                       ("minkowski", "minkowski", False), ("torch", "gather", True)])
 @pytest.mark.parametrize("name", ["convnext_tiny", "convnext_atto"])
-def test_random_masks_equal_masked_dense(name, conv_impl, impl, dtype, device):
+def test_random_masks_equal_masked_dense(name, conv_impl, impl, dense_stem, dtype, device):
     dense, sparse = _pair(name, dtype, device, conv_impl=conv_impl)
+    sparse.set_dense_stem(dense_stem)
     for m in sparse.modules():
         if hasattr(m, "depthwise_impl"):
             m.depthwise_impl = impl
@@ -59,21 +61,29 @@ def test_random_masks_equal_masked_dense(name, conv_impl, impl, dtype, device):
             assert rel_err(to_dense(feat, 3, size), ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("conv_impl", ["torch", "minkowski"])
-def test_gradients_match_masked_dense(conv_impl):
-    """Backward through the sparse convs equals autograd through the dense reference."""
+@pytest.mark.parametrize("conv_impl,dense_stem", [("torch", False), ("minkowski", False), ("torch", True)])
+def test_gradients_match_masked_dense(conv_impl, dense_stem):
+    """Backward through the sparse convs equals autograd through the dense reference, for
+    every parameter and the input pixels, on a mask where one sample shows a single patch;
+    with the stem's conv sparse, or dense on the zero-filled image."""
     dense, sparse = _pair("convnext_atto", torch.float64, "cpu", conv_impl=conv_impl)
+    sparse.set_dense_stem(dense_stem)
     x = random_images(2, (2, 3), torch.float64, "cpu")
     active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(0))
+    active[1] = False
+    active[1, 0, 2] = True
+    x_dense, x_sparse = x.clone().requires_grad_(), x.clone().requires_grad_()
     w = [torch.randn(f.shape, dtype=torch.float64) for f in masked_dense_convnext(dense, x, active)]
-    sum(((f * wi).sum() for f, wi in zip(masked_dense_convnext(dense, x, active), w))).backward()
-    feats = sparse(x, active)
+    sum(((f * wi).sum() for f, wi in zip(masked_dense_convnext(dense, x_dense, active), w))).backward()
+    feats = sparse(x_sparse, active)
     sum(((to_dense(f, 2, wi.shape[-2:]) * wi).sum() for f, wi in zip(feats, w))).backward()
     sparse_grads = dict(sparse.named_parameters())
     for n, p in dense.named_parameters():
         if n.startswith("head"):
             continue
         assert rel_err(sparse_grads[n].grad, p.grad) <= TOL[torch.float64], n
+    visible = mask_at(active, 1).double()
+    assert rel_err(x_sparse.grad * visible, x_dense.grad * visible) <= TOL[torch.float64]
 
 
 def test_drop_path_drops_whole_samples():

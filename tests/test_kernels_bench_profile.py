@@ -100,19 +100,22 @@ def test_a_cpu_step_profile_names_its_operators():
 
 def test_plan_puts_the_baseline_after_each_models_backends():
     cases = plan(["resnet18", "convnext_atto"], ["torch", "triton"], "cuda", 8, 64, 0.6, "bf16", "step", 1, 1, 32)
-    assert [(c.model, c.variant, c.conv_impl) for c in cases] == [
-        ("resnet18", "sparse", "torch"), ("resnet18", "sparse", "triton"), ("resnet18", "masked_dense", "auto"),
-        ("convnext_atto", "sparse", "torch"), ("convnext_atto", "sparse", "triton"),
-        ("convnext_atto", "masked_dense", "auto")]
-    assert all(c.amp == "bf16" for c in cases) and [c.channels_last for c in cases] == [False, False, True] * 2
+    assert [(c.model, c.variant, c.conv_impl, c.dense_stem) for c in cases] == [
+        ("resnet18", "sparse", "torch", False), ("resnet18", "sparse", "triton", False),
+        ("resnet18", "sparse", "torch", True), ("resnet18", "masked_dense", "auto", False),
+        ("convnext_atto", "sparse", "torch", False), ("convnext_atto", "sparse", "triton", False),
+        ("convnext_atto", "sparse", "torch", True), ("convnext_atto", "masked_dense", "auto", False)]
+    assert all(c.amp == "bf16" for c in cases) and [c.channels_last for c in cases] == [False, False, False, True] * 2
     assert not any(c.reuse_batch for c in cases)  # a step always gathers its batch
+    assert profile.case_name(cases[2]) == "resnet18-sparse-torch-dense_stem-step-bf16"
 
 
 def test_an_encoder_plan_adds_the_first_backend_on_a_reused_batch():
     cases = plan(["resnet18"], ["torch", "triton"], "cuda", 8, 64, 0.6, "bf16", "encoder_fwd_bwd", 1, 1, 32)
     assert [(c.variant, c.conv_impl, c.reuse_batch) for c in cases] == [
-        ("sparse", "torch", False), ("sparse", "triton", False), ("sparse", "torch", True), ("masked_dense", "auto", False)]
-    assert profile.case_name(cases[2]) == "resnet18-sparse-torch-reused_batch-encoder_fwd_bwd-bf16"
+        ("sparse", "torch", False), ("sparse", "triton", False), ("sparse", "torch", False), ("sparse", "torch", True),
+        ("masked_dense", "auto", False)]
+    assert cases[2].dense_stem and profile.case_name(cases[3]) == "resnet18-sparse-torch-reused_batch-encoder_fwd_bwd-bf16"
 
 
 def test_a_reused_batch_builds_no_tables_after_its_first_run():
@@ -124,6 +127,15 @@ def test_a_reused_batch_builds_no_tables_after_its_first_run():
     assert row.split(" | ")[7] == "0.0 / 0.0"  # none of a step's time in the gather or the tables
     fresh, _ = profile_case(_tiny(part="encoder_fwd_bwd"), steps=2)
     assert set(fresh["ranges"]) == {"spark_me::to_sparse", "spark_me::neighbour_tables"}
+
+
+def test_a_dense_stem_case_still_gathers_and_builds_tables():
+    """The dense stem gathers at the stem's stride and the later layers build their tables:
+    both ranges are timed (the gather range holds the gathering, not the dense conv)."""
+    dense, _ = profile_case(_tiny(part="encoder_fwd", dense_stem=True), steps=2)
+    assert set(dense["ranges"]) == {"spark_me::to_sparse", "spark_me::neighbour_tables"}
+    with pytest.raises(ValueError, match="dense_stem rows are sparse rows that gather each batch"):
+        _tiny(part="encoder_fwd", dense_stem=True, reuse_batch=True).validate()
 
 
 def test_cli_records_a_failing_case_goes_on_and_the_report_shows_both(tmp_path, monkeypatch):

@@ -266,6 +266,18 @@ def test_partial_recompute_rows_follow_each_full_encoder_row_and_are_named_by_th
     assert {h["backend"] for h in headline(results)} == {"auto+recompute[1-2]", "auto+recompute[1]", "auto+recompute"}
 
 
+def test_dense_stem_rows_are_headline_rows_of_the_first_backend_and_named_apart(caplog):
+    cases = _plan(parts=["encoder_fwd_bwd", "step"], conv_impls=("torch", "minkowski"), dense_stem=True).cases()
+    assert [(c.part, c.conv_impl, c.mask_ratio) for c in cases if c.dense_stem] == [
+        ("encoder_fwd_bwd", "torch", 0.6), ("step", "torch", 0.6)]
+    caplog.set_level("INFO", logger="kernels_bench.suite")
+    [row] = run_cases([Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.6, warmup=0, repeats=1,
+                            decoder_width=64, conv_impl="torch", dense_stem=True)], isolate=False)
+    assert "resnet18 sparse[torch]+dense_stem encoder_fwd_bwd" in caplog.records[-1].getMessage()
+    results = {"plan": {"batch": 2, "size": 64}, "rows": [row, {**row, "dense_stem": False}]}
+    assert {h["backend"] for h in headline(results)} == {"torch", "torch+dense_stem"}
+
+
 def test_the_cli_refuses_stage_rows_without_recompute_rows(capsys):
     from kernels_bench.__main__ import main
 

@@ -133,6 +133,7 @@ def test_demo_experiment_preset_composes():
         (["+data.batch_size=128"], r"data.batch_size=128 \(a per-process batch\) is gone: .*data.global_batch_size="),
         (["trainer.grad_accum_steps=0"], r"trainer.grad_accum_steps=0 must be an integer >= 1"),
         (["trainer.grad_checkpointing=sometimes"], r"trainer.grad_checkpointing='sometimes' must be true or false"),
+        (["model.dense_stem=sometimes"], r"model.dense_stem='sometimes' must be true or false"),
         (["trainer.grad_checkpointing_stages=2"], r"trainer.grad_checkpointing_stages=2 chooses .* needs trainer.grad_checkpointing=true"),
         (["trainer.grad_checkpointing=true", "trainer.grad_checkpointing_stages=0"], r"trainer.grad_checkpointing_stages=0 must be an integer >= 1"),
         (["data.global_batch_size=4096", "trainer.grad_accum_steps=3"], r"does not split into 1 process\(es\) x trainer.grad_accum_steps=3"),
@@ -266,6 +267,18 @@ def test_gradient_checkpointing_run_matches_the_plain_run(tmp_path):
     plain, recompute = _metrics(tmp_path / "plain"), _metrics(tmp_path / "recompute")
     assert len(plain) == len(recompute) == 3
     assert [m["loss"] for m in recompute] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
+
+
+def test_a_dense_stem_run_matches_the_plain_run(tmp_path):
+    """model.dense_stem=true: the same features in another order of summation, so the
+    same losses to float32 rounding."""
+    run(_tiny(tmp_path / "plain", "trainer.max_steps=3"))
+    cfg = _tiny(tmp_path / "dense_stem", "trainer.max_steps=3", "model.dense_stem=true")
+    assert build_model(cfg).encoder.dense_stem and not build_model(_tiny(tmp_path)).encoder.dense_stem
+    run(cfg)
+    plain, dense_stem = _metrics(tmp_path / "plain"), _metrics(tmp_path / "dense_stem")
+    assert len(plain) == len(dense_stem) == 3
+    assert [m["loss"] for m in dense_stem] == pytest.approx([m["loss"] for m in plain], rel=1e-4)
 
 
 def test_gradient_checkpointing_stages_reach_the_encoder_or_fail_naming_the_keys(tmp_path):

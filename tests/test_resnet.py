@@ -41,12 +41,13 @@ def test_all_visible_equals_timm(name, train, dtype, conv_impl, device):
         assert rel_err(to_dense(feat, 2, ref.shape[-2:]), ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
+@pytest.mark.parametrize("conv_impl,dense_stem", [(c, False) for c in CONV_IMPLS] + [("torch", True)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_random_masks_equal_masked_dense(name, train, dtype, conv_impl, device):
+def test_random_masks_equal_masked_dense(name, train, dtype, conv_impl, dense_stem, device):
     dense, sparse = _pair(name, dtype, device, train, conv_impl)
+    sparse.set_dense_stem(dense_stem)
     # Train-mode BN divides by the std of the visible sites; with very few sites in the
     # last stage, float32 rounding differences get amplified, so keep >= 16 sites there.
     for seed, ratio in [(0, 0.6), (1, 0.3), (2, 0.75)]:
@@ -64,11 +65,13 @@ def test_random_masks_equal_masked_dense(name, train, dtype, conv_impl, device):
             assert rel_err(to_dense(feat, 4, size), ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
-def test_gradients_match_masked_dense(conv_impl):
+@pytest.mark.parametrize("conv_impl,dense_stem", [(c, False) for c in CONV_IMPLS] + [("torch", True)])
+def test_gradients_match_masked_dense(conv_impl, dense_stem):
     """float64 gradients of every parameter and of the input pixels equal the masked-dense
-    reference's, on a mask where one sample shows a single patch."""
+    reference's, on a mask where one sample shows a single patch; with the stem's conv
+    sparse, or dense on the zero-filled image."""
     dense, sparse = _pair("resnet18", torch.float64, torch.device("cpu"), True, conv_impl)
+    sparse.set_dense_stem(dense_stem)
     x = random_images(2, (2, 3), torch.float64, "cpu")
     active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(4))
     active[0] = False
@@ -137,3 +140,18 @@ def test_drop_path_schedule_matches_timm():
     sparse_rates = [b.drop_path.drop_prob if b.drop_path else 0.0 for l in (1, 2, 3, 4) for b in getattr(sparse, f"layer{l}")]
     dense_rates = [b.drop_path.drop_prob if b.drop_path else 0.0 for l in (1, 2, 3, 4) for b in getattr(dense, f"layer{l}")]
     assert sparse_rates == pytest.approx(dense_rates)
+
+
+def test_a_dense_stem_leaves_no_full_resolution_table():
+    """With the stem's conv dense on the zero-filled image, the batch's first map is at the
+    stem's stride: no table is built on pixels (the 7×7 stem's is the largest of a step)."""
+    _, sparse = _pair("resnet18", torch.float64, torch.device("cpu"), train=True)
+    x = random_images(2, (2, 3), torch.float64, "cpu")
+    active = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(3))
+    built = {}
+    for dense_stem in (False, True):
+        sparse.set_dense_stem(dense_stem)
+        features = sparse(x, active)
+        built[dense_stem] = {key[0] for key in features[0].coordinate_manager.neighbour_tables}  # input strides
+    assert (1, 1) in built[False] and (1, 1) not in built[True]
+    assert built[True] == built[False] - {(1, 1)}

@@ -280,6 +280,7 @@ def phase_bench(args: argparse.Namespace) -> int:
         "--conv-impl", *args.conv_impl, "--parts", "encoder_fwd_bwd", "step",
         "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "kernels", "--grad-checkpointing",
         "--checkpoint-stages", "2", "3",  # ResNet-50's encoder: time and memory both <= 0.5x of (b)?
+        "--dense-stem",  # and without full-resolution coordinates and tables?
         "--out", str(out),
     ], started=_STARTED_CASE)
     if data["rc"] == 0 and data_json.exists() and out.is_dir():

@@ -80,10 +80,32 @@ class SparseEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
         check_inputs(images, active, self.downsample_ratio)
+        if self.dense_stem:
+            return self.forward_image(images, active)
         return self.forward_sparse(to_sparse(images, active, self.downsample_ratio))
 
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         """Encode the gathered visible pixels (tensor stride 1) into per-scale features."""
+        raise NotImplementedError
+
+    # Encoders whose first conv can run densely on the zero-filled image
+    # (spark_me.gather.conv_to_sparse) implement forward_image and set this True.
+    supports_dense_stem: bool = False
+    dense_stem: bool = False
+
+    def set_dense_stem(self, enable: bool = True) -> None:
+        """Run the first conv as a dense conv of the zero-filled image, gathered at its
+        output sites, instead of a sparse conv of the gathered pixels: the same features
+        (exact, see :func:`spark_me.gather.conv_to_sparse`) without full-resolution
+        coordinates and tables."""
+        if enable and not self.supports_dense_stem:
+            raise ValueError(f"{type(self).__name__} has no dense stem: implement forward_image(images, active) "
+                             "with spark_me.gather.conv_to_sparse and set supports_dense_stem = True")
+        self.dense_stem = enable
+
+    def forward_image(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
+        """:meth:`forward_sparse` with the first conv run by :func:`~spark_me.gather.conv_to_sparse`
+        (inputs already checked)."""
         raise NotImplementedError
 
     def densify_norm(self, channels: int) -> nn.Module:

@@ -18,6 +18,7 @@ from timm.layers import Mlp
 
 from spark_me.encoders.base import SparseEncoder
 from spark_me.encoders.registry import register_encoder
+from spark_me.gather import conv_to_sparse
 from spark_me.layers import SparseConv2d, SparseDropPath, SparseLayerNorm, set_conv_impl, sparse_add, with_features
 from spark_me.recompute import run_blocks
 
@@ -102,6 +103,7 @@ class SparseConvNeXt(SparseEncoder):
 
     supports_grad_checkpointing = True
     supports_stage_checkpointing = True
+    supports_dense_stem = True
 
     def __init__(
         self,
@@ -113,6 +115,7 @@ class SparseConvNeXt(SparseEncoder):
         depthwise_impl: str = "gather",
         timm_name: Optional[str] = None,
         conv_impl: str = "auto",
+        dense_stem: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= drop_path_rate < 1.0:
@@ -135,6 +138,7 @@ class SparseConvNeXt(SparseEncoder):
         self.head.norm = CarriedLayerNorm(dims[-1])
         self.init_weights()
         set_conv_impl(self, conv_impl)
+        self.set_dense_stem(dense_stem)
 
     def set_grad_checkpointing(self, enable: bool = True, stages: Optional[int] = None) -> None:
         super().set_grad_checkpointing(enable, stages)
@@ -153,7 +157,13 @@ class SparseConvNeXt(SparseEncoder):
         return SparseLayerNorm(channels, eps=LN_EPS)
 
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
-        x = self.stem(x)
+        return self._after_stem(self.stem(x))
+
+    def forward_image(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
+        conv, norm = self.stem
+        return self._after_stem(norm(conv_to_sparse(images, active, self.downsample_ratio, conv.weight, conv.bias, conv.stride)))
+
+    def _after_stem(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         features = []
         for stage in self.stages:
             x = stage(x)

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Optional, Type, Union
 
 import MinkowskiEngine as ME
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from spark_me.encoders.base import SparseEncoder
 from spark_me.encoders.registry import register_encoder
+from spark_me.gather import conv_to_sparse
 from spark_me.layers import (
     SparseActivation,
     SparseBatchNorm2d,
@@ -95,6 +97,7 @@ class SparseResNet(SparseEncoder):
 
     supports_grad_checkpointing = True
     supports_stage_checkpointing = True
+    supports_dense_stem = True
 
     def __init__(
         self,
@@ -104,6 +107,7 @@ class SparseResNet(SparseEncoder):
         zero_init_last: bool = True,
         timm_name: Optional[str] = None,
         conv_impl: str = "auto",
+        dense_stem: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= drop_path_rate < 1.0:
@@ -137,6 +141,7 @@ class SparseResNet(SparseEncoder):
             self.feature_channels.append(outplanes)
         self.init_weights(zero_init_last)
         set_conv_impl(self, conv_impl)
+        self.set_dense_stem(dense_stem)
 
     def init_weights(self, zero_init_last: bool = True) -> None:
         """timm's ResNet initialisation."""
@@ -152,7 +157,14 @@ class SparseResNet(SparseEncoder):
                     m.zero_init_last()
 
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self._after_stem_conv(self.conv1(x))
+
+    def forward_image(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
+        c = self.conv1
+        return self._after_stem_conv(conv_to_sparse(images, active, self.downsample_ratio, c.weight, c.bias, c.stride))
+
+    def _after_stem_conv(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        x = self.maxpool(self.act1(self.bn1(x)))
         features = []
         for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
             x = run_blocks(stage, x, self.checkpoints_stage(i))
