@@ -259,26 +259,20 @@ def test_short_run_writes_metrics_checkpoints_and_reconstructions(tmp_path):
     assert grid.size == (4 * 66 - 2, 16 + 2 * 66 - 2)  # 4 views x 2 images of 64 px
 
 
-def test_gradient_checkpointing_run_matches_the_plain_run(tmp_path):
+@pytest.mark.parametrize("override,attribute,rel", [
+    # the same arithmetic, recomputed
+    ("trainer.grad_checkpointing=true", "grad_checkpointing", 1e-6),
+    # the same features summed in another order: equal to float32 rounding
+    ("model.dense_stem=true", "dense_stem", 1e-4),
+])
+def test_a_run_with_an_exact_option_matches_the_plain_run(tmp_path, override, attribute, rel):
     run(_tiny(tmp_path / "plain", "trainer.max_steps=3"))
-    cfg = _tiny(tmp_path / "recompute", "trainer.max_steps=3", "trainer.grad_checkpointing=true")
-    assert build_model(cfg).encoder.grad_checkpointing and not build_model(_tiny(tmp_path)).encoder.grad_checkpointing
+    cfg = _tiny(tmp_path / "option", "trainer.max_steps=3", override)
+    assert getattr(build_model(cfg).encoder, attribute) and not getattr(build_model(_tiny(tmp_path)).encoder, attribute)
     run(cfg)
-    plain, recompute = _metrics(tmp_path / "plain"), _metrics(tmp_path / "recompute")
-    assert len(plain) == len(recompute) == 3
-    assert [m["loss"] for m in recompute] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
-
-
-def test_a_dense_stem_run_matches_the_plain_run(tmp_path):
-    """model.dense_stem=true: the same features in another order of summation, so the
-    same losses to float32 rounding."""
-    run(_tiny(tmp_path / "plain", "trainer.max_steps=3"))
-    cfg = _tiny(tmp_path / "dense_stem", "trainer.max_steps=3", "model.dense_stem=true")
-    assert build_model(cfg).encoder.dense_stem and not build_model(_tiny(tmp_path)).encoder.dense_stem
-    run(cfg)
-    plain, dense_stem = _metrics(tmp_path / "plain"), _metrics(tmp_path / "dense_stem")
-    assert len(plain) == len(dense_stem) == 3
-    assert [m["loss"] for m in dense_stem] == pytest.approx([m["loss"] for m in plain], rel=1e-4)
+    plain, option = _metrics(tmp_path / "plain"), _metrics(tmp_path / "option")
+    assert len(plain) == len(option) == 3
+    assert [m["loss"] for m in option] == pytest.approx([m["loss"] for m in plain], rel=rel)
 
 
 def test_gradient_checkpointing_stages_reach_the_encoder_or_fail_naming_the_keys(tmp_path):
