@@ -92,13 +92,13 @@ def conv_to_sparse(
     zero_filled = (images * visible).contiguous(memory_format=torch.channels_last)
     dense = F.conv2d(zero_filled, weight, bias, stride=stride, padding=k // 2 if k % 2 else 0)
     with torch.profiler.record_function("spark_me::to_sparse"):  # the gathering, not the conv
-        site_mask = upsample_mask(active, patch_size // stride)  # B, H/s, W/s
-        coords = site_mask.nonzero().int()
-        coords[:, 1:] *= stride  # pixel coordinates, as at every scale
-        coords = coords.contiguous()
-        features = dense.permute(0, 2, 3, 1)[site_mask]
-        b, _, h, w = images.shape
-        manager = new_coordinate_manager(coords, extent=(b, h, w))
+        sites = upsample_mask(active, patch_size // stride).nonzero()  # [b, y, x] on the output map, row-major
+        _, channels, out_h, out_w = dense.shape
+        flat = (sites[:, 0] * out_h + sites[:, 1]) * out_w + sites[:, 2]  # a mask index would find the sites again
+        features = dense.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, flat)
+        coords = (sites * torch.tensor([1, stride, stride], device=sites.device)).int().contiguous()  # pixels
+        batch, _, height, width = images.shape
+        manager = new_coordinate_manager(coords, extent=(batch, height, width))
         return ME.SparseTensor(features, coordinates=coords, tensor_stride=stride, coordinate_manager=manager)
 
 

@@ -42,6 +42,10 @@ class SparseEncoder(nn.Module):
     supports_stage_checkpointing: bool = False
     grad_checkpointing: bool = False
     checkpoint_stages: Optional[int] = None  # recompute only the first N stages (None: all)
+    # Encoders whose first conv can run densely on the zero-filled image
+    # (spark_me.gather.conv_to_sparse) implement forward_image and set this True.
+    supports_dense_stem: bool = False
+    dense_stem: bool = False
 
     def set_grad_checkpointing(self, enable: bool = True, stages: Optional[int] = None) -> None:
         """timm's switch: recompute each block in the backward instead of keeping its
@@ -87,11 +91,6 @@ class SparseEncoder(nn.Module):
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         """Encode the gathered visible pixels (tensor stride 1) into per-scale features."""
         raise NotImplementedError
-
-    # Encoders whose first conv can run densely on the zero-filled image
-    # (spark_me.gather.conv_to_sparse) implement forward_image and set this True.
-    supports_dense_stem: bool = False
-    dense_stem: bool = False
 
     def set_dense_stem(self, enable: bool = True) -> None:
         """Run the first conv as a dense conv of the zero-filled image, gathered at its
