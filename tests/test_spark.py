@@ -127,22 +127,26 @@ def test_random_mask_rejects_bad_size():
         _model().random_mask(torch.randn(1, 3, 225, 224))
 
 
-def test_a_step_makes_the_host_wait_only_to_gather_and_on_each_tables_first_use():
+@pytest.mark.parametrize("dense_stem", [False, True])
+def test_a_step_makes_the_host_wait_only_to_gather_and_on_each_tables_first_use(dense_stem):
     """Forward+backward of a whole SparK step (drop path on) on a fresh batch: the only ops
     that would stall a GPU's host are the gather's (the mask check and the visible
-    coordinates) and each neighbour table's one read of ``complete``; densify, the decoder
-    and the loss add none. (MinkowskiEngine's own C++ waits are invisible here: on an H100
-    a ResNet-50 bf16 step made 56 host syncs, this audit sees 8 of them: docs/gpu.md.)"""
+    coordinates, of the pixels or, with the dense stem, of the stem's output sites) and
+    each neighbour table's one read of ``complete``; densify, the decoder and the loss add
+    none. (MinkowskiEngine's own C++ waits are invisible here: on an H100 a ResNet-50 bf16
+    step made 56 host syncs, this audit sees 8 of them: docs/gpu.md.)"""
     from conftest import HostSyncAudit
 
     torch.manual_seed(0)
-    model = SparK(build_sparse_encoder("resnet18", drop_path_rate=0.1, conv_impl="torch"), decoder_width=64).train()
+    encoder = build_sparse_encoder("resnet18", drop_path_rate=0.1, conv_impl="torch", dense_stem=dense_stem)
+    model = SparK(encoder, decoder_width=64).train()
     images = torch.randn(2, 3, 96, 64)
     active = random_patch_mask(2, (3, 2), 0.5, torch.Generator().manual_seed(0))
     with HostSyncAudit() as audit:
         model(images, active).backward()
     waits = sorted(zip(audit.ops, audit.sources))
+    gather = "gather.py:conv_to_sparse" if dense_stem else "gather.py:to_sparse"
     assert [w for w in waits if w[0] == "aten::nonzero"] == [
-        ("aten::nonzero", "gather.py:check_inputs"), ("aten::nonzero", "gather.py:to_sparse")]
+        ("aten::nonzero", "gather.py:check_inputs"), ("aten::nonzero", gather)]
     complete = [w for w in waits if w[0] != "aten::nonzero"]
     assert complete and set(complete) == {("aten::_local_scalar_dense", "tables.py:complete")}, waits
