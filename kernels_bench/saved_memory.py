@@ -169,16 +169,18 @@ class SavedTensorAccount:
 
 def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, device: str = "cpu",
                 amp: Optional[str] = None, decoder_width: int = 768, conv_impl: str = "auto",
-                grad_checkpointing: bool = False, checkpoint_stages: Optional[int] = None) -> dict:
+                grad_checkpointing: bool = False, checkpoint_stages: Optional[int] = None,
+                dense_stem: bool = False) -> dict:
     """The saved-tensor account of one step's forward for the sparse and masked-dense variants
     (same weights, images and mask); ``amp``: None, ``"bf16"`` or ``"fp16"``;
     ``grad_checkpointing``: the sparse encoder recomputes its blocks in the backward (the
     emulation keeps its own activations: its masking context lives for one forward only),
-    those of its first ``checkpoint_stages`` stages only where given."""
+    those of its first ``checkpoint_stages`` stages only where given; ``dense_stem``: its
+    first conv runs densely on the zero-filled image (no full-resolution table)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
     out: dict = {"model": model_name, "batch": batch, "size": size, "mask_ratio": mask_ratio, "amp": amp,
                  "device": device, "conv_impl": conv_impl, "grad_checkpointing": grad_checkpointing,
-                 "checkpoint_stages": checkpoint_stages, "variants": {}}
+                 "checkpoint_stages": checkpoint_stages, "dense_stem": dense_stem, "variants": {}}
     for variant in VARIANTS:
         case = Case(model=model_name, batch=batch, size=size, mask_ratio=mask_ratio, variant=variant, part="step",
                     device=device, decoder_width=decoder_width, conv_impl=conv_impl)
@@ -186,6 +188,8 @@ def count_saved(model_name: str, batch: int, size: int, mask_ratio: float, devic
         model = build_variant(sparse, variant).to(device).train()
         if grad_checkpointing and variant == "sparse":
             model.model.encoder.set_grad_checkpointing(True, stages=checkpoint_stages)
+        if variant == "sparse":
+            model.model.encoder.set_dense_stem(dense_stem)
         images, active = make_inputs(case, torch.device(device))
         forward = step_loss(model, images, active, variant, dtype)
         with SavedTensorAccount(model) as account:
@@ -206,11 +210,12 @@ def ratios(result: dict) -> dict:
 
 
 def _checkpointing_note(r: dict) -> str:
-    """The heading's note on what the sparse encoder recomputed, if anything."""
+    """The heading's note on the sparse encoder's options: its dense stem, what it recomputed."""
+    note = ", sparse encoder with a dense stem" if r.get("dense_stem") else ""
     if not r.get("grad_checkpointing"):
-        return ""
+        return note
     stages = r.get("checkpoint_stages")
-    return ", sparse encoder with gradient checkpointing" + ("" if stages is None else f" of its first {stages} stage(s)")
+    return note + ", sparse encoder with gradient checkpointing" + ("" if stages is None else f" of its first {stages} stage(s)")
 
 
 def markdown(results: list[dict]) -> str:
@@ -251,8 +256,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the sparse encoder recomputes its blocks in the backward (the emulation does not)")
     p.add_argument("--checkpoint-stages", type=int, default=None, metavar="N",
                    help="with --grad-checkpointing: recompute only the blocks of the first N stages")
+    p.add_argument("--dense-stem", action="store_true",
+                   help="the sparse encoder's first conv runs densely on the zero-filled image")
     p.add_argument("--out", type=Path, default=None,
-                   help="default kernels_bench/results/saved-memory[-grad-checkpointing[-stages-N]]")
+                   help="default kernels_bench/results/saved-memory[-dense-stem][-grad-checkpointing[-stages-N]]")
     args = p.parse_args(argv)
     if not 0.0 <= args.mask < 1.0:
         p.error(f"--mask must be in [0, 1), got {args.mask}")
@@ -269,14 +276,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown encoder(s) {', '.join(unknown)}; registered: {', '.join(list_encoders())}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     amp = None if args.amp == "none" else args.amp
-    default_name = "saved-memory" + ("-grad-checkpointing" if args.grad_checkpointing else "")
+    default_name = "saved-memory" + ("-dense-stem" if args.dense_stem else "")
+    default_name += "-grad-checkpointing" if args.grad_checkpointing else ""
     default_name += f"-stages-{args.checkpoint_stages}" if args.checkpoint_stages is not None else ""
     out = args.out or REPO / "kernels_bench" / "results" / default_name
     results = []
     for name in args.models:
         log.info("saved_memory: %s, batch %d, %d px, mask %.2f, %s", name, args.batch, args.size, args.mask, amp or "fp32")
         results.append(count_saved(name, args.batch, args.size, args.mask, args.device, amp, conv_impl=args.conv_impl,
-                                   grad_checkpointing=args.grad_checkpointing, checkpoint_stages=args.checkpoint_stages))
+                                   grad_checkpointing=args.grad_checkpointing, checkpoint_stages=args.checkpoint_stages,
+                                   dense_stem=args.dense_stem))
         q = ratios(results[-1])
         log.info("  sparse / masked-dense activations: %.2f (%s); with the neighbour tables %.2f", q["total"],
                  ", ".join(f"{k} {v:.2f}" for k, v in q["parts"].items()), q["with_tables"])

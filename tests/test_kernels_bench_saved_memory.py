@@ -96,6 +96,16 @@ def test_sparse_encoder_saves_less_and_the_rest_is_shared(resnet18_account):
     assert "| encoder |" in markdown([r]) and "| neighbour tables |" in markdown([r])
 
 
+def test_the_dense_stem_holds_no_stem_table(resnet18_account):
+    """The 7×7 stem's table is the largest of a ResNet batch; with the dense stem it is never
+    built, and the encoder's other saved tensors are unchanged but for the stem's input."""
+    dense_stem = count_saved("resnet18", batch=2, size=64, mask_ratio=0.6, decoder_width=64, dense_stem=True)
+    plain, dense = resnet18_account["variants"]["sparse"], dense_stem["variants"]["sparse"]
+    assert 0 < dense["tables_mib"] < 0.5 * plain["tables_mib"]
+    assert dense_stem["variants"]["masked_dense"] == resnet18_account["variants"]["masked_dense"]
+    assert "with a dense stem" in markdown([dense_stem]) and "dense stem" not in markdown([resnet18_account])
+
+
 def test_cli_writes_json_and_markdown(tmp_path):
     main(["--models", "resnet18", "--batch", "1", "--size", "64", "--amp", "none", "--out", str(tmp_path)])
     assert (tmp_path / "saved_memory.json").exists() and "all activations" in (tmp_path / "saved_memory.md").read_text()
