@@ -209,13 +209,13 @@ def ratios(result: dict) -> dict:
     return {"total": s["activations_mib"] / d["activations_mib"], "parts": per_part, "with_tables": with_tables}
 
 
-def _checkpointing_note(r: dict) -> str:
+def _options_note(r: dict) -> str:
     """The heading's note on the sparse encoder's options: its dense stem, what it recomputed."""
-    note = ", sparse encoder with a dense stem" if r.get("dense_stem") else ""
-    if not r.get("grad_checkpointing"):
-        return note
-    stages = r.get("checkpoint_stages")
-    return note + ", sparse encoder with gradient checkpointing" + ("" if stages is None else f" of its first {stages} stage(s)")
+    options = ["a dense stem"] if r.get("dense_stem") else []
+    if r.get("grad_checkpointing"):
+        stages = r.get("checkpoint_stages")
+        options.append("gradient checkpointing" + ("" if stages is None else f" of its first {stages} stage(s)"))
+    return ", sparse encoder with " + " and ".join(options) if options else ""
 
 
 def markdown(results: list[dict]) -> str:
@@ -226,7 +226,7 @@ def markdown(results: list[dict]) -> str:
         q = ratios(r)
         lines += [f"### {r['model']}, batch {r['batch']}, {r['size']} px, mask {r['mask_ratio']}, "
                   f"{r['amp'] or 'fp32'} ({r['visible_fraction']:.2f} visible, {r['device']})"
-                  + _checkpointing_note(r), "",
+                  + _options_note(r), "",
                   "| part | sparse MiB | masked-dense MiB | sparse / masked-dense |", "|---|---|---|---|"]
         for p in sorted(set(s["parts_mib"]) | set(d["parts_mib"])):
             ratio = f"{q['parts'][p]:.2f}" if p in q["parts"] else "-"
