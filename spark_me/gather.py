@@ -96,7 +96,8 @@ def conv_to_sparse(
         _, channels, out_h, out_w = dense.shape
         flat = (sites[:, 0] * out_h + sites[:, 1]) * out_w + sites[:, 2]  # a mask index would find the sites again
         features = dense.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, flat)
-        coords = (sites * torch.tensor([1, stride, stride], device=sites.device)).int().contiguous()  # pixels
+        coords = sites.int().contiguous()  # (a CPU nonzero's result is column-major)
+        coords[:, 1:] *= stride  # pixel coordinates, as at every scale (no host tensor: no copy to wait on)
         batch, _, height, width = images.shape
         manager = new_coordinate_manager(coords, extent=(batch, height, width))
         return ME.SparseTensor(features, coordinates=coords, tensor_stride=stride, coordinate_manager=manager)
