@@ -21,19 +21,20 @@ def _key(r: dict) -> tuple:
     return (r["model"], r["part"], r["batch"], r["size"], r.get("amp"), bool(r.get("channels_last")))
 
 
-def recompute_label(r: dict) -> str:
-    """``+recompute`` where a sparse row's encoder blocks were recomputed in the backward,
+def option_labels(r: dict) -> str:
+    """A sparse row's encoder options: ``+dense_stem`` where its first conv ran densely on
+    the zero-filled image; ``+recompute`` where its blocks were recomputed in the backward,
     ``+recompute[1-2]`` where only those of its first two stages were; else ``""``."""
-    if not r.get("grad_checkpointing"):
-        return ""
-    stages = r.get("checkpoint_stages")
-    return "+recompute" if stages is None else "+recompute[1]" if stages == 1 else f"+recompute[1-{stages}]"
+    label = "+dense_stem" if r.get("dense_stem") else ""
+    if r.get("grad_checkpointing"):
+        stages = r.get("checkpoint_stages")
+        label += "+recompute" if stages is None else "+recompute[1]" if stages == 1 else f"+recompute[1-{stages}]"
+    return label
 
 
 def _backend(r: dict) -> str:
-    """A sparse row's conv backend, ``+dense_stem`` where its first conv ran densely on the
-    zero-filled image, and its :func:`recompute_label`."""
-    return (r.get("conv_impl") or "auto") + ("+dense_stem" if r.get("dense_stem") else "") + recompute_label(r)
+    """A sparse row's conv backend and its :func:`option_labels`."""
+    return (r.get("conv_impl") or "auto") + option_labels(r)
 
 
 def _series(r: dict) -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from kernels_bench.measure import Case, build_sparse_spark, make_inputs, run_case
-from kernels_bench.report import recompute_label
+from kernels_bench.report import option_labels
 from kernels_bench.variants import as_dense, build_variant
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             on_row(rows)
         extra = "".join(f" {k}" for k, v in (("channels_last", case.channels_last), (case.amp, case.amp)) if v)
         variant = case.variant + (f"[{case.conv_impl}]" if case.variant == "sparse" else "")
-        variant += ("+dense_stem" if case.dense_stem else "") + recompute_label(dataclasses.asdict(case))
+        variant += option_labels(dataclasses.asdict(case))
         log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f%s: %.3f s (%.1f img/s), peak +%.0f MiB", i, total,
                  case.model, variant, case.part, case.batch, case.size, case.mask_ratio, extra,
                  row["median_s"], row["images_per_s"], row["peak_growth_mib"])
