@@ -128,7 +128,8 @@ def headline(results: dict) -> list[dict]:
     sparse = [r for r in rows if r["variant"] == "sparse"]
     order = {k: i for i, k in enumerate(PART_LABELS)}
     sparse.sort(key=lambda r: (r["model"], order[r["part"]], (r["batch"], r["size"]) != (plan["batch"], plan["size"]),
-                               r["batch"], r["size"], r.get("amp") or "", _backend(r)))
+                               r["batch"], r["size"], r.get("amp") or "", r.get("conv_impl") or "auto",
+                               bool(r.get("dense_stem")), bool(r.get("grad_checkpointing")), r.get("checkpoint_stages") or 99))
     out = []
     for a in sparse:
         b, c = _baseline(rows, "masked_dense", a), _baseline(rows, "dense", a)
