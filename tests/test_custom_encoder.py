@@ -64,3 +64,15 @@ def test_registered_and_trains(example):
     loss = model(torch.randn(2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and model.encoder.stem.weight.grad.abs().sum() > 0
+
+
+def test_options_it_does_not_implement_are_refused_naming_the_hook(example):
+    """The example implements neither stage-wise recomputation nor a dense stem: asking
+    for them says what to implement (model.dense_stem=true reaches this through build_model,
+    which names the config key in front)."""
+    encoder = build_sparse_encoder("tiny_convnet")
+    with pytest.raises(ValueError, match=r"SparseTinyConvNet has no dense stem: implement forward_image\(images, active\) "
+                                         r"with spark_me.gather.conv_to_sparse"):
+        encoder.set_dense_stem(True)
+    encoder.set_dense_stem(False)  # turning it off is always fine
+    assert not encoder.dense_stem

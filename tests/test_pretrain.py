@@ -275,6 +275,14 @@ def test_a_run_with_an_exact_option_matches_the_plain_run(tmp_path, override, at
     assert [m["loss"] for m in option] == pytest.approx([m["loss"] for m in plain], rel=rel)
 
 
+def test_a_dense_stem_on_an_encoder_without_one_fails_naming_the_key(tmp_path):
+    example = REPO / "examples" / "custom_encoder.py"
+    cfg = _tiny(tmp_path, "model=custom", "model.name=tiny_convnet", f"model.imports=[{example}]", "model.dense_stem=true")
+    validate_config(cfg)  # imports the example: the name is known, the value a bool
+    with pytest.raises(ConfigError, match=r"model.dense_stem=true: SparseTinyConvNet has no dense stem: implement forward_image"):
+        build_model(cfg)
+
+
 def test_gradient_checkpointing_stages_reach_the_encoder_or_fail_naming_the_keys(tmp_path):
     cfg = _tiny(tmp_path, "trainer.grad_checkpointing=true", "trainer.grad_checkpointing_stages=2")
     encoder = build_model(cfg).encoder
