@@ -73,8 +73,6 @@ class CarriedLayerNorm(nn.Module):
 
 
 class SparseConvNeXtStage(nn.Module):
-    grad_checkpointing: bool = False  # set by SparseConvNeXt.set_grad_checkpointing
-
     def __init__(
         self,
         in_dim: int,
@@ -94,8 +92,9 @@ class SparseConvNeXtStage(nn.Module):
             *(SparseConvNeXtBlock(dim, drop_paths[i], ls_init_value, conv_mlp, depthwise_impl) for i in range(depth))
         )
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
+    def forward(self, x: ME.SparseTensor, grad_checkpointing: bool = False) -> ME.SparseTensor:
+        """The stage; its blocks recomputed in the backward with ``grad_checkpointing``."""
+        return run_blocks(self.blocks, self.downsample(x), grad_checkpointing)
 
 
 class SparseConvNeXt(SparseEncoder):
@@ -140,11 +139,6 @@ class SparseConvNeXt(SparseEncoder):
         set_conv_impl(self, conv_impl)
         self.set_dense_stem(dense_stem)
 
-    def set_grad_checkpointing(self, enable: bool = True, stages: Optional[int] = None) -> None:
-        super().set_grad_checkpointing(enable, stages)
-        for i, stage in enumerate(self.stages):  # each stage runs its blocks on its own flag
-            stage.grad_checkpointing = self.checkpoints_stage(i)
-
     def init_weights(self) -> None:
         """timm's ConvNeXt initialisation (trunc-normal std .02 weights, zero biases)."""
         for m in self.modules():
@@ -165,8 +159,8 @@ class SparseConvNeXt(SparseEncoder):
 
     def _after_stem(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         features = []
-        for stage in self.stages:
-            x = stage(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x, self.checkpoints_stage(i))
             features.append(x)
         return features
 
