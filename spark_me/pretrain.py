@@ -558,6 +558,9 @@ class PretrainRun:
             self.plan.describe(), self.steps_per_epoch, s.epochs, cfg.optimizer.name, *cfg.optimizer.betas, lr,
             cfg.optimizer.base_lr, self.global_batch, self.device, t.precision if self.amp_dtype else "fp32", self.out,
         )
+        conv_impl = str(cfg.model.get("conv_impl") or "auto")
+        backend = resolve_conv_impl(conv_impl, self.device, self.amp_dtype or torch.float32)
+        log.info("sparse convs: the %s backend%s", backend, " (model.conv_impl=auto)" if conv_impl == "auto" else "")
         if cfg.model.get("dense_stem", False):
             log.info("dense stem: the encoder's first conv runs on the zero-filled image, gathered at its output sites")
         if t.get("grad_checkpointing", False):

@@ -167,7 +167,7 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
         ran.append((label, cmd))
         if label == "encoder profile":  # it leaves one timeline, which the phase then reads into its log
             folder = Path(cmd[cmd.index("--out") + 1])
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             (folder / "c.trace.json.gz").write_bytes(b"")
         return {"label": label, "rc": 0, "seconds": 0.0, "timed_out": False}
 
@@ -182,10 +182,22 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     suite, layers = " ".join(steps["kernels_bench"]), steps["per-layer"]
     assert "--skip breakdown kernels" in suite
     assert "--part encoder_fwd_bwd" in " ".join(steps["encoder profile"])
-    assert " ".join(steps["encoder profile"]).endswith("--trace convnext_tiny-sparse-torch-encoder")
+    assert " ".join(steps["encoder profile"]).endswith("--trace convnext_tiny-sparse-triton-encoder")
     assert " ".join(layers[1:3]) == "-m kernels_bench.kernels"
     assert " ".join(layers[layers.index("--conv-impl"):]).startswith("--conv-impl torch triton minkowski --dtype float32 bfloat16")
     assert layers[layers.index("--batch") + 1] == "128"
     folder = layers[layers.index("--out") + 1]
     assert folder.endswith("kernels_bench/results/gpu-fake-gpu-80gb") and f"--out {folder}" in suite
-    assert bundles[:4] == [1, 2, 4, 5]  # after the suite, the encoder profile, the per-layer bench, the profile
+    assert bundles[:4] == [1, 3, 4, 5]  # after the suite, the encoder profile (and its timeline), the per-layer bench, the profile
+
+    ran.clear()
+    assert gpu_check.main(["bench", "--no-data", "--only", "per-layer", "encoder-profile", "--limit", "60",
+                           "--log-dir", str(tmp_path)]) == 0  # a loan that has the suite already: the rest first
+    assert [label for label, _ in ran] == ["per-layer", "encoder profile", "timeline c.trace.json.gz", "report"]
+    assert "steps, in order: per-layer, encoder-profile" in (tmp_path / "bench.log").read_text()
+    ran.clear()
+    assert gpu_check.main(["bench", "--no-data", "--only", "encoder-profile", "--conv-impl", "torch", "--limit", "60",
+                           "--log-dir", str(tmp_path)]) == 0
+    assert "--trace" not in ran[0][1]  # no Triton case to trace
+    with pytest.raises(SystemExit):
+        gpu_check.main(["bench", "--only", "suites"])

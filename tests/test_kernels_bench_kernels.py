@@ -3,6 +3,7 @@ numerics check really rejects a wrong result, and its rows reach the report. Not
 is about speed."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -102,6 +103,8 @@ def test_layer_backends_resolve_auto_and_add_minkowski_once():
     assert layer_backends(("auto",), "cpu") == ("torch", "minkowski")
     assert layer_backends(("torch", "minkowski"), "cpu") == ("torch", "minkowski")
     assert layer_backends(("minkowski", "auto"), "cpu") == ("minkowski", "torch")
+    if importlib.util.find_spec("triton") is not None:  # auto on CUDA is Triton (resolving needs no GPU)
+        assert layer_backends(("auto", "torch"), "cuda") == ("triton", "torch", "minkowski")
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         layer_backends(("nope",), "cpu")
 

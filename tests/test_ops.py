@@ -449,13 +449,18 @@ def test_stride_one_tables_are_point_symmetric():
 def test_conv_impl_choices():
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         SparseConv2d(3, 4, 3, conv_impl="cuda")
-    for device in ("cpu", "cuda"):  # auto stays torch until the triton kernels are measured on a GPU
-        assert ops.resolve_conv_impl("auto", torch.device(device)) == "torch"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # resolving needs no GPU
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        assert ops.resolve_conv_impl("auto", cpu, dtype) == "torch"
+    assert ops.resolve_conv_impl("auto", cuda, torch.float64) == "torch"  # Triton computes in fp32/bf16/fp16 only
     pytest.importorskip("triton")
-    SparseConv2d(3, 4, 3, conv_impl="triton")  # built anywhere; the device is checked when it runs
-    assert ops.resolve_conv_impl("triton", torch.device("cuda")) == "triton"
-    from spark_me.ops import triton_backend
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # auto: Triton on CUDA (docs/gpu.md, fourth run)
+        assert ops.resolve_conv_impl("auto", cuda, dtype) == "triton"
+    from spark_me.ops import dispatch, triton_backend
 
+    assert dispatch.TRITON_DTYPES == triton_backend.SUPPORTED_DTYPES
+    SparseConv2d(3, 4, 3, conv_impl="triton")  # built anywhere; the device is checked when it runs
+    assert ops.resolve_conv_impl("triton", cuda) == "triton"
     if triton_backend.INTERPRETED:  # tests/test_ops_triton.py imported it under the interpreter
         assert ops.resolve_conv_impl("triton", torch.device("cpu")) == "triton"
     else:

@@ -238,6 +238,8 @@ def run_pytest(phase: Phase, cmd: list[str]) -> tuple[dict, list[str]]:
 
 
 BUNDLE = "gpu-check-bench-results.tar.gz"
+# The bench phase's GPU steps, most telling first in the default order.
+BENCH_STEPS = ("suite", "encoder-profile", "per-layer", "step-profile")
 
 
 def bundle_results(out: Path) -> Optional[Path]:
@@ -275,50 +277,63 @@ def phase_bench(args: argparse.Namespace) -> int:
     gpu = subprocess.run([python, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
                          capture_output=True, text=True).stdout.strip()
     out = REPO / "kernels_bench" / "results" / ("gpu-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
-    bench = phase.run("kernels_bench", [
-        python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
-        "--conv-impl", *args.conv_impl, "--parts", "encoder_fwd_bwd", "step",
-        "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "kernels", "--grad-checkpointing",
-        "--checkpoint-stages", "2", "3",  # ResNet-50's encoder: time and memory both <= 0.5x of (b)?
-        "--dense-stem",  # and without full-resolution coordinates and tables?
-        "--out", str(out),
-    ], started=_STARTED_CASE)
-    if data["rc"] == 0 and data_json.exists() and out.is_dir():
-        shutil.copy(data_json, out / "data_throughput.json")
-    bundle_results(out)
-    # Then, most telling first (a phase limit cuts from the end): the bf16 encoder alone,
-    # where ConvNeXt-T's sparse encoder was no faster than the emulation on the H100
-    # (device time against wall time says whether the GPU or the host sets its pace; the
-    # timeline of one ConvNeXt-T step with the torch backend shows where the GPU waits) ...
     bf16_impls = [c for c in args.conv_impl if c != "minkowski"] or ["torch"]
-    encoder = phase.run("encoder profile", [
-        python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
-        "--amp", "bf16", "--conv-impl", *bf16_impls, "--part", "encoder_fwd_bwd", "--out", str(out / "profile-encoder"),
-        "--trace", "convnext_tiny-sparse-torch-encoder",
-    ], started=_STARTED_CASE)
-    bundle_results(out)
-    for trace in sorted((out / "profile-encoder").glob("*.trace.json.gz")):  # its gaps, into the log too
-        phase.run(f"timeline {trace.name}", [python, "-m", "kernels_bench.timeline", str(trace)])
-    # ... each layer kind per backend, fp32 and bf16, against (b) and (c) at the training
-    # density and at full density (kernels.json beside results.json; the report shows both) ...
-    layers = phase.run("per-layer", [
-        python, "-m", "kernels_bench.kernels", "--device", "cuda", "--batch", "128", "--conv-impl", *args.conv_impl,
-        "--dtype", "float32", "bfloat16", "--densities", "0.4", "1.0", "--repeats", str(args.repeats),
-        "--out", str(out),
-    ], started=_STARTED_CASE)
-    bundle_results(out)
-    # ... and where a bf16 step's GPU time goes, per backend and for the emulation
-    # (MinkowskiEngine's kernels are fp32-only, so the torch backend stands in for them).
-    # What a step keeps for backward (kernels_bench.saved_memory) counts the same on any
-    # device, as the H100 confirmed: the CPU machine measures it.
-    profile = phase.run("profile", [
-        python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
-        "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
-    ], started=_STARTED_CASE)
-    bundle_results(out)
+
+    def suite() -> list[dict]:
+        """Sparse vs masked-dense vs dense, encoder and step, every backend, fp32 and bf16."""
+        bench = phase.run("kernels_bench", [
+            python, "-m", "kernels_bench", "--device", "cuda", "--models", *args.models, "--masks", "0.6",
+            "--conv-impl", *args.conv_impl, "--parts", "encoder_fwd_bwd", "step",
+            "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "kernels", "--grad-checkpointing",
+            "--checkpoint-stages", "2", "3",  # ResNet-50's encoder: time and memory both <= 0.5x of (b)?
+            "--dense-stem",  # and without full-resolution coordinates and tables?
+            "--out", str(out),
+        ], started=_STARTED_CASE)
+        if data["rc"] == 0 and data_json.exists() and out.is_dir():
+            shutil.copy(data_json, out / "data_throughput.json")
+        return [bench]
+
+    def encoder_profile() -> list[dict]:
+        """The bf16 encoder alone: device time against wall time says whether the GPU or the
+        host sets its pace; the timeline of one ConvNeXt-T step with the default CUDA backend
+        (Triton) shows where the GPU waits, read into the log."""
+        traced = "convnext_tiny" in args.models and "triton" in bf16_impls  # else --trace would name no case
+        steps = [phase.run("encoder profile", [
+            python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
+            "--amp", "bf16", "--conv-impl", *bf16_impls, "--part", "encoder_fwd_bwd", "--out", str(out / "profile-encoder"),
+            *(["--trace", "convnext_tiny-sparse-triton-encoder"] if traced else []),
+        ], started=_STARTED_CASE)]
+        for trace in sorted((out / "profile-encoder").glob("*.trace.json.gz")):
+            phase.run(f"timeline {trace.name}", [python, "-m", "kernels_bench.timeline", str(trace)])
+        return steps
+
+    def per_layer() -> list[dict]:
+        """Each layer kind per backend, fp32 and bf16, against (b) and (c) at the training
+        density and at full density (kernels.json beside results.json; the report shows both)."""
+        return [phase.run("per-layer", [
+            python, "-m", "kernels_bench.kernels", "--device", "cuda", "--batch", "128", "--conv-impl", *args.conv_impl,
+            "--dtype", "float32", "bfloat16", "--densities", "0.4", "1.0", "--repeats", str(args.repeats),
+            "--out", str(out),
+        ], started=_STARTED_CASE)]
+
+    def step_profile() -> list[dict]:
+        """Where a bf16 step's GPU time goes, per backend and for the emulation
+        (MinkowskiEngine's kernels are fp32-only). What a step keeps for backward
+        (kernels_bench.saved_memory) counts the same on any device: the CPU machine measures it."""
+        return [phase.run("profile", [
+            python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
+            "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
+        ], started=_STARTED_CASE)]
+
+    plan = {"suite": suite, "encoder-profile": encoder_profile, "per-layer": per_layer, "step-profile": step_profile}
+    phase.say(f"gpu-check bench: steps, in order: {', '.join(args.only)} (a phase limit cuts from the end)")
+    ran: list[dict] = []
+    for name in args.only:
+        ran += plan[name]()
+        bundle_results(out)  # after every step: a limit that ends the phase keeps what was measured
     report = phase.run("report", [python, "-m", "kernels_bench", "report"])
-    ok = all(step["rc"] == 0 and not step["timed_out"] for step in (bench, encoder, layers, profile, report))
-    if ok and data_json.exists():
+    ok = all(step["rc"] == 0 and not step["timed_out"] for step in (*ran, report))
+    if ok and data_json.exists() and (out / "results.json").exists():
         phase.say(f"gpu-check bench: {data_vs_step(json.loads(data_json.read_text()), out / 'results.json')}")
     bundled = f" (and {BUNDLE} in $OUT)" if bundle_results(out) else ""
     return phase.finish(ok, f"{what}; results in {out.relative_to(REPO)}{bundled}")
@@ -352,6 +367,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--conv-impl", nargs="+", default=["torch", "triton", "minkowski"],
                    choices=("auto", "torch", "triton", "minkowski"), help="bench: sparse backends, one row set each")
     p.add_argument("--repeats", type=int, default=5, help="bench: timed runs per case (median reported)")
+    p.add_argument("--only", nargs="+", default=list(BENCH_STEPS), choices=BENCH_STEPS, metavar="STEP",
+                   help=f"bench: the GPU steps to run, in this order (default: {' '.join(BENCH_STEPS)}); "
+                        "the report is regenerated after them")
     p.add_argument("--no-data", action="store_true",
                    help="bench: leave out the data pipeline's images/s (CPU-side, about 30 s; measured once per node is enough)")
     args = p.parse_args(argv)

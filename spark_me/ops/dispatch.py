@@ -10,8 +10,10 @@ Backends (``conv_impl``):
   interpreter (``TRITON_INTERPRET=1`` when the backend is first imported), which is how
   the tests check it. Its per-layer tests passed on an H200, where its fp32 encoders ran
   faster than the torch backend's (docs/gpu.md);
-* ``"auto"``: ``"torch"`` on every device (``"triton"`` becomes the CUDA choice once its
-  encoder-level test has passed on a GPU as well).
+* ``"auto"``: ``"triton"`` for float32/bfloat16/float16 features on CUDA where Triton is
+  installed, else ``"torch"`` (float64, CPU). On an H100 (docs/gpu.md, third and fourth
+  runs) Triton's bf16 training steps took 0.84-1.01x of the torch backend's time, its fp32
+  ConvNeXt-T encoder half, and every CUDA test of it passed.
 
 Under ``torch.autocast`` the gather backends (torch, triton) compute in the autocast
 dtype, as autocast runs dense convs; MinkowskiEngine's kernels compute in float32. The
@@ -19,6 +21,7 @@ triton backend's max-pool is the torch backend's.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from types import ModuleType
 
@@ -32,12 +35,23 @@ CONV_IMPLS = ("auto", "torch", "triton", "minkowski")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+# The dtypes the triton backend computes in (spark_me.ops.triton_backend.SUPPORTED_DTYPES,
+# repeated here so that resolving "auto" does not import Triton on machines without CUDA).
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether the triton package can be imported (looked up once per process)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def check_conv_impl(conv_impl: str) -> None:
     """Raise unless ``conv_impl`` names a backend that is installed (the device is checked
     when an op runs: :func:`resolve_conv_impl`)."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
-    if conv_impl == "triton" and importlib.util.find_spec("triton") is None:
+    if conv_impl == "triton" and not triton_installed():
         raise ImportError(
             "conv_impl='triton' needs the triton package (it comes with PyTorch's CUDA wheels); "
             "use conv_impl='torch'"
@@ -60,13 +74,17 @@ def load_triton_backend(device: torch.device) -> ModuleType:
     )
 
 
-def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
-    """The backend that ``conv_impl`` runs on ``device``: ``"torch"``, ``"triton"`` or
-    ``"minkowski"``; raises where ``"triton"`` cannot run on ``device``."""
+def resolve_conv_impl(conv_impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend that ``conv_impl`` runs on ``device`` for features computed in
+    ``dtype``: ``"torch"``, ``"triton"`` or ``"minkowski"``; raises where ``"triton"``
+    cannot run on ``device``. ``"auto"`` is ``"triton"`` for :data:`TRITON_DTYPES` on CUDA
+    with Triton installed, else ``"torch"``."""
     check_conv_impl(conv_impl)
+    if conv_impl == "auto":
+        return "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and triton_installed() else "torch"
     if conv_impl == "triton":
         load_triton_backend(device)
-    return "torch" if conv_impl == "auto" else conv_impl
+    return conv_impl
 
 
 def compute_dtype(features: torch.Tensor) -> torch.dtype:
@@ -89,8 +107,8 @@ def conv(
     """Sparse conv of ``x`` with a PyTorch-layout ``weight``; returns (features, output key).
     ``algorithm`` picks the torch backend's gather algorithm (the others ignore it)."""
     kernel_size = weight.shape[-1]
-    impl = resolve_conv_impl(conv_impl, x.F.device)
     dtype = compute_dtype(x.F)
+    impl = resolve_conv_impl(conv_impl, x.F.device, dtype)
     if kernel_size == 1 and stride == 1:  # pointwise: a plain product, autocast applies itself
         return x.F @ weight.flatten(1).t(), x.coordinate_map_key
     device_type = x.F.device.type
@@ -110,8 +128,8 @@ def conv(
 def depthwise_conv(x: ME.SparseTensor, weight: torch.Tensor, conv_impl: str) -> torch.Tensor:
     """Depthwise stride-1 conv of ``x`` with a PyTorch-layout ``[C, 1, k, k]`` ``weight``."""
     kernel_size = weight.shape[-1]
-    impl = resolve_conv_impl(conv_impl, x.F.device)
     dtype = compute_dtype(x.F)
+    impl = resolve_conv_impl(conv_impl, x.F.device, dtype)
     device_type = x.F.device.type
     w = weight.to(dtype).flatten(1).t()  # [K, C]
     with torch.autocast(device_type, enabled=False):
@@ -124,7 +142,7 @@ def depthwise_conv(x: ME.SparseTensor, weight: torch.Tensor, conv_impl: str) -> 
 
 def max_pool(x: ME.SparseTensor, kernel_size: int, stride: int, conv_impl: str) -> tuple[torch.Tensor, ME.CoordinateMapKey]:
     """Max over each output site's existing neighbours; returns (features, output key)."""
-    impl = resolve_conv_impl(conv_impl, x.F.device)
+    impl = resolve_conv_impl(conv_impl, x.F.device, x.F.dtype)
     if impl == "minkowski":
         if x.F.dtype in LOW_PRECISION:
             x = ME.SparseTensor(x.F.float(), coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
