@@ -68,6 +68,12 @@ def test_summarise_times_spark_me_ranges_and_leaves_their_device_spans_out_of_th
     line = profile.describe({"name": "x", "wall_s": 0.01, "device_s": None, "top_kernels": [], "top_ops": [],
                              "ranges": s["ranges"]})
     assert line == "x: 10.0 ms/step; host in neighbour_tables 2.0 ms"
+    slower_after = profile.describe({"name": "x", "wall_s": 0.01, "wall_after_profile_s": 0.0125, "device_s": None,
+                                     "top_kernels": [], "top_ops": []})
+    assert slower_after == "x: 10.0 ms/step (12.5 ms timed again after profiling)"
+    alike = profile.describe({"name": "x", "wall_s": 0.01, "wall_after_profile_s": 0.0105, "device_s": None,
+                              "top_kernels": [], "top_ops": []})
+    assert alike == "x: 10.0 ms/step"  # within 10%: not worth a word
 
 
 def test_a_cpu_encoder_profile_times_the_gather_and_the_tables():
@@ -91,6 +97,7 @@ def _tiny(**kw) -> Case:
 def test_a_cpu_step_profile_names_its_operators():
     summary, table = profile_case(_tiny(), steps=1)
     assert summary["wall_s"] > 0 and summary["profiled_wall_s"] > 0 and summary["busy"] is None
+    assert summary["wall_after_profile_s"] > 0
     assert summary["device_s"] is None and summary["kernels"] == 0
     names = [o["name"] for o in summary["top_ops"]]
     assert any(n.startswith("aten::") for n in names)
