@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
                         "first N stages' blocks, one per N")
     p.add_argument("--dense-stem", action="store_true",
                    help="add sparse rows whose first conv runs densely on the zero-filled image (first backend)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="add CUDA sparse rows replayed from CUDA graphs (first backend, bf16; encoder rows also with "
+                        "each --checkpoint-stages N)")
     p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "breakdown"), help="parts of the run to leave out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         plan.repeats = args.repeats
     plan.grad_checkpointing = args.grad_checkpointing
     plan.dense_stem = args.dense_stem
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        p.error("--cuda-graphs rows run on CUDA only: add --device cuda")
+    plan.cuda_graphs = args.cuda_graphs
     if args.checkpoint_stages:
         if not args.grad_checkpointing:
             p.error("--checkpoint-stages adds rows to those of --grad-checkpointing: give both")

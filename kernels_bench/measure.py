@@ -61,6 +61,9 @@ class Case:
     # the sparse encoder's first conv runs densely on the zero-filled image and is gathered
     # at its output sites (SparseEncoder.set_dense_stem): no full-resolution coordinates
     dense_stem: bool = False
+    # the sparse encoder's training forward+backward is replayed from a CUDA graph
+    # (SparseEncoder.set_cuda_graphs): captured on the first run, its tables refilled after
+    cuda_graphs: bool = False
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -85,6 +88,11 @@ class Case:
             raise ValueError("reuse_batch rows are sparse rows of an encoder part (a step always gathers its batch)")
         if self.dense_stem and (self.variant != "sparse" or self.reuse_batch):
             raise ValueError("dense_stem rows are sparse rows that gather each batch (not reuse_batch rows)")
+        if self.cuda_graphs and (self.variant != "sparse" or self.part == "encoder_fwd" or self.reuse_batch
+                                 or self.dense_stem or self.conv_impl == "minkowski"
+                                 or not self.device.startswith("cuda")):
+            raise ValueError("cuda_graphs rows are CUDA sparse rows of a part with a backward that gather each batch, "
+                             "with a sparse stem and a backend other than minkowski")
 
 
 def unknown_encoders_error(models: Iterable[str]) -> Optional[str]:
@@ -156,6 +164,7 @@ def build_sparse_spark(case: Case, device: torch.device) -> SparK:
     encoder = build_sparse_encoder(case.model, conv_impl=case.conv_impl)
     encoder.set_grad_checkpointing(case.grad_checkpointing, stages=case.checkpoint_stages)
     encoder.set_dense_stem(case.dense_stem)
+    encoder.set_cuda_graphs(case.cuda_graphs)
     return SparK(encoder, decoder_width=case.decoder_width, mask_ratio=case.mask_ratio).to(device).train()
 
 
@@ -227,7 +236,21 @@ def prepare_case(case: Case) -> tuple[Callable[[], None], torch.Tensor]:
     images, active = make_inputs(case, device)
     if case.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return _step_fn(case, model, images, active), active
+    fn = _step_fn(case, model, images, active)
+    return (_replayed_only(fn, sparse.encoder) if case.cuda_graphs else fn), active
+
+
+def _replayed_only(fn: Callable[[], None], encoder: nn.Module) -> Callable[[], None]:
+    """``fn``, raising if the encoder ran a batch without its CUDA graph (a failed capture or
+    a batch that did not fit it falls back with a warning): a ``+cuda_graphs`` row must
+    time replays only."""
+    def run() -> None:
+        fn()
+        graphs = encoder._graphs
+        if graphs is None or graphs.plain_runs:
+            raise RuntimeError("the encoder ran without its CUDA graph (see the warning above): this row would "
+                               "time the plain encoder")
+    return run
 
 
 def run_case(case: Case) -> dict:

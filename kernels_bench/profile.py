@@ -163,7 +163,8 @@ def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size
          amp: Optional[str], part: str, warmup: int, repeats: int, decoder_width: int) -> list[Case]:
     """Per model: the sparse part with each backend; the first backend again with the first
     conv dense on the zero-filled image (``dense_stem``: no full-resolution coordinates,
-    maps or tables); for an encoder part, the first backend on a batch gathered once
+    maps or tables), and on CUDA, for a part with a backward, replayed from a CUDA graph
+    (``cuda_graphs``: the host issues one replay instead of every kernel); for an encoder part, the first backend on a batch gathered once
     (``reuse_batch``: no gather, no new maps or tables, the difference being what every new
     batch costs); then the masked-dense baseline."""
     cuda = device.startswith("cuda")
@@ -173,6 +174,8 @@ def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size
     for model in models:
         cases += [Case(model, "sparse", conv_impl=impl, **common) for impl in conv_impls]
         cases.append(Case(model, "sparse", conv_impl=conv_impls[0], dense_stem=True, **common))
+        if cuda and part != "encoder_fwd" and conv_impls[0] != "minkowski":
+            cases.append(Case(model, "sparse", conv_impl=conv_impls[0], cuda_graphs=True, **common))
         if part != "step":
             cases.append(Case(model, "sparse", conv_impl=conv_impls[0], reuse_batch=True, **common))
         cases.append(Case(model, "masked_dense", channels_last=cuda, **common))
@@ -183,7 +186,8 @@ def case_name(case: Case) -> str:
     backend = case.conv_impl if case.variant == "sparse" else ("channels_last" if case.channels_last else "nchw")
     reused = "-reused_batch" if case.reuse_batch else ""
     stem = "-dense_stem" if case.dense_stem else ""
-    return f"{case.model}-{case.variant}-{backend}{stem}{reused}-{case.part}-{case.amp or 'fp32'}"
+    graphs = "-cuda_graphs" if case.cuda_graphs else ""
+    return f"{case.model}-{case.variant}-{backend}{stem}{graphs}{reused}-{case.part}-{case.amp or 'fp32'}"
 
 
 def run(cases: list[Case], out: Path, steps: int, trace: Sequence[str] = ()) -> list[dict]:

@@ -24,11 +24,14 @@ def _key(r: dict) -> tuple:
 def option_labels(r: dict) -> str:
     """A sparse row's encoder options: ``+dense_stem`` where its first conv ran densely on
     the zero-filled image; ``+recompute`` where its blocks were recomputed in the backward,
-    ``+recompute[1-2]`` where only those of its first two stages were; else ``""``."""
+    ``+recompute[1-2]`` where only those of its first two stages were; ``+cuda_graphs``
+    where its forward+backward was replayed from a CUDA graph; else ``""``."""
     label = "+dense_stem" if r.get("dense_stem") else ""
     if r.get("grad_checkpointing"):
         stages = r.get("checkpoint_stages")
         label += "+recompute" if stages is None else "+recompute[1]" if stages == 1 else f"+recompute[1-{stages}]"
+    if r.get("cuda_graphs"):
+        label += "+cuda_graphs"
     return label
 
 
@@ -129,7 +132,8 @@ def headline(results: dict) -> list[dict]:
     order = {k: i for i, k in enumerate(PART_LABELS)}
     sparse.sort(key=lambda r: (r["model"], order[r["part"]], (r["batch"], r["size"]) != (plan["batch"], plan["size"]),
                                r["batch"], r["size"], r.get("amp") or "", r.get("conv_impl") or "auto",
-                               bool(r.get("dense_stem")), bool(r.get("grad_checkpointing")), r.get("checkpoint_stages") or 99))
+                               bool(r.get("dense_stem")), bool(r.get("cuda_graphs")), bool(r.get("grad_checkpointing")),
+                               r.get("checkpoint_stages") or 99))
     out = []
     for a in sparse:
         b, c = _baseline(rows, "masked_dense", a), _baseline(rows, "dense", a)

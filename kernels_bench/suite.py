@@ -64,6 +64,10 @@ class Plan:
     # also headline sparse rows with the first conv dense on the zero-filled image
     # (SparseEncoder.set_dense_stem), for the first backend, bf16 on CUDA
     dense_stem: bool = False
+    # also CUDA sparse rows replayed from CUDA graphs (SparseEncoder.set_cuda_graphs), for the
+    # first backend in bf16: the step, the encoder forward+backward, and the encoder with the
+    # first N stages recomputed for each of checkpoint_stages
+    cuda_graphs: bool = False
 
     def cases(self) -> list[Case]:
         out: list[Case] = []
@@ -87,6 +91,15 @@ class Plan:
                     if self.dense_stem and headline and first:
                         out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp=amp,
                                         dense_stem=True, **common))
+                    if (self.cuda_graphs and self.cuda_extras and headline and first and part != "encoder_fwd"
+                            and impl != "minkowski"):
+                        partial = self.checkpoint_stages if part == "encoder_fwd_bwd" and self.grad_checkpointing else ()
+                        out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp=amp,
+                                        cuda_graphs=True, **common))
+                        for stages in partial:
+                            out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp=amp,
+                                            cuda_graphs=True, grad_checkpointing=True, checkpoint_stages=stages,
+                                            **common))
                 return
             out.append(Case(model, variant, part, batch, size, mask, **common))
             if self.cuda_extras:  # the dense baselines at their fastest: channels_last, and bf16 in it

@@ -205,6 +205,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.grad_checkpointing={t.grad_checkpointing!r} must be true or false")
     if not isinstance(m.get("dense_stem", False), bool):
         raise ConfigError(f"model.dense_stem={m.dense_stem!r} must be true or false")
+    if not isinstance(t.get("cuda_graphs", False), bool):
+        raise ConfigError(f"trainer.cuda_graphs={t.cuda_graphs!r} must be true or false")
     stages = t.get("grad_checkpointing_stages", None)
     if stages is not None:
         _int(stages, "trainer.grad_checkpointing_stages")
@@ -288,6 +290,14 @@ def check_conv_impl(cfg: DictConfig, device: torch.device) -> None:
         raise ConfigError(f"model.conv_impl={conv_impl}: {e}") from e
 
 
+def check_graphs_and_sync_bn(trainer: DictConfig, world_size: int) -> None:
+    """ConfigError where CUDA graphs would capture synchronised batch norms' collectives
+    (several processes with ``trainer.sync_bn``): not supported."""
+    if trainer.get("cuda_graphs", False) and world_size > 1 and trainer.sync_bn:
+        raise ConfigError("trainer.cuda_graphs=true with trainer.sync_bn=true on several processes is not supported "
+                          "(the synchronised batch norms' collectives would be captured): set one of them to false")
+
+
 def build_model(cfg: DictConfig) -> SparK:
     """The SparK model of a run config (encoder by timm name, LightDecoder, mask ratio)."""
     kwargs = {"drop_path_rate": float(cfg.model.drop_path_rate)} if cfg.model.drop_path_rate else {}
@@ -304,6 +314,11 @@ def build_model(cfg: DictConfig) -> SparK:
             encoder.set_dense_stem(True)
         except ValueError as e:
             raise ConfigError(f"model.dense_stem=true: {e}") from e
+    if cfg.trainer.get("cuda_graphs", False):
+        try:
+            encoder.set_cuda_graphs(True)
+        except ValueError as e:
+            raise ConfigError(f"trainer.cuda_graphs=true: {e}") from e
     return SparK(encoder, decoder_width=int(cfg.model.decoder_width), mask_ratio=float(cfg.mask.ratio))
 
 
@@ -514,6 +529,7 @@ class PretrainRun:
         if cfg.model.init:
             load_init_weights(self.model, cfg.model.init)
         self.model.to(self.device)
+        check_graphs_and_sync_bn(t, dist_info.world_size)
         if dist_info.world_size > 1 and t.sync_bn:
             convert_sync_batchnorm(self.model)
         seed_everything(_derived_seed(self.seed, dist_info.rank, 1))  # per-rank stochastic depth
@@ -563,6 +579,11 @@ class PretrainRun:
         log.info("sparse convs: the %s backend%s", backend, " (model.conv_impl=auto)" if conv_impl == "auto" else "")
         if cfg.model.get("dense_stem", False):
             log.info("dense stem: the encoder's first conv runs on the zero-filled image, gathered at its output sites")
+        if t.get("cuda_graphs", False):
+            if self.device.type == "cuda":
+                log.info("CUDA graphs: the encoder's forward+backward is captured on the first batch and replayed after")
+            else:
+                log.warning("trainer.cuda_graphs=true applies on CUDA only: running without graphs on %s", self.device)
         if t.get("grad_checkpointing", False):
             stages = t.get("grad_checkpointing_stages", None)
             which = "each encoder block is" if stages is None else f"the blocks of the encoder's first {stages} stage(s) are"

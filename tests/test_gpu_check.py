@@ -120,6 +120,15 @@ def test_bench_phase_without_data_or_a_gpu_measures_nothing_and_says_so(tmp_path
     assert not (logs / "data_throughput.json").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="rehearses the no-GPU path")
+def test_the_test_phase_can_run_the_unproven_files_alone(tmp_path):
+    assert gpu_check.main(["test", "--first-only", "--limit", "300", "--log-dir", str(tmp_path)]) == 0
+    log = (tmp_path / "test.log").read_text()
+    assert "--first-only: the CUDA tests of tests/test_cuda_graphs.py" in log
+    command = next(line for line in log.splitlines() if "-m pytest" in line)
+    assert command.split("thread ", 1)[1].split(" (at most")[0].split() == list(gpu_check.FIRST_TESTS)
+
+
 def test_the_test_phase_runs_every_test_file_once_the_unproven_ones_first():
     paths = gpu_check.test_paths()
     assert paths[:len(gpu_check.FIRST_TESTS)] == list(gpu_check.FIRST_TESTS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels_bench.measure import Case, run_case
-from kernels_bench.report import headline, write_report
+from kernels_bench.report import headline, option_labels, write_report
 from kernels_bench.suite import Plan, _run_isolated, run_cases, sanity_check, save_results, environment
 
 
@@ -278,12 +278,34 @@ def test_dense_stem_rows_are_headline_rows_of_the_first_backend_and_named_apart(
     assert {h["backend"] for h in headline(results)} == {"torch", "torch+dense_stem"}
 
 
+def test_cuda_graph_rows_are_cuda_headline_rows_of_the_first_backend_and_named_apart():
+    cases = _plan(device="cuda", cuda_extras=True, parts=["encoder_fwd", "encoder_fwd_bwd", "step"],
+                  conv_impls=("torch", "triton"), grad_checkpointing=True, checkpoint_stages=(2, 3),
+                  cuda_graphs=True).cases()
+    graphed = [(c.part, c.conv_impl, c.amp, c.mask_ratio, c.checkpoint_stages) for c in cases if c.cuda_graphs]
+    assert graphed == [("encoder_fwd_bwd", "torch", "bf16", 0.6, None), ("encoder_fwd_bwd", "torch", "bf16", 0.6, 2),
+                       ("encoder_fwd_bwd", "torch", "bf16", 0.6, 3), ("step", "torch", "bf16", 0.6, None)]
+    assert all(c.grad_checkpointing == (c.checkpoint_stages is not None) for c in cases if c.cuda_graphs)
+    assert not any(c.cuda_graphs for c in _plan(cuda_graphs=True).cases())  # no CUDA rows on a CPU plan
+    for bad in (dict(device="cpu"), dict(part="encoder_fwd"), dict(conv_impl="minkowski"), dict(dense_stem=True),
+                dict(variant="masked_dense")):
+        with pytest.raises(ValueError, match="cuda_graphs rows are CUDA sparse rows"):
+            Case(**{**dict(model="resnet18", variant="sparse", part="step", batch=2, size=64, mask_ratio=0.6,
+                           device="cuda", cuda_graphs=True), **bad}).validate()
+    row = {"model": "resnet18", "variant": "sparse", "conv_impl": "torch", "cuda_graphs": True,
+           "grad_checkpointing": True, "checkpoint_stages": 2}
+    assert option_labels(row) == "+recompute[1-2]+cuda_graphs"
+
+
 def test_the_cli_refuses_stage_rows_without_recompute_rows(capsys):
     from kernels_bench.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["--quick", "--models", "resnet18", "--checkpoint-stages", "2"])
     assert "--checkpoint-stages adds rows to those of --grad-checkpointing: give both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--quick", "--models", "resnet18", "--cuda-graphs"])
+    assert "--cuda-graphs rows run on CUDA only: add --device cuda" in capsys.readouterr().err
 
 
 def test_the_cli_refuses_unknown_encoders_naming_the_registered_ones(tmp_path, capsys):

@@ -312,6 +312,36 @@ def test_encoder_triton_equals_torch(name):
     _check_encoder(name, torch.device("cpu"), 2, (2, 2), 1e-4)
 
 
+@INTERPRETER
+def test_a_replayed_triton_encoder_refills_its_inverse_tables():
+    """CUDA graphs (spark_me.cuda_graphs) copy each batch's tables into the captured ones,
+    Triton's inverse tables of the strided convs (their input gradients) included: the
+    captured structure, run here on a second batch's refilled tables, gives that batch's
+    features and gradients as the plain Triton encoder does (ResNet-18, float32)."""
+    from spark_me.cuda_graphs import EncoderGraphs
+    from spark_me.gather import to_sparse
+
+    graphed, plain = _encoder_pair("resnet18", torch.device("cpu"))[0], _encoder_pair("resnet18", torch.device("cpu"))[0]
+    graphs = EncoderGraphs(graphed, make_graph=lambda body, sample: body)
+    for seed in range(2):  # the first batch is the template, the second refills its tables
+        images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        active = _active(2, (2, 2), seed=seed + 5)
+        results = []
+        for encoder, run in ((graphed, graphs.forward_sparse), (plain, plain.forward_sparse)):
+            encoder.zero_grad(set_to_none=True)
+            features = run(to_sparse(images, active, 32))
+            maps = [to_dense(f, 2, (64 // f.tensor_stride[0],) * 2) for f in features]
+            sum((m * torch.linspace(-1, 1, m.numel()).view_as(m)).sum() for m in maps).backward()
+            results.append(([m.detach() for m in maps], {n: q.grad for n, q in encoder.named_parameters()}))
+        (got, got_grads), (want, want_grads) = results
+        assert all(rel_err(g, w) <= 1e-5 for g, w in zip(got, want))
+        for n in want_grads:
+            assert rel_err(got_grads[n], want_grads[n]) <= 1e-5, n
+    template = next(iter(graphs.graphs.values())).template.coordinate_manager
+    assert any(t._triton_inverse is not None for t in template.neighbour_tables.values())  # strided convs ran
+    assert (graphs.replays, graphs.plain_runs) == (2, 0)
+
+
 # --- CUDA: compiled kernels at ResNet-50 / ConvNeXt-T sizes (pytest -m cuda) --------------
 
 def _on_cuda(test):

@@ -134,6 +134,7 @@ def test_demo_experiment_preset_composes():
         (["trainer.grad_accum_steps=0"], r"trainer.grad_accum_steps=0 must be an integer >= 1"),
         (["trainer.grad_checkpointing=sometimes"], r"trainer.grad_checkpointing='sometimes' must be true or false"),
         (["model.dense_stem=sometimes"], r"model.dense_stem='sometimes' must be true or false"),
+        (["trainer.cuda_graphs=1"], r"trainer.cuda_graphs=1 must be true or false"),
         (["trainer.grad_checkpointing_stages=2"], r"trainer.grad_checkpointing_stages=2 chooses .* needs trainer.grad_checkpointing=true"),
         (["trainer.grad_checkpointing=true", "trainer.grad_checkpointing_stages=0"], r"trainer.grad_checkpointing_stages=0 must be an integer >= 1"),
         (["data.global_batch_size=4096", "trainer.grad_accum_steps=3"], r"does not split into 1 process\(es\) x trainer.grad_accum_steps=3"),
@@ -291,6 +292,24 @@ def test_gradient_checkpointing_stages_reach_the_encoder_or_fail_naming_the_keys
     with pytest.raises(ConfigError, match=r"trainer.grad_checkpointing=true, grad_checkpointing_stages=5: "
                                           r"stages must be a whole number from 1 to 4"):
         build_model(too_many)
+
+
+def test_cuda_graphs_reach_the_encoder_or_fail_naming_the_key(tmp_path):
+    assert build_model(_tiny(tmp_path, "trainer.cuda_graphs=true")).encoder.cuda_graphs
+    with pytest.raises(ConfigError, match=r"trainer.cuda_graphs=true: CUDA graphs capture the sparse stem: turn the "
+                                          r"dense stem off \(model.dense_stem=false\)"):
+        build_model(_tiny(tmp_path, "trainer.cuda_graphs=true", "model.dense_stem=true"))
+
+
+def test_cuda_graphs_refuse_synchronised_batch_norms_across_processes(tmp_path):
+    from spark_me.pretrain import check_graphs_and_sync_bn
+
+    trainer = _tiny(tmp_path, "trainer.cuda_graphs=true").trainer
+    check_graphs_and_sync_bn(trainer, world_size=1)  # one process: nothing to synchronise
+    with pytest.raises(ConfigError, match=r"trainer.cuda_graphs=true with trainer.sync_bn=true on several processes"):
+        check_graphs_and_sync_bn(trainer, world_size=2)
+    trainer.sync_bn = False
+    check_graphs_and_sync_bn(trainer, world_size=2)
 
 
 def _straight_and_split(base: str, *overrides: str) -> None:

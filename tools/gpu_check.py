@@ -174,8 +174,12 @@ def phase_test(args: argparse.Namespace) -> int:
     # -m cuda: the CUDA variants of the device-parametrised tests and the CUDA-only tests.
     # pytest-timeout's thread method ends a hung test with its stack; -v names each test
     # as it starts, so a crash is attributed to the test that was running.
+    paths = list(FIRST_TESTS) if args.first_only else test_paths()
+    if args.first_only:
+        phase.say(f"gpu-check test: --first-only: the CUDA tests of {', '.join(FIRST_TESTS)} (the rest passed on the "
+                  "last full run)")
     cmd = [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", "-o", "addopts=-ra",
-           "--timeout", str(args.test_timeout), "--timeout-method", "thread", *test_paths()]
+           "--timeout", str(args.test_timeout), "--timeout-method", "thread", *paths]
     r, crashes = run_pytest(phase, cmd)
     counts = phase.summary["pytest"]
     if not usable:
@@ -186,9 +190,9 @@ def phase_test(args: argparse.Namespace) -> int:
 
 
 # Test files whose CUDA tests have not yet all passed on a GPU run first, so a phase limit
-# costs the tests already proven there (the Triton backend's encoder-level tests gate its
-# use as the CUDA default).
-FIRST_TESTS = ("tests/test_ops_triton.py", "tests/test_ops.py", "tests/test_kernels_bench_profile.py")
+# costs the tests already proven there (CUDA graphs; the pre-training runs, which use
+# Triton since conv_impl=auto picks it on CUDA); --first-only runs these alone.
+FIRST_TESTS = ("tests/test_cuda_graphs.py", "tests/test_gpu.py", "tests/test_pretrain.py")
 
 
 def test_paths() -> list[str]:
@@ -287,6 +291,7 @@ def phase_bench(args: argparse.Namespace) -> int:
             "--no-sweeps", "--repeats", str(args.repeats), "--skip", "breakdown", "kernels", "--grad-checkpointing",
             "--checkpoint-stages", "2", "3",  # ResNet-50's encoder: time and memory both <= 0.5x of (b)?
             "--dense-stem",  # and without full-resolution coordinates and tables?
+            "--cuda-graphs",  # and with the host out of the encoder's loop (also with stages 1-2, 1-3 recomputed)?
             "--out", str(out),
         ], started=_STARTED_CASE)
         if data["rc"] == 0 and data_json.exists() and out.is_dir():
@@ -363,6 +368,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--wheelhouse", default=None, help="build: the folder made by make wheelhouse")
     p.add_argument("--python", default="python3", help="build: the Python that holds the machine's torch")
     p.add_argument("--test-timeout", type=int, default=240, help="test: seconds one test may take")
+    p.add_argument("--first-only", action="store_true",
+                   help="test: only the CUDA tests of the files not yet proven on a GPU (FIRST_TESTS), for a short loan")
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="bench: encoders")
     p.add_argument("--conv-impl", nargs="+", default=["torch", "triton", "minkowski"],
                    choices=("auto", "torch", "triton", "minkowski"), help="bench: sparse backends, one row set each")

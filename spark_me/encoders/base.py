@@ -23,6 +23,7 @@ import MinkowskiEngine as ME
 import torch
 import torch.nn as nn
 
+from spark_me.cuda_graphs import EncoderGraphs, check_graphable
 from spark_me.gather import check_inputs, to_sparse
 from spark_me.layers import SparseBatchNorm2d
 
@@ -46,6 +47,11 @@ class SparseEncoder(nn.Module):
     # (spark_me.gather.conv_to_sparse) implement forward_image and set this True.
     supports_dense_stem: bool = False
     dense_stem: bool = False
+    # Encoders whose forward_sparse reads per-batch data only through the batch's neighbour
+    # tables and batch indices can be replayed from CUDA graphs (spark_me.cuda_graphs).
+    supports_cuda_graphs: bool = False
+    cuda_graphs: bool = False
+    _graphs: Optional[EncoderGraphs] = None
 
     def set_grad_checkpointing(self, enable: bool = True, stages: Optional[int] = None) -> None:
         """timm's switch: recompute each block in the backward instead of keeping its
@@ -86,7 +92,21 @@ class SparseEncoder(nn.Module):
         check_inputs(images, active, self.downsample_ratio)
         if self.dense_stem:
             return self.forward_image(images, active)
-        return self.forward_sparse(to_sparse(images, active, self.downsample_ratio))
+        x = to_sparse(images, active, self.downsample_ratio)
+        if self.cuda_graphs and x.F.is_cuda and self.training and torch.is_grad_enabled():
+            if self._graphs is None:
+                self._graphs = EncoderGraphs(self)
+            return self._graphs.forward_sparse(x)
+        return self.forward_sparse(x)
+
+    def set_cuda_graphs(self, enable: bool = True) -> None:
+        """Replay the training forward+backward on CUDA from captured graphs (one capture
+        per batch shape; :mod:`spark_me.cuda_graphs`): the host no longer issues each of the
+        encoder's kernels. Evaluation and CPU batches run as before."""
+        if enable:
+            check_graphable(self)
+        self.cuda_graphs = enable
+        self._graphs = None  # captured again on the next training batch
 
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         """Encode the gathered visible pixels (tensor stride 1) into per-scale features."""
@@ -97,6 +117,8 @@ class SparseEncoder(nn.Module):
         output sites, instead of a sparse conv of the gathered pixels: the same features
         (exact, see :func:`spark_me.gather.conv_to_sparse`) without full-resolution
         coordinates and tables."""
+        if enable and self.cuda_graphs:
+            raise ValueError("CUDA graphs capture the sparse stem: set_cuda_graphs(False) before a dense stem")
         if enable and not self.supports_dense_stem:
             raise ValueError(f"{type(self).__name__} has no dense stem: implement forward_image(images, active) "
                              "with spark_me.gather.conv_to_sparse and set supports_dense_stem = True")

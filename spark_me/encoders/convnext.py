@@ -103,6 +103,7 @@ class SparseConvNeXt(SparseEncoder):
     supports_grad_checkpointing = True
     supports_stage_checkpointing = True
     supports_dense_stem = True
+    supports_cuda_graphs = True
 
     def __init__(
         self,

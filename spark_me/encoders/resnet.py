@@ -98,6 +98,7 @@ class SparseResNet(SparseEncoder):
     supports_grad_checkpointing = True
     supports_stage_checkpointing = True
     supports_dense_stem = True
+    supports_cuda_graphs = True
 
     def __init__(
         self,

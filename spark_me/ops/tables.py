@@ -293,24 +293,33 @@ def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neigh
     Output sites: the input sites for stride 1, else the input sites floored to the new
     stride (MinkowskiEngine's strided map, shared with its own convs and pools).
     """
-    cm, in_key = x.coordinate_manager, x.coordinate_map_key
-    cache = cm.neighbour_tables if isinstance(cm, TableCache) else None
+    return tables_on(x.coordinate_manager, x.coordinate_map_key, kernel_size, stride, x.F.device)
+
+
+def tables_on(
+    cm: ME.CoordinateManager, in_key: ME.CoordinateMapKey, kernel_size: int, stride: int, device: torch.device,
+    cache: bool = True,
+) -> NeighbourTables:
+    """:func:`neighbour_tables` of the sites of map ``in_key`` on ``cm``, on ``device``
+    (kept on ``cm`` where it is a :class:`TableCache` and ``cache`` is on)."""
+    cache = cm.neighbour_tables if cache and isinstance(cm, TableCache) else None
     cache_key = (*_map_id(in_key), kernel_size, stride)
     if cache is not None and cache_key in cache:
         return cache[cache_key]
     with torch.profiler.record_function(TABLES_RANGE):
-        tables = _build_tables(x, kernel_size, stride)
+        tables = _build_tables(cm, in_key, kernel_size, stride, device)
     if cache is not None:
         cache[cache_key] = tables
     return tables
 
 
-def _build_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> NeighbourTables:
-    """:func:`neighbour_tables` without the cache."""
-    cm, in_key = x.coordinate_manager, x.coordinate_map_key
+def _build_tables(
+    cm: ME.CoordinateManager, in_key: ME.CoordinateMapKey, kernel_size: int, stride: int, device: torch.device
+) -> NeighbourTables:
+    """:func:`tables_on` without the cache."""
     cached = isinstance(cm, TableCache)
+    tensor_stride = in_key.get_key()[0][0]
     out_key = in_key if stride == 1 else cm.stride(in_key, stride)
-    device = x.F.device
     # The tables keep no coordinates; `sites` reads them again where an op needs them. A
     # cached table refers to its manager weakly (the manager holds the table), and is only
     # used while the manager's batch lives.
@@ -325,6 +334,6 @@ def _build_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> Neighbou
 
     in_coords, out_coords = sites()
     extent = cm.extent if cached else None
-    forward = _grid_lookup(in_coords.long(), out_coords.long(), x.tensor_stride[0], kernel_size, extent)
+    forward = _grid_lookup(in_coords.long(), out_coords.long(), tensor_stride, kernel_size, extent)
     return NeighbourTables(forward, out_key, kernel_size, stride, len(in_coords), len(out_coords),
-                           sites=sites, tensor_stride=x.tensor_stride[0], extent=extent)
+                           sites=sites, tensor_stride=tensor_stride, extent=extent)

@@ -1,0 +1,234 @@
+"""CUDA graphs for the sparse encoder: capture its forward+backward once, replay per batch.
+
+On a GPU the sparse encoder is host-bound: each of its ~1600 kernels per step ends before
+the host has issued the next (docs/gpu.md, fourth run). A graph replays the captured
+launches without the host. It fits SparK because a batch's shapes are fixed: every image
+keeps exactly ``round(L·(1 − mask ratio))`` patches, so every scale has the same number of
+sites in every batch of a given size, and once a batch's neighbour tables exist the
+encoder's forward+backward reads nothing back to the host (tests/test_ops.py's sync audit).
+
+Per shape (the signature: the gathered rows, the batch's extent, the autocast state, the
+encoder's recomputation setting) the first batch is the *template*: the encoder runs
+``forward_sparse`` on it a few times (building and caching its tables) and is captured by
+``torch.cuda.make_graphed_callables``. Every later batch of that shape:
+
+1. gets its maps and tables the template's encoder asked for, in the same order
+   (:func:`spark_me.ops.tables.tables_on`; MinkowskiEngine's maps, on the host);
+2. has them copied into the template's tables, which the captured kernels read (the index
+   tables, the dense-map positions, Triton's inverse tables, the per-site batch indices);
+3. replays the graph on its gathered features and gets the per-scale features back as
+   ``SparseTensor``\\ s on its own coordinate maps, for densify.
+
+A batch whose tables differ from the template's in anything but their contents (row
+counts, whether every site has all its neighbours) runs eagerly, with a warning. The
+outputs live in the graph's static buffers: the next replay overwrites them, so a step
+must finish (its backward included) before the next forward, as training loops do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Optional
+
+import MinkowskiEngine as ME
+import torch
+import torch.nn as nn
+
+from spark_me.ops.tables import NeighbourTables, TableCache, tables_on
+from spark_me.recompute import buffers_unchanged
+
+log = logging.getLogger(__name__)
+
+# Graphs kept per encoder (one per batch shape); a further shape runs eagerly.
+MAX_GRAPHS = 2
+
+GraphMaker = Callable[[nn.Module, tuple[torch.Tensor, ...]], Callable[..., tuple[torch.Tensor, ...]]]
+
+
+def make_cuda_graph(body: nn.Module, sample: tuple[torch.Tensor, ...]) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``body`` captured with its backward by ``torch.cuda.make_graphed_callables``, under
+    the caller's autocast state with autocast's cast cache off (which capture requires)."""
+    dtype = torch.get_autocast_dtype("cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+        return torch.cuda.make_graphed_callables(body, sample, num_warmup_iters=3, allow_unused_input=True)
+
+
+class _Body(nn.Module):
+    """The encoder's ``forward_sparse`` on the template batch's maps, as a function of the
+    gathered features only: what the graph captures. Records the output tensor strides."""
+
+    def __init__(self, encoder: nn.Module, template: ME.SparseTensor) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.key, self.manager = template.coordinate_map_key, template.coordinate_manager
+        self.out_strides: list[int] = []
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = ME.SparseTensor(features, coordinate_map_key=self.key, coordinate_manager=self.manager)
+        outputs = self.encoder.forward_sparse(x)
+        self.out_strides = [f.tensor_stride[0] for f in outputs]
+        return tuple(f.F for f in outputs)
+
+
+@dataclasses.dataclass
+class _Graph:
+    body: _Body
+    run: Callable[..., tuple[torch.Tensor, ...]]
+    template: ME.SparseTensor  # keeps the template's manager, which holds the captured tables
+
+
+class EncoderGraphs:
+    """The captured graphs of one encoder, by batch shape; see the module docstring.
+
+    ``make_graph`` captures (``body``, sample inputs) into a callable with the body's
+    signature; the default is :func:`make_cuda_graph`. The tests pass the body itself,
+    which runs the same refilled tables eagerly on the CPU.
+    """
+
+    def __init__(self, encoder: nn.Module, make_graph: GraphMaker = make_cuda_graph) -> None:
+        self.encoder = encoder
+        self.make_graph = make_graph
+        self.graphs: dict[tuple, Optional[_Graph]] = {}  # None: its capture failed
+        self.replays = 0  # batches run from a graph (each capture's first included)
+        self.plain_runs = 0  # batches that fell back to the plain forward
+        self._warned: set[str] = set()
+
+    def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        """``encoder.forward_sparse(x)``, replayed from a graph where the batch fits one."""
+        cm = x.coordinate_manager
+        if not isinstance(cm, TableCache) or cm.extent is None:
+            raise ValueError("CUDA graphs need a batch gathered by spark_me.gather.to_sparse (its TableCache)")
+        signature = self._signature(x)
+        if signature in self.graphs and self.graphs[signature] is None:  # its capture failed
+            return self._plain(x)
+        graph = self.graphs.get(signature)
+        if graph is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self._warn("shapes", f"more than {MAX_GRAPHS} batch shapes: this one ({tuple(x.F.shape)}, extent "
+                                     f"{cm.extent}) runs without a CUDA graph (keep the batch size and mask ratio fixed, "
+                                     "e.g. drop the last incomplete batch)")
+                return self._plain(x)
+            return self._capture(x, signature)
+        keys = self._refill(graph, x)
+        if keys is None:
+            return self._plain(x)
+        self.replays += 1
+        features = graph.run(x.F)
+        return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm)
+                for f, s in zip(features, graph.body.out_strides)]
+
+    def _signature(self, x: ME.SparseTensor) -> tuple:
+        encoder = self.encoder
+        return (tuple(x.F.shape), x.F.dtype, x.tensor_stride[0], x.coordinate_manager.extent,
+                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                encoder.grad_checkpointing, encoder.checkpoint_stages, x.F.requires_grad)
+
+    def _capture(self, x: ME.SparseTensor, signature: tuple) -> list[ME.SparseTensor]:
+        """Capture on ``x`` (the template) and return its features from the first replay.
+        The warm-up and capture runs leave the encoder's buffers (batch-norm statistics) as
+        they found them, so the template batch updates them once, like any other."""
+        check_graphable(self.encoder)
+        body = _Body(self.encoder, x)
+        try:
+            with buffers_unchanged(self.encoder):
+                run = self.make_graph(body, (x.F.detach().requires_grad_(x.F.requires_grad),))
+        except RuntimeError as e:  # e.g. an op that a capture does not allow: train on without graphs
+            self._warn("capture", f"capturing the encoder as a CUDA graph failed ({type(e).__name__}: {e}); "
+                                  "running it without graphs (trainer.cuda_graphs=false silences this)")
+            self.graphs[signature] = None
+            return self._plain(x)
+        self.graphs[signature] = graph = _Graph(body, run, x)
+        self.replays += 1
+        features = graph.run(x.F)
+        cm: TableCache = x.coordinate_manager
+        log.info("captured the encoder's forward+backward as a CUDA graph for batches of %d sites (%d tables)",
+                 x.F.shape[0], len(cm.neighbour_tables))
+        keys = {x.tensor_stride[0]: x.coordinate_map_key, **{t.stride * _in_stride(k): t.out_key
+                                                             for k, t in cm.neighbour_tables.items()}}
+        return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm)
+                for f, s in zip(features, body.out_strides)]
+
+    def _refill(self, graph: _Graph, x: ME.SparseTensor) -> Optional[dict[int, ME.CoordinateMapKey]]:
+        """Build ``x``'s tables as the template's were built and copy them into the
+        template's; returns ``x``'s map key per tensor stride, or None (with a warning)
+        where a table differs from the template's in shape or completeness."""
+        template: TableCache = graph.template.coordinate_manager
+        cm: TableCache = x.coordinate_manager
+        device = x.F.device
+        keys = {x.tensor_stride[0]: x.coordinate_map_key}
+        for cache_key, captured in template.neighbour_tables.items():
+            in_stride, (kernel_size, stride) = _in_stride(cache_key), cache_key[2:]
+            if in_stride not in keys:
+                return self._mismatch(f"no map at tensor stride {in_stride}")
+            fresh = tables_on(cm, keys[in_stride], kernel_size, stride, device, cache=False)  # copied, then freed
+            keys[in_stride * stride] = fresh.out_key
+            problem = _copy_tables(fresh, captured)
+            if problem:
+                return self._mismatch(f"the {kernel_size}x{kernel_size}/{stride} tables at stride {in_stride}: {problem}")
+        for map_id, captured in template.batch_indices.items():
+            in_stride = _in_stride(map_id)
+            if in_stride not in keys:
+                return self._mismatch(f"no map at tensor stride {in_stride} for its batch index")
+            fresh = cm.batch_index(keys[in_stride], device)
+            if fresh.shape != captured.shape:
+                return self._mismatch(f"the batch index at stride {in_stride} has {len(fresh)} sites, not {len(captured)}")
+            captured.copy_(fresh)
+        return keys
+
+    def _plain(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        self.plain_runs += 1
+        return self.encoder.forward_sparse(x)
+
+    def _mismatch(self, what: str) -> None:
+        self._warn(what, f"this batch runs without its CUDA graph: {what} (differs from the captured batch)")
+        return None
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+
+def check_graphable(encoder: nn.Module) -> None:
+    """Raise ValueError naming the fix unless ``encoder``'s forward can be captured: its
+    class says it can (``supports_cuda_graphs``), its first conv is sparse (a dense stem
+    gathers with a host synchronisation, outside the captured part) and no layer runs
+    MinkowskiEngine's kernels (they use MinkowskiEngine's own per-batch kernel maps)."""
+    name = type(encoder).__name__
+    if not getattr(encoder, "supports_cuda_graphs", False):
+        raise ValueError(f"{name} does not support CUDA graphs: its forward_sparse must read per-batch data only "
+                         "through the batch's neighbour tables and batch indices (spark_me.ops); then set "
+                         "supports_cuda_graphs = True")
+    if getattr(encoder, "dense_stem", False):
+        raise ValueError("CUDA graphs capture the sparse stem: turn the dense stem off (model.dense_stem=false)")
+    if any(getattr(m, "conv_impl", None) == "minkowski" for m in encoder.modules()):
+        raise ValueError("CUDA graphs cannot replay MinkowskiEngine's kernels (conv_impl='minkowski'): use "
+                         "conv_impl='auto', 'triton' or 'torch'")
+
+
+def _in_stride(map_key: tuple) -> int:
+    """The tensor stride of a table cache key or map id (``((s, s), name, ...)``)."""
+    return map_key[0][0]
+
+
+def _copy_tables(fresh: NeighbourTables, captured: NeighbourTables) -> str:
+    """Copy every part of ``fresh`` that the captured kernels read into ``captured``'s
+    tensors; returns what differs where they cannot take it ('' when copied)."""
+    if (fresh.n_in, fresh.n_out) != (captured.n_in, captured.n_out):
+        return f"{fresh.n_in}->{fresh.n_out} sites, captured {captured.n_in}->{captured.n_out}"
+    if captured._complete is not None and fresh.complete != captured._complete:
+        return "whether every site has all its neighbours"
+    if captured._pairs is not None:
+        return "per-tap pair lists (algorithm='pairs') change length with every batch"
+    captured.forward.copy_(fresh.forward)
+    if captured._dense_grid is not None:
+        grid, into = fresh.dense_grid, captured._dense_grid
+        if (grid.in_shape, grid.out_shape) != (into.in_shape, into.out_shape):
+            return f"dense maps {grid.in_shape}, captured {into.in_shape}"
+        into.in_flat.copy_(grid.in_flat)
+        into.out_flat.copy_(grid.out_flat)
+    if captured._triton_inverse is not None:
+        from spark_me.ops.triton_backend import inverse_table
+
+        captured._triton_inverse.copy_(inverse_table(fresh))
+    return ""

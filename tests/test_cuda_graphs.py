@@ -1,0 +1,213 @@
+"""CUDA graphs of the sparse encoder (spark_me.cuda_graphs).
+
+On the CPU the "graph" is the captured body itself (``make_graph=_eager``): it runs the
+template batch's layers on the template's tables, refilled with each new batch's, so these
+tests prove what a replay relies on: every per-batch input of the encoder reaches it
+through the refilled tables and batch indices. The capture itself runs on CUDA only.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import NEEDS_CUDA, randomize_norms, rel_err
+from spark_me import build_sparse_encoder
+from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs
+from spark_me.gather import to_dense, to_sparse
+from spark_me.masking import random_patch_mask
+
+
+def _eager(body, sample):
+    return body
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    """Relative error within ``tol``; an all-zero reference (a block that drop path dropped
+    for every sample) must be matched exactly."""
+    return torch.equal(got, want) if not want.any() else rel_err(got, want) < tol
+
+
+def _batch(seed: int, batch: int = 2, size: int = 96, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=g, dtype=dtype)
+    active = random_patch_mask(batch, (size // 32, size // 32), 0.6, g)
+    return images.to(device), active.to(device)
+
+
+def _encoder(name: str, dtype=torch.float64, device="cpu", conv_impl="torch", **kwargs):
+    torch.manual_seed(0)
+    encoder = build_sparse_encoder(name, conv_impl=conv_impl, **kwargs)
+    randomize_norms(encoder, torch.Generator().manual_seed(1))
+    return encoder.to(device=device, dtype=dtype).train()
+
+
+def _loss(features, batch: int, size: int) -> torch.Tensor:
+    """A loss that weighs every site of every scale differently (fixed weights)."""
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    for f in features:
+        s = f.tensor_stride[0]
+        dense = to_dense(f, batch, (size // s, size // s))
+        total = total + (dense * torch.randn(dense.shape, generator=g, dtype=dense.dtype).to(dense.device)).sum()
+    return total
+
+
+def _step(encoder, run, images, active, size):
+    """Features (dense maps) and every parameter's gradient of one forward+backward."""
+    encoder.zero_grad(set_to_none=True)
+    features = run(to_sparse(images, active, 32))
+    _loss(features, len(images), size).backward()
+    dense = [to_dense(f, len(images), (size // f.tensor_stride[0],) * 2).detach() for f in features]
+    return dense, {n: p.grad.clone() for n, p in encoder.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_refilled_tables_give_every_batch_its_own_features_gradients_and_statistics(name):
+    """Drop path on: its per-sample draws reach the sites through the refilled batch index."""
+    size = 96
+    graphed, plain = _encoder(name, drop_path_rate=0.3), _encoder(name, drop_path_rate=0.3)
+    graphs = EncoderGraphs(graphed, make_graph=_eager)
+    for seed in range(3):  # the first batch is captured, the next two refill its tables
+        images, active = _batch(seed, batch=4, size=size)
+        torch.manual_seed(seed)
+        got, got_grads = _step(graphed, graphs.forward_sparse, images, active, size)
+        torch.manual_seed(seed)
+        want, want_grads = _step(plain, plain.forward_sparse, images, active, size)
+        assert len(got) == len(want) == 4
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-12
+        for n in want_grads:
+            assert _close(got_grads[n], want_grads[n], 1e-10), n
+    assert len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (3, 0)  # one shape, one capture
+    for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
+        assert torch.equal(a, b), n  # batch-norm statistics updated once per batch, as plainly
+
+
+def test_the_template_holds_the_latest_batchs_tables():
+    encoder = _encoder("resnet18")
+    graphs = EncoderGraphs(encoder, make_graph=_eager)
+    for seed in range(2):
+        x = to_sparse(*_batch(seed), 32)
+        graphs.forward_sparse(x)
+    template = next(iter(graphs.graphs.values())).template.coordinate_manager
+    fresh = to_sparse(*_batch(1), 32)
+    plain = _encoder("resnet18")
+    plain.forward_sparse(fresh)
+    mine = fresh.coordinate_manager.neighbour_tables
+    assert template.neighbour_tables.keys() == mine.keys() and len(mine) > 3
+    for key, captured in template.neighbour_tables.items():
+        assert torch.equal(captured.forward, mine[key].forward), key
+
+
+def test_a_new_batch_shape_is_captured_again_and_beyond_the_limit_runs_without_a_graph(caplog):
+    encoder = _encoder("resnet18")
+    graphs = EncoderGraphs(encoder, make_graph=_eager)
+    plain = _encoder("resnet18")
+    shapes = [(2, 96), (3, 96), (2, 64)][: MAX_GRAPHS + 1]
+    for i, (batch, size) in enumerate(shapes):
+        images, active = _batch(i, batch=batch, size=size)
+        with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
+            got, _ = _step(encoder, graphs.forward_sparse, images, active, size)
+        want, _ = _step(plain, plain.forward_sparse, images, active, size)
+        assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
+    assert len(graphs.graphs) == MAX_GRAPHS and (graphs.replays, graphs.plain_runs) == (MAX_GRAPHS, 1)
+    assert f"more than {MAX_GRAPHS} batch shapes" in caplog.text and "runs without a CUDA graph" in caplog.text
+
+
+def test_tables_a_replay_cannot_refill_send_the_batch_down_the_plain_path(caplog):
+    encoder = _encoder("resnet18")
+    graphs = EncoderGraphs(encoder, make_graph=_eager)
+    graphs.forward_sparse(to_sparse(*_batch(0), 32))
+    template = next(iter(graphs.graphs.values())).template.coordinate_manager
+    next(iter(template.neighbour_tables.values())).pairs  # as algorithm="pairs" would build them
+    plain = _encoder("resnet18")
+    images, active = _batch(1)
+    with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
+        got, _ = _step(encoder, graphs.forward_sparse, images, active, 96)
+    want, _ = _step(plain, plain.forward_sparse, images, active, 96)
+    assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
+    assert "runs without its CUDA graph" in caplog.text and "algorithm='pairs'" in caplog.text
+    assert (graphs.replays, graphs.plain_runs) == (1, 1)
+
+
+def test_a_failed_capture_warns_once_and_trains_on_without_graphs(caplog):
+    def broken(body, sample):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    encoder, plain = _encoder("resnet18"), _encoder("resnet18")
+    graphs = EncoderGraphs(encoder, make_graph=broken)
+    with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
+        for seed in range(2):
+            images, active = _batch(seed)
+            got, _ = _step(encoder, graphs.forward_sparse, images, active, 96)
+            want, _ = _step(plain, plain.forward_sparse, images, active, 96)
+            assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
+    assert caplog.text.count("capturing the encoder as a CUDA graph failed") == 1
+    assert (graphs.replays, graphs.plain_runs) == (0, 2)
+
+
+def test_encoders_that_cannot_be_replayed_refuse_naming_the_fix():
+    dense_stem = build_sparse_encoder("resnet18", dense_stem=True)
+    with pytest.raises(ValueError, match="turn the dense stem off"):
+        dense_stem.set_cuda_graphs()
+    with pytest.raises(ValueError, match="cannot replay MinkowskiEngine's kernels"):
+        build_sparse_encoder("resnet18", conv_impl="minkowski").set_cuda_graphs()
+    graphed = build_sparse_encoder("convnext_atto")
+    graphed.set_cuda_graphs()
+    with pytest.raises(ValueError, match=r"set_cuda_graphs\(False\) before a dense stem"):
+        graphed.set_dense_stem()
+    graphed.set_cuda_graphs(False)
+    graphed.set_dense_stem()  # fine once graphs are off
+
+    from spark_me.encoders.base import SparseEncoder
+
+    class Own(SparseEncoder):
+        feature_channels = [8]
+
+    with pytest.raises(ValueError, match="Own does not support CUDA graphs.*supports_cuda_graphs = True"):
+        Own().set_cuda_graphs()
+
+
+def test_evaluation_and_cpu_batches_run_the_plain_path():
+    encoder = _encoder("resnet18")
+    encoder.set_cuda_graphs()
+    images, active = _batch(0)
+    encoder(images, active)  # a CPU batch: no graphs made
+    assert encoder._graphs is None
+
+
+@pytest.mark.parametrize("name, conv_impl", [pytest.param("resnet18", "triton", marks=NEEDS_CUDA),
+                                             pytest.param("convnext_atto", "torch", marks=NEEDS_CUDA)])
+def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl):
+    """The real capture: five bf16 batches (the first one captured) through the encoder's
+    own forward, against the same encoder run plainly. Same kernels, so only the order of
+    Triton's fp32 atomic adds differs: a bf16 ulp (2^-8) in a few elements, far inside the
+    bounds. (Drop path is off: a replay draws from PyTorch's graph-safe generator, whose
+    offsets need not follow the plain run's; the CPU tests cover its batch index.)"""
+    device, size, batch = torch.device("cuda"), 96, 4
+    graphed = _encoder(name, torch.float32, device, conv_impl)
+    plain = _encoder(name, torch.float32, device, conv_impl)
+    graphed.set_cuda_graphs()
+    for seed in range(5):
+        images, active = _batch(seed, batch=batch, size=size, dtype=torch.float32, device=device)
+        outs = []
+        for e in (graphed, plain):
+            e.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                features = e(images, active)
+                loss = _loss(features, batch, size).float()
+            loss.backward()
+            outs.append(([to_dense(f, batch, (size // f.tensor_stride[0],) * 2).float().detach() for f in features],
+                         {n: p.grad.float().clone() for n, p in e.named_parameters()}))
+        (got, got_grads), (want, want_grads) = outs
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-2
+        for n in want_grads:
+            assert _close(got_grads[n], want_grads[n], 2e-2), n
+    graphs = graphed._graphs
+    assert graphs is not None and len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (5, 0)
+    for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
+        if a.is_floating_point():
+            assert rel_err(a.float(), b.float()) < 1e-2, n  # batch-norm statistics: once per batch
