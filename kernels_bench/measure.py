@@ -246,7 +246,7 @@ def _replayed_only(fn: Callable[[], None], encoder: nn.Module) -> Callable[[], N
     time replays only."""
     def run() -> None:
         fn()
-        graphs = encoder._graphs
+        graphs = encoder.encoder_graphs
         if graphs is None or graphs.plain_runs:
             raise RuntimeError("the encoder ran without its CUDA graph (see the warning above): this row would "
                                "time the plain encoder")

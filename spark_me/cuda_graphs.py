@@ -113,9 +113,7 @@ class EncoderGraphs:
         if keys is None:
             return self._plain(x)
         self.replays += 1
-        features = graph.run(x.F)
-        return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm)
-                for f, s in zip(features, graph.body.out_strides)]
+        return _on_maps(graph.run(x.F), graph.body.out_strides, keys, cm)
 
     def _signature(self, x: ME.SparseTensor) -> tuple:
         encoder = self.encoder
@@ -145,8 +143,7 @@ class EncoderGraphs:
                  x.F.shape[0], len(cm.neighbour_tables))
         keys = {x.tensor_stride[0]: x.coordinate_map_key, **{t.stride * _in_stride(k): t.out_key
                                                              for k, t in cm.neighbour_tables.items()}}
-        return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm)
-                for f, s in zip(features, body.out_strides)]
+        return _on_maps(features, body.out_strides, keys, cm)
 
     def _refill(self, graph: _Graph, x: ME.SparseTensor) -> Optional[dict[int, ME.CoordinateMapKey]]:
         """Build ``x``'s tables as the template's were built and copy them into the
@@ -204,6 +201,13 @@ def check_graphable(encoder: nn.Module) -> None:
     if any(getattr(m, "conv_impl", None) == "minkowski" for m in encoder.modules()):
         raise ValueError("CUDA graphs cannot replay MinkowskiEngine's kernels (conv_impl='minkowski'): use "
                          "conv_impl='auto', 'triton' or 'torch'")
+
+
+def _on_maps(features: tuple[torch.Tensor, ...], strides: list[int], keys: dict[int, ME.CoordinateMapKey],
+             cm: ME.CoordinateManager) -> list[ME.SparseTensor]:
+    """Replayed per-scale features as SparseTensors on the batch's own maps (its key per
+    tensor stride), for densify."""
+    return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm) for f, s in zip(features, strides)]
 
 
 def _in_stride(map_key: tuple) -> int:

@@ -175,7 +175,7 @@ def test_evaluation_and_cpu_batches_run_the_plain_path():
     encoder.set_cuda_graphs()
     images, active = _batch(0)
     encoder(images, active)  # a CPU batch: no graphs made
-    assert encoder._graphs is None
+    assert encoder.encoder_graphs is None
 
 
 @pytest.mark.parametrize("name, conv_impl", [pytest.param("resnet18", "triton", marks=NEEDS_CUDA),
@@ -206,7 +206,7 @@ def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl):
             assert rel_err(g, w) < 1e-2
         for n in want_grads:
             assert _close(got_grads[n], want_grads[n], 2e-2), n
-    graphs = graphed._graphs
+    graphs = graphed.encoder_graphs
     assert graphs is not None and len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (5, 0)
     for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
         if a.is_floating_point():

@@ -51,7 +51,7 @@ class SparseEncoder(nn.Module):
     # tables and batch indices can be replayed from CUDA graphs (spark_me.cuda_graphs).
     supports_cuda_graphs: bool = False
     cuda_graphs: bool = False
-    _graphs: Optional[EncoderGraphs] = None
+    encoder_graphs: Optional[EncoderGraphs] = None  # made on the first graphed batch: captures, replay counts
 
     def set_grad_checkpointing(self, enable: bool = True, stages: Optional[int] = None) -> None:
         """timm's switch: recompute each block in the backward instead of keeping its
@@ -94,9 +94,9 @@ class SparseEncoder(nn.Module):
             return self.forward_image(images, active)
         x = to_sparse(images, active, self.downsample_ratio)
         if self.cuda_graphs and x.F.is_cuda and self.training and torch.is_grad_enabled():
-            if self._graphs is None:
-                self._graphs = EncoderGraphs(self)
-            return self._graphs.forward_sparse(x)
+            if self.encoder_graphs is None:
+                self.encoder_graphs = EncoderGraphs(self)
+            return self.encoder_graphs.forward_sparse(x)
         return self.forward_sparse(x)
 
     def set_cuda_graphs(self, enable: bool = True) -> None:
@@ -106,7 +106,7 @@ class SparseEncoder(nn.Module):
         if enable:
             check_graphable(self)
         self.cuda_graphs = enable
-        self._graphs = None  # captured again on the next training batch
+        self.encoder_graphs = None  # captured again on the next training batch
 
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         """Encode the gathered visible pixels (tensor stride 1) into per-scale features."""
