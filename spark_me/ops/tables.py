@@ -302,14 +302,14 @@ def tables_on(
 ) -> NeighbourTables:
     """:func:`neighbour_tables` of the sites of map ``in_key`` on ``cm``, on ``device``
     (kept on ``cm`` where it is a :class:`TableCache` and ``cache`` is on)."""
-    cache = cm.neighbour_tables if cache and isinstance(cm, TableCache) else None
+    store = cm.neighbour_tables if cache and isinstance(cm, TableCache) else None
     cache_key = (*_map_id(in_key), kernel_size, stride)
-    if cache is not None and cache_key in cache:
-        return cache[cache_key]
+    if store is not None and cache_key in store:
+        return store[cache_key]
     with torch.profiler.record_function(TABLES_RANGE):
         tables = _build_tables(cm, in_key, kernel_size, stride, device)
-    if cache is not None:
-        cache[cache_key] = tables
+    if store is not None:
+        store[cache_key] = tables
     return tables
 
 
