@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from kernels_bench.breakdown import sparse_step_breakdown
     from kernels_bench.kernels import layer_backends, run_kernel_bench
-    from kernels_bench.suite import full_plan, quick_plan, run_cases, sanity_check, save_results, environment
+    from kernels_bench.suite import (CudaContextLost, environment, full_plan, quick_plan, run_cases, sanity_check,
+                                     save_results)
 
     plan = quick_plan(args.device, args.threads) if args.quick else full_plan(args.device, args.threads)
     if args.models:
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     cases = plan.cases()
     log.info("kernels_bench: %d cases on %s (%s mode)", len(cases), args.device, "quick" if args.quick else "full")
     # The baselines first; then each backend in the order given, right after its sanity check
-    # (rows must compare equal computations), so a backend that breaks the process or the
-    # CUDA context costs only the rows after it (rows are saved as they come).
+    # (rows must compare equal computations); the CUDA-graph rows last, as the newest code.
+    # A backend that breaks the process or the CUDA context costs only the rows after it
+    # (rows are saved as they come; a lost context ends the run, its rows saved).
     sanity: list[dict] = []
     rows: list[dict] = []
     left_out = 0
@@ -127,24 +129,31 @@ def main(argv: list[str] | None = None) -> None:
         save_results(out, {"environment": environment(), **partial, "rows": rows + new_rows, "kernels": [],
                            "breakdown": None})
 
-    rows += run_cases([c for c in cases if c.variant != "sparse"], plan.isolate, on_row=save_partial,
-                      numbering=(0, len(cases)))
-    for impl in plan.conv_impls:
-        broken = set()
-        for m in plan.models:
-            try:
-                sanity.append(sanity_check(m, plan.batch, plan.size, args.device, plan.decoder_width, impl))
-            except Exception as e:  # a wrong or unusable backend costs its own rows, not the run
-                log.error("sanity %s[%s] failed, its cases are left out: %s", m, impl, e)
-                sanity.append({"model": m, "conv_impl": impl, "passed": False, "error": str(e)[:500]})
-                broken.add(m)
-        save_partial([])
-        mine = [c for c in cases if c.variant == "sparse" and c.conv_impl == impl]
-        kept = [c for c in mine if c.model not in broken]
-        if len(kept) < len(mine):
-            log.warning("kernels_bench: %d %s cases left out after failed sanity checks", len(mine) - len(kept), impl)
-        left_out += len(mine) - len(kept)
-        rows += run_cases(kept, plan.isolate, on_row=save_partial, numbering=(len(rows) + left_out, len(cases)))
+    try:
+        rows += run_cases([c for c in cases if c.variant != "sparse"], plan.isolate, on_row=save_partial,
+                          numbering=(0, len(cases)))
+        broken: set[tuple[str, str]] = set()
+        for impl in plan.conv_impls:
+            for m in plan.models:
+                try:
+                    sanity.append(sanity_check(m, plan.batch, plan.size, args.device, plan.decoder_width, impl))
+                except Exception as e:  # a wrong or unusable backend costs its own rows, not the run
+                    log.error("sanity %s[%s] failed, its cases are left out: %s", m, impl, e)
+                    sanity.append({"model": m, "conv_impl": impl, "passed": False, "error": str(e)[:500]})
+                    broken.add((m, impl))
+            save_partial([])
+            mine = [c for c in cases if c.variant == "sparse" and c.conv_impl == impl and not c.cuda_graphs]
+            kept = [c for c in mine if (c.model, impl) not in broken]
+            if len(kept) < len(mine):
+                log.warning("kernels_bench: %d %s cases left out after failed sanity checks", len(mine) - len(kept), impl)
+            left_out += len(mine) - len(kept)
+            rows += run_cases(kept, plan.isolate, on_row=save_partial, numbering=(len(rows) + left_out, len(cases)))
+        graphed = [c for c in cases if c.cuda_graphs and (c.model, c.conv_impl) not in broken]
+        left_out += sum(c.cuda_graphs for c in cases) - len(graphed)
+        rows += run_cases(graphed, plan.isolate, on_row=save_partial, numbering=(len(rows) + left_out, len(cases)))
+    except CudaContextLost as e:
+        log.error("kernels_bench: stopped: %s; the rows so far are in %s", e, out / "results.json")
+        return 1
     if plan.isolate is False and not args.device.startswith("cuda"):
         for r in rows:  # peak RSS of a shared process says nothing about one case
             r["peak_mib"] = r["peak_growth_mib"] = None

@@ -49,7 +49,7 @@ from typing import Iterable, Optional, Protocol, Sequence
 
 import torch
 
-from kernels_bench.measure import Case, case_error, prepare_case, synchronize
+from kernels_bench.measure import Case, case_error, cuda_context_lost, prepare_case, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +170,16 @@ def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size
     cuda = device.startswith("cuda")
     common = dict(part=part, batch=batch, size=size, mask_ratio=mask, device=device, amp=amp,
                   warmup=warmup, repeats=repeats, decoder_width=decoder_width)
-    cases = []
+    cases, graphed = [], []
     for model in models:
         cases += [Case(model, "sparse", conv_impl=impl, **common) for impl in conv_impls]
         cases.append(Case(model, "sparse", conv_impl=conv_impls[0], dense_stem=True, **common))
         if cuda and part != "encoder_fwd" and conv_impls[0] != "minkowski":
-            cases.append(Case(model, "sparse", conv_impl=conv_impls[0], cuda_graphs=True, **common))
+            graphed.append(Case(model, "sparse", conv_impl=conv_impls[0], cuda_graphs=True, **common))
         if part != "step":
             cases.append(Case(model, "sparse", conv_impl=conv_impls[0], reuse_batch=True, **common))
         cases.append(Case(model, "masked_dense", channels_last=cuda, **common))
-    return cases
+    return cases + graphed  # the newest code last: a case that loses the CUDA context ends the run
 
 
 def case_name(case: Case) -> str:
@@ -204,6 +204,13 @@ def run(cases: list[Case], out: Path, steps: int, trace: Sequence[str] = ()) -> 
         except Exception as e:  # one backend failing must not cost the other cases
             log.error("%s failed: %s: %s", name, type(e).__name__, e)
             summary, table = {**dataclasses.asdict(case), "error": f"{type(e).__name__}: {e}"}, None
+            if cuda_context_lost(case.device):
+                results.append({"name": name, **summary})
+                results += [{"name": case_name(c), **dataclasses.asdict(c), "error": f"not run: case {i} lost the "
+                             "CUDA context"} for c in cases[i:]]
+                (out / "profile.json").write_text(json.dumps({"environment": _environment(), "cases": results}, indent=1))
+                log.error("%s lost the CUDA context: the %d cases after it are not run", name, len(cases) - i)
+                break
         results.append({"name": name, **summary})
         if table is not None:
             (out / f"{name}.txt").write_text(f"{name}: {steps} steps\n{table}\n")

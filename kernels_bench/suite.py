@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from kernels_bench.measure import Case, build_sparse_spark, make_inputs, run_case
+from kernels_bench.measure import Case, build_sparse_spark, cuda_context_lost, make_inputs, run_case
 from kernels_bench.report import option_labels
 from kernels_bench.variants import as_dense, build_variant
 
@@ -176,6 +176,10 @@ def sanity_check(model: str, batch: int, size: int, device: str, decoder_width: 
     return result
 
 
+class CudaContextLost(RuntimeError):
+    """A case broke the process's CUDA context; its rows and the rest are recorded."""
+
+
 def _run_isolated(case: Case) -> dict:
     repo = str(Path(__file__).resolve().parents[1])  # so `-m kernels_bench.measure` resolves from any cwd
     path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
@@ -211,9 +215,18 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             continue
         except Exception as e:  # one broken backend must not cost the other rows of a GPU run
             rows.append({**dataclasses.asdict(case), "error": f"{type(e).__name__}: {str(e)[:500]}"})
-            log.exception("[%d/%d] %s failed; recorded, going on", i, total, case)
+            lost = not isolate and cuda_context_lost(case.device)
+            if lost:  # nothing after it can run in this process
+                rest = cases[i - before:]
+                rows += [{**dataclasses.asdict(c), "error": f"not run: case {i} lost the CUDA context"} for c in rest]
+                log.error("[%d/%d] %s failed and lost the CUDA context (%s: %s); the %d cases after it are not run",
+                          i, total, case, type(e).__name__, str(e)[:300], len(rest))
+            else:
+                log.exception("[%d/%d] %s failed; recorded, going on", i, total, case)
             if on_row is not None:
                 on_row(rows)
+            if lost:
+                raise CudaContextLost(f"case {i} of {total} lost the CUDA context: {type(e).__name__}: {str(e)[:300]}")
             continue
         rows.append(row)
         if on_row is not None:

@@ -8,9 +8,16 @@ sites in every batch of a given size, and once a batch's neighbour tables exist 
 encoder's forward+backward reads nothing back to the host (tests/test_ops.py's sync audit).
 
 Per shape (the signature: the gathered rows, the batch's extent, the autocast state, the
-encoder's recomputation setting) the first batch is the *template*: the encoder runs
-``forward_sparse`` on it a few times (building and caching its tables) and is captured by
-``torch.cuda.make_graphed_callables``. Every later batch of that shape:
+encoder's recomputation setting) the first batch is the *template*: the encoder runs its
+forward+backward on it once on the current stream (building and caching every table and
+batch index), and is then captured by ``torch.cuda.make_graphed_callables``. That first run
+must come before the capture's own warm-up: MinkowskiEngine launches its coordinate
+kernels on CUDA's legacy default stream whatever stream is current, while its memory comes
+from PyTorch's allocator on the current one, so maps built inside the warm-up (which runs
+on a side stream) race with their readers; on an H100 that was an illegal memory access
+(docs/gpu.md, fifth run). :func:`spark_me.ops.tables.check_coordinate_stream` refuses
+such a build, so anything the first run missed fails the capture cleanly instead. Every
+later batch of that shape:
 
 1. gets its maps and tables the template's encoder asked for, in the same order
    (:func:`spark_me.ops.tables.tables_on`; MinkowskiEngine's maps, on the host);
@@ -123,14 +130,21 @@ class EncoderGraphs:
 
     def _capture(self, x: ME.SparseTensor, signature: tuple) -> list[ME.SparseTensor]:
         """Capture on ``x`` (the template) and return its features from the first replay.
-        The warm-up and capture runs leave the encoder's buffers (batch-norm statistics) as
-        they found them, so the template batch updates them once, like any other."""
+        The preparing, warm-up and capture runs leave the encoder's buffers (batch-norm
+        statistics) as they found them, so the template batch updates them once, like any
+        other."""
         check_graphable(self.encoder)
         body = _Body(self.encoder, x)
+        sample = x.F.detach().requires_grad_(x.F.requires_grad)
         try:
             with buffers_unchanged(self.encoder):
-                run = self.make_graph(body, (x.F.detach().requires_grad_(x.F.requires_grad),))
+                prepare(body, sample)
+                run = self.make_graph(body, (sample,))
         except RuntimeError as e:  # e.g. an op that a capture does not allow: train on without graphs
+            if x.F.is_cuda and not _cuda_usable(x.F.device):
+                raise RuntimeError("capturing the encoder as a CUDA graph broke this process's CUDA context, so "
+                                   "nothing more can run in it; train with trainer.cuda_graphs=false and report "
+                                   f"this error: {type(e).__name__}: {e}") from e
             self._warn("capture", f"capturing the encoder as a CUDA graph failed ({type(e).__name__}: {e}); "
                                   "running it without graphs (trainer.cuda_graphs=false silences this)")
             self.graphs[signature] = None
@@ -184,6 +198,31 @@ class EncoderGraphs:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("%s", message)
+
+
+def prepare(body: nn.Module, sample: torch.Tensor) -> None:
+    """Run ``body`` forward and backward once on ``sample`` on the current stream, so that
+    every table, batch index and lazily built table part it reads exists before a capture's
+    warm-up (which must build none: see the module docstring). The gradients are taken, not
+    accumulated into ``.grad``, and the random state is put back (drop path draws for the
+    template batch as for any other)."""
+    with torch.random.fork_rng(devices=[sample.device] if sample.is_cuda else []):
+        features = sample.detach().requires_grad_(sample.requires_grad)
+        outputs = [o for o in body(features) if o.requires_grad]
+        inputs = [features] if features.requires_grad else []
+        inputs += [p for p in body.parameters() if p.requires_grad]
+        if outputs and inputs:
+            torch.autograd.grad(outputs, inputs, [torch.zeros_like(o) for o in outputs], allow_unused=True)
+
+
+def _cuda_usable(device: torch.device) -> bool:
+    """False where the CUDA context is lost (a sticky error such as an illegal memory
+    access): every later CUDA call fails too, so falling back to eager runs cannot help."""
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        return False
+    return True
 
 
 def check_graphable(encoder: nn.Module) -> None:

@@ -12,11 +12,13 @@ import logging
 import pytest
 import torch
 
-from conftest import NEEDS_CUDA, randomize_norms, rel_err
+from conftest import CUDA_READY, NEEDS_CUDA, randomize_norms, rel_err
 from spark_me import build_sparse_encoder
-from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs
+from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs, _Body, prepare
 from spark_me.gather import to_dense, to_sparse
 from spark_me.masking import random_patch_mask
+from spark_me.ops import neighbour_tables
+from spark_me.recompute import buffers_unchanged
 
 
 def _eager(body, sample):
@@ -178,34 +180,107 @@ def test_evaluation_and_cpu_batches_run_the_plain_path():
     assert encoder.encoder_graphs is None
 
 
+def _table_state(cm) -> tuple:
+    """Everything built on a batch's manager: its tables, each table's parts, its batch indices."""
+    return (tuple((k, len(t.tensors()), t._complete) for k, t in cm.neighbour_tables.items()),
+            tuple(cm.batch_indices))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_the_capture_warm_up_builds_no_table(name):
+    """A capture's warm-up runs on a side stream, where MinkowskiEngine's maps race with
+    their readers (an illegal memory access on an H100): the template is prepared first,
+    so the warm-up runs (forward and backward, as make_graphed_callables does them, drop
+    path and recomputation on) find every table, table part and batch index built."""
+    built_during_warm_up = []
+
+    def warm_up(body, samples):
+        (sample,) = samples
+        before = _table_state(body.manager)
+        for _ in range(3):
+            features = sample.detach().requires_grad_(sample.requires_grad)
+            outputs = body(features)
+            torch.autograd.grad(outputs, list(body.parameters()), [torch.ones_like(o) for o in outputs],
+                                allow_unused=True)
+        built_during_warm_up.append(_table_state(body.manager) != before)
+        return body
+
+    encoder = _encoder(name, drop_path_rate=0.3)
+    encoder.set_grad_checkpointing(True)
+    graphs = EncoderGraphs(encoder, make_graph=warm_up)
+    images, active = _batch(0, batch=4)
+    _step(encoder, graphs.forward_sparse, images, active, 96)
+    assert built_during_warm_up == [False] and (graphs.replays, graphs.plain_runs) == (1, 0)
+    assert all(p.grad is not None for p in encoder.parameters())  # the template's own step, once
+
+
+def test_preparing_the_template_leaves_gradients_and_statistics_alone():
+    """The preparing run takes its gradients without accumulating them; the capture's
+    buffers_unchanged puts back the statistics it moved."""
+    encoder = _encoder("resnet18")
+    x = to_sparse(*_batch(0), 32)
+    body = _Body(encoder, x)
+    buffers = [b.clone() for b in encoder.buffers()]
+    with buffers_unchanged(encoder):
+        prepare(body, x.F)
+        assert not all(torch.equal(a, b) for a, b in zip(buffers, encoder.buffers()))  # it did run in training mode
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, encoder.buffers()))
+    assert len(x.coordinate_manager.neighbour_tables) > 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA")
+def test_tables_refuse_to_build_on_a_side_stream():
+    """MinkowskiEngine's coordinate kernels run on the default stream whatever stream is
+    current: building maps or tables under another one must fail, not race."""
+    images, active = _batch(0, dtype=torch.float32, device="cuda")
+    x = to_sparse(images, active, 32)
+    with torch.cuda.stream(torch.cuda.Stream()):
+        with pytest.raises(RuntimeError, match="default CUDA stream"):
+            to_sparse(images, active, 32)
+        with pytest.raises(RuntimeError, match="default CUDA stream"):
+            neighbour_tables(x, 3, 2)
+    assert neighbour_tables(x, 3, 2).n_out > 0  # fine back on the default stream
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"])
 @pytest.mark.parametrize("name, conv_impl", [pytest.param("resnet18", "triton", marks=NEEDS_CUDA),
                                              pytest.param("convnext_atto", "torch", marks=NEEDS_CUDA)])
-def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl):
-    """The real capture: five bf16 batches (the first one captured) through the encoder's
-    own forward, against the same encoder run plainly. Same kernels, so only the order of
-    Triton's fp32 atomic adds differs: a bf16 ulp (2^-8) in a few elements, far inside the
-    bounds. (Drop path is off: a replay draws from PyTorch's graph-safe generator, whose
-    offsets need not follow the plain run's; the CPU tests cover its batch index.)"""
+def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl, amp):
+    """The real capture: five batches (the first one captured) through the encoder's own
+    forward+backward, against the same encoder run plainly, and against it in float32.
+
+    In float32 the two runs share every kernel, so only the order of fp32 atomic adds
+    differs (a wrong table would be off by O(1)). In bf16 one rounding flip from that order
+    grows through the layers (a graphed ResNet-18 was 1.5e-2 from the plain one at its last
+    stage on an H100), so there the graphed run must be as close to float32 as the plain
+    bf16 run is. (Drop path is off: a replay draws from PyTorch's graph-safe generator,
+    whose offsets need not follow the plain run's; the CPU tests cover its batch index.)"""
     device, size, batch = torch.device("cuda"), 96, 4
-    graphed = _encoder(name, torch.float32, device, conv_impl)
-    plain = _encoder(name, torch.float32, device, conv_impl)
+    graphed, plain, exact = (_encoder(name, torch.float32, device, conv_impl) for _ in range(3))
     graphed.set_cuda_graphs()
+
+    def step(e, low_precision):
+        e.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low_precision):
+            features = e(images, active)
+            loss = _loss(features, batch, size).float()
+        loss.backward()
+        return ([to_dense(f, batch, (size // f.tensor_stride[0],) * 2).float().detach() for f in features]
+                + [p.grad.float().clone() for p in e.parameters()])
+
     for seed in range(5):
         images, active = _batch(seed, batch=batch, size=size, dtype=torch.float32, device=device)
-        outs = []
-        for e in (graphed, plain):
-            e.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                features = e(images, active)
-                loss = _loss(features, batch, size).float()
-            loss.backward()
-            outs.append(([to_dense(f, batch, (size // f.tensor_stride[0],) * 2).float().detach() for f in features],
-                         {n: p.grad.float().clone() for n, p in e.named_parameters()}))
-        (got, got_grads), (want, want_grads) = outs
-        for g, w in zip(got, want):
-            assert rel_err(g, w) < 1e-2
-        for n in want_grads:
-            assert _close(got_grads[n], want_grads[n], 2e-2), n
+        got, want = step(graphed, amp == "bf16"), step(plain, amp == "bf16")
+        if amp is None:
+            for i, (g, w) in enumerate(zip(got, want)):
+                assert _close(g, w, 1e-3), (seed, i, rel_err(g, w))
+        else:
+            truth = step(exact, False)
+            for i, (g, w, t) in enumerate(zip(got, want, truth)):
+                if t.any():
+                    assert rel_err(g, t) <= 2 * rel_err(w, t) + 1e-3, (seed, i, rel_err(g, t), rel_err(w, t))
     graphs = graphed.encoder_graphs
     assert graphs is not None and len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (5, 0)
     for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):

@@ -157,6 +157,23 @@ def test_a_failing_case_is_recorded_and_the_run_goes_on():
     assert "error" not in rows[1] and rows[1]["median_s"] > 0
 
 
+def test_a_case_that_loses_the_cuda_context_ends_the_run_with_every_row_saved(monkeypatch):
+    """After a sticky CUDA error (an illegal memory access) every later CUDA call fails: the
+    run stops there, the cases after it recorded as not run, instead of timing each error."""
+    import kernels_bench.suite as suite
+
+    bad = Case("resnet18", "sparse", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1, decoder_width=64,
+               conv_impl="no_such_backend")
+    rest = [Case("resnet18", "dense", "encoder_fwd_bwd", 2, 64, 0.5, warmup=0, repeats=1, decoder_width=64)] * 2
+    monkeypatch.setattr(suite, "cuda_context_lost", lambda device: True)
+    saved: list[list[dict]] = []
+    with pytest.raises(suite.CudaContextLost, match="case 4 of 6 lost the CUDA context"):
+        run_cases([bad, *rest], isolate=False, on_row=lambda so_far: saved.append(list(so_far)), numbering=(3, 6))
+    [rows] = saved
+    assert len(rows) == 3 and "no_such_backend" in rows[0]["error"]
+    assert [r["error"] for r in rows[1:]] == ["not run: case 4 lost the CUDA context"] * 2
+
+
 @pytest.mark.parametrize("part", ["encoder_fwd", "encoder_fwd_bwd", "step"])
 @pytest.mark.parametrize("variant", ["sparse", "masked_dense", "dense"])
 def test_an_amp_case_runs_every_variants_convolutions_under_autocast(variant, part):

@@ -322,7 +322,13 @@ def test_a_replayed_triton_encoder_refills_its_inverse_tables():
     from spark_me.gather import to_sparse
 
     graphed, plain = _encoder_pair("resnet18", torch.device("cpu"))[0], _encoder_pair("resnet18", torch.device("cpu"))[0]
-    graphs = EncoderGraphs(graphed, make_graph=lambda body, sample: body)
+    prepared = []
+
+    def capture(body, sample):  # by the capture, the preparing run built the backward's inverse tables too
+        prepared.append(any(t._triton_inverse is not None for t in body.manager.neighbour_tables.values()))
+        return body
+
+    graphs = EncoderGraphs(graphed, make_graph=capture)
     for seed in range(2):  # the first batch is the template, the second refills its tables
         images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
         active = _active(2, (2, 2), seed=seed + 5)
@@ -339,7 +345,7 @@ def test_a_replayed_triton_encoder_refills_its_inverse_tables():
             assert rel_err(got_grads[n], want_grads[n]) <= 1e-5, n
     template = next(iter(graphs.graphs.values())).template.coordinate_manager
     assert any(t._triton_inverse is not None for t in template.neighbour_tables.values())  # strided convs ran
-    assert (graphs.replays, graphs.plain_runs) == (2, 0)
+    assert (graphs.replays, graphs.plain_runs) == (2, 0) and prepared == [True]
 
 
 # --- CUDA: compiled kernels at ResNet-50 / ConvNeXt-T sizes (pytest -m cuda) --------------

@@ -303,12 +303,14 @@ def phase_bench(args: argparse.Namespace) -> int:
         host sets its pace; the timeline of one ConvNeXt-T step with the default CUDA backend
         (Triton) shows where the GPU waits, read into the log."""
         traced = "convnext_tiny" in args.models and "triton" in bf16_impls  # else --trace would name no case
+        begun = time.time()
         steps = [phase.run("encoder profile", [
             python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
             "--amp", "bf16", "--conv-impl", *bf16_impls, "--part", "encoder_fwd_bwd", "--out", str(out / "profile-encoder"),
             *(["--trace", "convnext_tiny-sparse-triton-encoder"] if traced else []),
         ], started=_STARTED_CASE)]
-        for trace in sorted((out / "profile-encoder").glob("*.trace.json.gz")):
+        fresh = [t for t in sorted((out / "profile-encoder").glob("*.trace.json.gz")) if t.stat().st_mtime >= begun]
+        for trace in fresh:  # this run's only (the folder keeps the committed traces of earlier runs)
             phase.run(f"timeline {trace.name}", [python, "-m", "kernels_bench.timeline", str(trace)])
         return steps
 

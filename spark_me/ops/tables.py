@@ -195,6 +195,7 @@ class TableCache(ME.CoordinateManager):
         in every block do not copy the coordinates out of MinkowskiEngine again."""
         cache_key = _map_id(key)
         if cache_key not in self.batch_indices:
+            check_coordinate_stream(device)
             with torch.profiler.record_function(TABLES_RANGE):
                 self.batch_indices[cache_key] = self.get_coordinates(key)[:, 0].to(device, torch.int64)
         return self.batch_indices[cache_key]
@@ -214,6 +215,21 @@ class TableCache(ME.CoordinateManager):
         tensors += self.batch_indices.values()
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
+
+
+def check_coordinate_stream(device: torch.device) -> None:
+    """Raise unless MinkowskiEngine's coordinate maps may be built now on ``device``.
+
+    MinkowskiEngine launches its CUDA coordinate kernels on the legacy default stream
+    whatever stream is current, but takes their memory from PyTorch's allocator on the
+    current stream: under another stream (a CUDA graph's warm-up or capture, a user's
+    ``torch.cuda.stream``) its maps race with the kernels that read them. Every table
+    builder calls this before it asks MinkowskiEngine for maps or coordinates.
+    """
+    if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+        raise RuntimeError("neighbour tables and batch indices must be built on the default CUDA stream "
+                           "(MinkowskiEngine runs its coordinate kernels there): build them before switching "
+                           "streams, e.g. run the batch once before capturing it as a CUDA graph")
 
 
 def _map_id(key: ME.CoordinateMapKey) -> tuple:
@@ -239,6 +255,7 @@ def site_batch_index(x: ME.SparseTensor) -> tuple[torch.Tensor, int]:
 def new_coordinate_manager(coordinates: torch.Tensor, extent: Optional[tuple[int, int, int]] = None) -> TableCache:
     """A fresh table-caching manager for 2-D coordinates ``[N, 3]`` on their device;
     ``extent`` = (batch, height, width): every coordinate lies in ``[0, extent)``."""
+    check_coordinate_stream(coordinates.device)
     map_type = ME.CoordinateMapType.CUDA if coordinates.is_cuda else ME.CoordinateMapType.CPU
     return TableCache(D=coordinates.shape[1] - 1, coordinate_map_type=map_type, extent=extent)
 
@@ -317,6 +334,7 @@ def _build_tables(
     cm: ME.CoordinateManager, in_key: ME.CoordinateMapKey, kernel_size: int, stride: int, device: torch.device
 ) -> NeighbourTables:
     """:func:`tables_on` without the cache."""
+    check_coordinate_stream(device)
     cached = isinstance(cm, TableCache)
     tensor_stride = in_key.get_key()[0][0]
     out_key = in_key if stride == 1 else cm.stride(in_key, stride)
@@ -326,6 +344,7 @@ def _build_tables(
     manager = weakref.ref(cm) if cached else (lambda cm=cm: cm)
 
     def sites() -> tuple[torch.Tensor, torch.Tensor]:
+        check_coordinate_stream(device)
         live = manager()
         if live is None:
             raise RuntimeError("the coordinate manager of these neighbour tables was freed with its batch")
