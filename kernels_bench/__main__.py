@@ -26,7 +26,7 @@ REPORT = REPO / "docs" / "benchmarks.md"
 log = logging.getLogger("kernels_bench")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     p = argparse.ArgumentParser(prog="python -m kernels_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=("run", "report"))

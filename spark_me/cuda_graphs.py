@@ -30,6 +30,14 @@ A batch whose tables differ from the template's in anything but their contents (
 counts, whether every site has all its neighbours) runs eagerly, with a warning. The
 outputs live in the graph's static buffers: the next replay overwrites them, so a step
 must finish (its backward included) before the next forward, as training loops do.
+
+So do the parameter gradients the graphed backward returns, and autograd keeps such a
+buffer as a parameter's ``.grad`` when that was unset (it takes a fresh gradient over
+rather than copying it; pytorch/pytorch#181723). With gradient accumulation the next
+micro-batch's replay would overwrite that ``.grad`` before adding its own gradient to it:
+twice the last micro-batch's gradient instead of the sum. Every run of a graph therefore
+first gives the encoder's existing gradients memory of their own (:func:`own_gradients`;
+nothing to do after ``zero_grad(set_to_none=True)``).
 """
 from __future__ import annotations
 
@@ -120,6 +128,7 @@ class EncoderGraphs:
         if keys is None:
             return self._plain(x)
         self.replays += 1
+        own_gradients(self.encoder)
         return _on_maps(graph.run(x.F), graph.body.out_strides, keys, cm)
 
     def _signature(self, x: ME.SparseTensor) -> tuple:
@@ -151,6 +160,7 @@ class EncoderGraphs:
             return self._plain(x)
         self.graphs[signature] = graph = _Graph(body, run, x)
         self.replays += 1
+        own_gradients(self.encoder)
         features = graph.run(x.F)
         cm: TableCache = x.coordinate_manager
         log.info("captured the encoder's forward+backward as a CUDA graph for batches of %d sites (%d tables)",
@@ -213,6 +223,15 @@ def prepare(body: nn.Module, sample: torch.Tensor) -> None:
         inputs += [p for p in body.parameters() if p.requires_grad]
         if outputs and inputs:
             torch.autograd.grad(outputs, inputs, [torch.zeros_like(o) for o in outputs], allow_unused=True)
+
+
+def own_gradients(module: nn.Module) -> None:
+    """Replace each existing parameter gradient of ``module`` by a copy, so that none of
+    them is a graph's static buffer, which the next replay overwrites (module docstring)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
 
 def _cuda_usable(device: torch.device) -> bool:

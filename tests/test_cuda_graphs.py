@@ -244,6 +244,46 @@ def test_tables_refuse_to_build_on_a_side_stream():
     assert neighbour_tables(x, 3, 2).n_out > 0  # fine back on the default stream
 
 
+def _static_gradient_graph(body, samples):
+    """``make_graphed_callables``' convention, eagerly on the CPU: every call returns its
+    parameter gradients in the same buffers, which the next call's backward overwrites."""
+    params = [p for p in body.parameters() if p.requires_grad]
+    static = [torch.zeros_like(p) for p in params]
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, features, *weights):
+            with torch.enable_grad():
+                ctx.outputs = body(features.detach())
+            return tuple(o.detach() for o in ctx.outputs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            new = torch.autograd.grad(ctx.outputs, params, grads, allow_unused=True)
+            for buffer, g in zip(static, new):
+                buffer.copy_(g if g is not None else torch.zeros_like(buffer))
+            return (None, *(b.detach() for b in static))
+
+    return lambda features: Replay.apply(features, *params)
+
+
+def test_accumulated_gradients_survive_the_graphs_static_gradient_buffers():
+    """Two micro-batches' gradients accumulated into .grad (trainer.grad_accum_steps=2):
+    autograd keeps the first backward's static buffer as .grad, and the second replay
+    overwrites that buffer before adding to it, unless the replay first copies .grad out."""
+    graphed, plain = _encoder("resnet18"), _encoder("resnet18")
+    graphs = EncoderGraphs(graphed, make_graph=_static_gradient_graph)
+    for e in (graphed, plain):
+        e.zero_grad(set_to_none=True)
+    for step in range(2):  # the first micro-batch is captured, the second replayed
+        images, active = _batch(step, batch=2)
+        for e, run in ((graphed, graphs.forward_sparse), (plain, plain.forward_sparse)):
+            _loss(run(to_sparse(images, active, 32)), 2, 96).backward()
+    assert (graphs.replays, graphs.plain_runs) == (2, 0)
+    for (n, a), (_, b) in zip(graphed.named_parameters(), plain.named_parameters()):
+        assert rel_err(a.grad, b.grad) < 1e-12, n
+
+
 @pytest.mark.parametrize("amp", [None, "bf16"])
 @pytest.mark.parametrize("name, conv_impl", [pytest.param("resnet18", "triton", marks=NEEDS_CUDA),
                                              pytest.param("convnext_atto", "torch", marks=NEEDS_CUDA)])
@@ -286,3 +326,23 @@ def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl, amp):
     for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
         if a.is_floating_point():
             assert rel_err(a.float(), b.float()) < 1e-2, n  # batch-norm statistics: once per batch
+
+
+@pytest.mark.parametrize("name, conv_impl", [pytest.param("resnet18", "triton", marks=NEEDS_CUDA)])
+def test_cuda_graph_gradients_accumulate_over_micro_batches(name, conv_impl):
+    """The real capture's parameter gradients are static buffers (see
+    test_accumulated_gradients_survive_the_graphs_static_gradient_buffers): three float32
+    micro-batches accumulated into .grad equal the plain encoder's sum, within the order
+    of atomic adds."""
+    device, size, batch = torch.device("cuda"), 96, 4
+    graphed, plain = (_encoder(name, torch.float32, device, conv_impl) for _ in range(2))
+    graphed.set_cuda_graphs()
+    for e in (graphed, plain):
+        e.zero_grad(set_to_none=True)
+    for seed in range(3):
+        images, active = _batch(seed, batch=batch, size=size, dtype=torch.float32, device=device)
+        for e in (graphed, plain):
+            _loss(e(images, active), batch, size).backward()
+    assert graphed.encoder_graphs.replays == 3 and graphed.encoder_graphs.plain_runs == 0
+    for (n, a), (_, b) in zip(graphed.named_parameters(), plain.named_parameters()):
+        assert _close(a.grad, b.grad, 1e-3), (n, rel_err(a.grad, b.grad))

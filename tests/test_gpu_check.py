@@ -184,6 +184,9 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     monkeypatch.setattr(gpu_check, "REPO", tmp_path / "repo")
     monkeypatch.setattr(gpu_check.Phase, "run", run)
     monkeypatch.setattr(gpu_check, "bundle_results", lambda out: bundles.append(len(ran)))
+    committed = tmp_path / "repo/kernels_bench/results/gpu-fake-gpu-80gb/profile-encoder/old.trace.json.gz"
+    committed.parent.mkdir(parents=True)
+    committed.write_bytes(b"")  # an earlier run's trace, in the checkout: not this run's to read
     assert gpu_check.main(["bench", "--no-data", "--limit", "60", "--log-dir", str(tmp_path)]) == 0
     assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz",
                                            "per-layer", "profile", "report"]

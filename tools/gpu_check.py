@@ -178,8 +178,9 @@ def phase_test(args: argparse.Namespace) -> int:
     if args.first_only:
         phase.say(f"gpu-check test: --first-only: the CUDA tests of {', '.join(FIRST_TESTS)} (the rest passed on the "
                   "last full run)")
+    # --durations: the slowest tests' times, to size the next loan's phase limits.
     cmd = [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", "-o", "addopts=-ra",
-           "--timeout", str(args.test_timeout), "--timeout-method", "thread", *paths]
+           "--durations", "10", "--timeout", str(args.test_timeout), "--timeout-method", "thread", *paths]
     r, crashes = run_pytest(phase, cmd)
     counts = phase.summary["pytest"]
     if not usable:
@@ -190,9 +191,9 @@ def phase_test(args: argparse.Namespace) -> int:
 
 
 # Test files whose CUDA tests have not yet all passed on a GPU run first, so a phase limit
-# costs the tests already proven there (CUDA graphs; the pre-training runs, which use
-# Triton since conv_impl=auto picks it on CUDA); --first-only runs these alone.
-FIRST_TESTS = ("tests/test_cuda_graphs.py", "tests/test_gpu.py", "tests/test_pretrain.py")
+# costs the tests already proven there (CUDA graphs; the GPU pre-training runs, with and
+# without graphs); --first-only runs these alone.
+FIRST_TESTS = ("tests/test_cuda_graphs.py", "tests/test_gpu.py")
 
 
 def test_paths() -> list[str]:
@@ -303,14 +304,15 @@ def phase_bench(args: argparse.Namespace) -> int:
         host sets its pace; the timeline of one ConvNeXt-T step with the default CUDA backend
         (Triton) shows where the GPU waits, read into the log."""
         traced = "convnext_tiny" in args.models and "triton" in bf16_impls  # else --trace would name no case
-        begun = time.time()
+        traces = out / "profile-encoder"
+        before = {t: t.stat().st_mtime_ns for t in traces.glob("*.trace.json.gz")}  # earlier runs' (committed)
         steps = [phase.run("encoder profile", [
             python, "-m", "kernels_bench.profile", "--device", "cuda", "--models", *args.models, "--batch", "128",
             "--amp", "bf16", "--conv-impl", *bf16_impls, "--part", "encoder_fwd_bwd", "--out", str(out / "profile-encoder"),
             *(["--trace", "convnext_tiny-sparse-triton-encoder"] if traced else []),
         ], started=_STARTED_CASE)]
-        fresh = [t for t in sorted((out / "profile-encoder").glob("*.trace.json.gz")) if t.stat().st_mtime >= begun]
-        for trace in fresh:  # this run's only (the folder keeps the committed traces of earlier runs)
+        fresh = [t for t in sorted(traces.glob("*.trace.json.gz")) if before.get(t) != t.stat().st_mtime_ns]
+        for trace in fresh:  # this run's only
             phase.run(f"timeline {trace.name}", [python, "-m", "kernels_bench.timeline", str(trace)])
         return steps
 
