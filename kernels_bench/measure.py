@@ -123,19 +123,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cuda_context_lost(device: str) -> bool:
-    """Whether ``device`` is a CUDA device whose context a sticky error (an illegal memory
-    access) has lost: every later CUDA call in the process fails too, so a bench stops
-    there instead of recording each remaining case as that same error."""
-    if not device.startswith("cuda"):
-        return False
-    try:
-        torch.cuda.synchronize(device)
-    except RuntimeError:
-        return True
-    return False
-
-
 def _proc_status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:

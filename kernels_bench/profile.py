@@ -49,7 +49,8 @@ from typing import Iterable, Optional, Protocol, Sequence
 
 import torch
 
-from kernels_bench.measure import Case, case_error, cuda_context_lost, prepare_case, synchronize
+from kernels_bench.measure import Case, case_error, prepare_case, synchronize
+from spark_me.cuda_graphs import cuda_context_lost
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def run(cases: list[Case], out: Path, steps: int, trace: Sequence[str] = ()) -> 
         except Exception as e:  # one backend failing must not cost the other cases
             log.error("%s failed: %s: %s", name, type(e).__name__, e)
             summary, table = {**dataclasses.asdict(case), "error": f"{type(e).__name__}: {e}"}, None
-            if cuda_context_lost(case.device):
+            if cuda_context_lost(torch.device(case.device)):
                 results.append({"name": name, **summary})
                 results += [{"name": case_name(c), **dataclasses.asdict(c), "error": f"not run: case {i} lost the "
                              "CUDA context"} for c in cases[i:]]

@@ -20,9 +20,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from kernels_bench.measure import Case, build_sparse_spark, cuda_context_lost, make_inputs, run_case
+from kernels_bench.measure import Case, build_sparse_spark, make_inputs, run_case
 from kernels_bench.report import option_labels
 from kernels_bench.variants import as_dense, build_variant
+from spark_me.cuda_graphs import cuda_context_lost
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def run_cases(cases: Iterable[Case], isolate: bool, on_row: Optional[Callable[[l
             continue
         except Exception as e:  # one broken backend must not cost the other rows of a GPU run
             rows.append({**dataclasses.asdict(case), "error": f"{type(e).__name__}: {str(e)[:500]}"})
-            lost = not isolate and cuda_context_lost(case.device)
+            lost = not isolate and cuda_context_lost(torch.device(case.device))
             if lost:  # nothing after it can run in this process
                 rest = cases[i - before:]
                 rows += [{**dataclasses.asdict(c), "error": f"not run: case {i} lost the CUDA context"} for c in rest]

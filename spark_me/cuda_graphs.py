@@ -150,7 +150,7 @@ class EncoderGraphs:
                 prepare(body, sample)
                 run = self.make_graph(body, (sample,))
         except RuntimeError as e:  # e.g. an op that a capture does not allow: train on without graphs
-            if x.F.is_cuda and not _cuda_usable(x.F.device):
+            if cuda_context_lost(x.F.device):
                 raise RuntimeError("capturing the encoder as a CUDA graph broke this process's CUDA context, so "
                                    "nothing more can run in it; train with trainer.cuda_graphs=false and report "
                                    f"this error: {type(e).__name__}: {e}") from e
@@ -234,14 +234,17 @@ def own_gradients(module: nn.Module) -> None:
                 p.grad = p.grad.clone()
 
 
-def _cuda_usable(device: torch.device) -> bool:
-    """False where the CUDA context is lost (a sticky error such as an illegal memory
-    access): every later CUDA call fails too, so falling back to eager runs cannot help."""
+def cuda_context_lost(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device whose context a sticky error (an illegal memory
+    access) has lost: every later CUDA call in the process fails too, so neither an eager
+    fallback nor a benchmark's next case can run."""
+    if device.type != "cuda":
+        return False
     try:
         torch.cuda.synchronize(device)
     except RuntimeError:
-        return False
-    return True
+        return True
+    return False
 
 
 def check_graphable(encoder: nn.Module) -> None:

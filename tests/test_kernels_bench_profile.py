@@ -224,3 +224,20 @@ def test_a_cuda_encoder_profile_times_its_ranges_and_counts_no_annotation_as_a_k
     assert not any(k["name"].startswith(("spark_me::", "Optimizer.")) for k in fresh["top_kernels"])
     reused, _ = profile_case(_tiny(device=device, part="encoder_fwd_bwd", amp="bf16", reuse_batch=True), steps=2)
     assert reused["ranges"] == {} and reused["device_s"] > 0
+
+
+def test_a_case_that_loses_the_cuda_context_ends_the_profile_with_the_rest_recorded(tmp_path, monkeypatch):
+    """After a sticky CUDA error nothing more can run in the process: the cases after it are
+    recorded as not run, in profile.json, instead of each failing the same way."""
+    def lost(case, steps, trace=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(profile, "profile_case", lost)
+    monkeypatch.setattr(profile, "cuda_context_lost", lambda device: True)
+    cases = plan(["resnet18"], ["torch"], "cpu", 2, 64, 0.6, None, "encoder_fwd_bwd", 0, 1, 32)
+    results = profile.run(cases, tmp_path, steps=1)
+    assert len(results) == len(cases) > 2
+    assert "illegal memory access" in results[0]["error"]
+    assert all(r["error"] == "not run: case 1 lost the CUDA context" for r in results[1:])
+    saved = json.loads((tmp_path / "profile.json").read_text())["cases"]
+    assert [r["name"] for r in saved] == [profile.case_name(c) for c in cases]
