@@ -323,9 +323,14 @@ def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl, amp):
                     assert rel_err(g, t) <= 2 * rel_err(w, t) + 1e-3, (seed, i, rel_err(g, t), rel_err(w, t))
     graphs = graphed.encoder_graphs
     assert graphs is not None and len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (5, 0)
-    for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
-        if a.is_floating_point():
-            assert rel_err(a.float(), b.float()) < 1e-2, n  # batch-norm statistics: once per batch
+    # batch-norm statistics, updated once per batch: as the plain run's, by the same bounds
+    for (n, a), (_, b), (_, t) in zip(graphed.named_buffers(), plain.named_buffers(), exact.named_buffers()):
+        if not a.is_floating_point():
+            assert torch.equal(a, b), n
+        elif amp is None:
+            assert rel_err(a, b) < 1e-3, n
+        else:
+            assert rel_err(a, t) <= 2 * rel_err(b, t) + 1e-3, (n, rel_err(a, t), rel_err(b, t))
 
 
 @pytest.mark.parametrize("name, conv_impl", [pytest.param("resnet18", "triton", marks=NEEDS_CUDA)])
