@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 LOCK := requirements/lock.txt
 
 .PHONY: help install venv deps minkowski minkowski-source lock test demo bench bench-quick cuda-check docker docker-cpu docker-lint clean \
-	wheelhouse install-offline gpu-check gpu-check-build gpu-check-test gpu-check-bench
+	wheelhouse wheelhouse-minkowski install-offline gpu-check gpu-check-build gpu-check-test gpu-check-bench
 
 help:
 	@echo "make install   create $(VENV), install the pinned $(LOCK), build MinkowskiEngine (cached), install spark_me"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench     CPU benchmark sweep -> kernels_bench/results/, docs/benchmarks.md (bench-quick: < 2 min)"
 	@echo "make cuda-check  compile + link MinkowskiEngine for CUDA with nvcc (slow; not part of make test)"
 	@echo "make wheelhouse  (connected machine) everything an air-gapped GPU node lacks, into $(WHEELHOUSE)"
+	@echo "make wheelhouse-minkowski NODE_TORCH=2.11.0+cu130 [NODE_ARCHS=9.0]  add the node's MinkowskiEngine wheel, compiled here (~20 min)"
 	@echo "make install-offline WHEELHOUSE=DIR   (GPU node) venv over the node's torch, MinkowskiEngine for its GPUs"
 	@echo "make gpu-check WHEELHOUSE=DIR   build, test and bench phases on a GPU node (docs/gpu.md)"
 	@echo "make docker / docker-cpu   build the CUDA / CPU images (needs a Docker engine); docker-lint: hadolint"
@@ -119,6 +120,9 @@ clean:
 
 # Air-gapped GPU nodes (docs/gpu.md). On a connected machine with `make install` done:
 #   make wheelhouse [WHEELHOUSE_PY=3.12]   -> $(WHEELHOUSE) (< 60 MiB), copy it to the node
+#   make wheelhouse-minkowski NODE_TORCH=<the node's torch.__version__> [NODE_ARCHS=9.0]
+#                                          optional: the node's MinkowskiEngine wheel, compiled
+#                                          here with nvcc, so the node skips its compile
 # On the node, over its own torch (no network needed):
 #   make install-offline WHEELHOUSE=DIR    (= make gpu-check-build)
 #   make gpu-check WHEELHOUSE=DIR          (build, test and bench phases, each < 9 min)
@@ -128,6 +132,14 @@ NODE_PYTHON ?= python3
 GPU_CHECK_LIMIT ?= 540
 wheelhouse: deps
 	tools/wheelhouse.sh --python $(abspath $(PY)) --out $(WHEELHOUSE) --py $(WHEELHOUSE_PY)
+
+NODE_TORCH ?=
+NODE_ARCHS ?= 9.0
+# An interpreter of the node's Python version on this machine (pyenv: its full path).
+PREBUILD_PYTHON ?= python$(WHEELHOUSE_PY)
+wheelhouse-minkowski:
+	@test -n "$(NODE_TORCH)" || { echo "make wheelhouse-minkowski: set NODE_TORCH to the GPU node's torch release (python3 -c 'import torch; print(torch.__version__)' there), e.g. NODE_TORCH=2.11.0+cu130"; exit 2; }
+	tools/prebuild_minkowski.sh --wheelhouse $(WHEELHOUSE) --python $(PREBUILD_PYTHON) --torch $(NODE_TORCH) --archs "$(NODE_ARCHS)"
 
 install-offline:
 	tools/install_offline.sh --wheelhouse $(WHEELHOUSE) --python $(NODE_PYTHON) --venv $(VENV)

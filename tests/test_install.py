@@ -2,7 +2,8 @@
 
 The cold MinkowskiEngine build itself is exercised by CI (`.ci/run` runs `make demo` with an
 empty build cache); these tests cover what can go wrong cheaply: relative paths given from
-another directory, a wrong source tarball, and a venv that drifted from the lock file.
+another directory, a wrong source tarball, a venv that drifted from the lock file, and the
+prebuilt-wheel path a GPU node installs from (key, match, no match, manifest).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SH = REPO / "docker" / "minkowski" / "build.sh"
@@ -100,3 +102,74 @@ def test_build_sh_bad_arguments_fail_with_a_clear_message(tmp_path, args, messag
     proc = _build_sh(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
+
+
+def _key(tmp_path: Path) -> str:
+    proc = _build_sh("--python", sys.executable, "--target", "cpu", "--print-key", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip()
+
+
+def test_build_sh_prints_the_key_of_this_python_torch_and_target(tmp_path):
+    key = _key(tmp_path)
+    py_tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    assert key.startswith(f"me0.5.4-torch{torch.__version__.replace('+', '_')}-{py_tag}-cpu-p"), key
+    assert not (tmp_path / "cache").exists(), "--print-key must not create the cache"
+
+
+def test_build_sh_uses_a_prebuilt_wheel_whose_key_matches_without_compiling(tmp_path):
+    """A GPU node's wheel compiled elsewhere (tools/prebuild_minkowski.sh) is taken as is:
+    nothing is unpacked or compiled (the bogus --sdist would fail the compile's sha256
+    check), and the cache stays empty, so a rerun without --prebuilt compiles."""
+    key = _key(tmp_path)
+    wheel = tmp_path / "prebuilt" / key / "MinkowskiEngine-0.5.4-cp3-cp3-linux_x86_64.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"a wheel")
+    (tmp_path / "fake.tar.gz").write_bytes(b"not MinkowskiEngine")
+    proc = _build_sh("--python", sys.executable, "--target", "cpu", "--sdist", "fake.tar.gz", "--prebuilt", "prebuilt",
+                     "--no-install", "--wheel-dir", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"using the prebuilt wheel {wheel}" in proc.stdout
+    assert (tmp_path / "out" / wheel.name).read_bytes() == b"a wheel"
+    assert not list((tmp_path / "cache").rglob("*.whl"))
+
+
+def test_build_sh_says_which_prebuilt_keys_it_found_when_none_matches(tmp_path):
+    key = _key(tmp_path)
+    other = tmp_path / "prebuilt" / (key + "-nvcc99.9-sm90") / "MinkowskiEngine-0.5.4-x.whl"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another machine's wheel")
+    (tmp_path / "fake.tar.gz").write_bytes(b"not MinkowskiEngine")
+    proc = _build_sh("--python", sys.executable, "--target", "cpu", "--sdist", "fake.tar.gz", "--prebuilt", "prebuilt",
+                     "--no-install", cwd=tmp_path)
+    # No match: it goes on to compile, which here stops at the bogus source's sha256 check.
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"no prebuilt wheel for {key} in {tmp_path / 'prebuilt'} (it has: {other.parent.name} ); compiling" in proc.stdout
+    assert "does not match MinkowskiEngine 0.5.4's source" in proc.stderr
+
+
+def test_build_sh_copies_its_wheel_under_its_key_for_another_machine(tmp_path):
+    key = _key(tmp_path)
+    cached = tmp_path / "cache" / "wheels" / key / "MinkowskiEngine-0.5.4-y.whl"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"built here")
+    proc = _build_sh("--python", sys.executable, "--target", "cpu", "--no-install", "--prebuilt-out", "wh/prebuilt",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "wh" / "prebuilt" / key / cached.name).read_bytes() == b"built here"
+
+
+def test_the_wheelhouse_manifest_lists_and_checks_prebuilt_wheels(tmp_path):
+    (tmp_path / "a.whl").write_bytes(b"a")
+    (tmp_path / "prebuilt" / "k").mkdir(parents=True)
+    (tmp_path / "prebuilt" / "k" / "me.whl").write_bytes(b"me")
+    script = REPO / "tools" / "wheelhouse_manifest.sh"
+    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[-1] for line in (tmp_path / "MANIFEST.txt").read_text().splitlines()]
+    assert listed == ["a.whl", "prebuilt/k/me.whl"]
+    assert "1 prebuilt MinkowskiEngine wheels" in proc.stdout
+    # the size limit (the GPU node's carry) is enforced
+    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "WHEELHOUSE_MAX_MIB": "0"})
+    assert proc.returncode == 2 and "over the 0 MiB limit" in proc.stderr

@@ -8,7 +8,10 @@
 # docker/minkowski/build.sh from the wheelhouse's source tarball, for CUDA when torch sees
 # GPUs (TORCH_CUDA_ARCH_LIST from their compute capabilities unless set; MAX_JOBS = cores
 # unless set) and for the CPU otherwise, with the usual wheel cache and OpenBLAS from the
-# wheelhouse, then installs spark_me editable. Prints the compile time.
+# wheelhouse, then installs spark_me editable. Prints the compile time. A wheel the
+# wheelhouse brings prebuilt (prebuilt/<key>/, tools/prebuild_minkowski.sh) is installed
+# instead of compiling when its key matches this machine exactly; if it does not import,
+# MinkowskiEngine is compiled after all.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -73,7 +76,13 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 start=$(date +%s)
 # BLAS from the wheelhouse's scipy-openblas32, whatever the machine has: no headers needed.
-"$REPO/docker/minkowski/build.sh" --python "$vpy" --target "$target" --sdist "$sdist" --blas wheel
+build=("$REPO/docker/minkowski/build.sh" --python "$vpy" --target "$target" --sdist "$sdist" --blas wheel)
+if [ -d "$wheelhouse/prebuilt" ]; then
+  "${build[@]}" --prebuilt "$wheelhouse/prebuilt" \
+    || { echo "install_offline.sh: the prebuilt MinkowskiEngine did not install or import (above); compiling it"; "${build[@]}"; }
+else
+  "${build[@]}"
+fi
 echo "install_offline.sh: MinkowskiEngine ready in $(( $(date +%s) - start )) s ($target, $MAX_JOBS jobs)"
 
 # --use-pep517: an editable install through setuptools' PEP 660 hook, in this process's

@@ -3,7 +3,9 @@
 #
 #   tools/wheelhouse.sh --python .venv/bin/python --out DIR [--py 3.12] [--platform TAG]...
 #
-# DIR gets what such a node lacks, every file checked into MANIFEST.txt (size, sha256):
+# DIR gets what such a node lacks, every file checked into MANIFEST.txt (size, sha256;
+# tools/wheelhouse_manifest.sh, which also lists prebuilt MinkowskiEngine wheels a
+# previous tools/prebuild_minkowski.sh put there, and keeps them):
 #   * MinkowskiEngine's source tarball (pip download, sha256 checked by build.sh);
 #   * wheels of spark_me's dependencies that are not part of a typical torch install
 #     (hydra-core, omegaconf, wandb, their dependencies), of pytest and pytest-timeout for
@@ -41,7 +43,6 @@ done
 [ ${#platforms[@]} -gt 0 ] || platforms=(manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
 case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
 case "$python" in /*) ;; */*) python="$PWD/$python" ;; esac
-max_mib="${WHEELHOUSE_MAX_MIB:-60}"
 
 pin() {  # NAME: its version in the lock file
   local v
@@ -68,10 +69,5 @@ pip_q=("$python" -m pip --disable-pip-version-check)
   "setuptools==$(pin setuptools)" "wheel==$(pin wheel)" "ninja==$(pin ninja)" \
   "scipy-openblas32==$SCIPY_OPENBLAS_VERSION"
 
-(cd "$out" && find . -maxdepth 1 -type f ! -name MANIFEST.txt -printf '%f\n' | sort | while read -r f; do
-   printf '%s  %10d  %s\n' "$(sha256sum "$f" | cut -c1-64)" "$(stat -c %s "$f")" "$f"
- done) > "$out/MANIFEST.txt"
-total=$(du -sb "$out" | cut -f1)
-mib=$(( (total + 1048575) / 1048576 ))
-echo "wheelhouse.sh: $(grep -c . "$out/MANIFEST.txt") files, ${mib} MiB in $out ($(( $(date +%s) - start )) s) for Python $py"
-[ "$mib" -le "$max_mib" ] || die "the wheelhouse is ${mib} MiB, over the ${max_mib} MiB limit (WHEELHOUSE_MAX_MIB)"
+echo "wheelhouse.sh: fetched for Python $py in $(( $(date +%s) - start )) s"
+"$REPO/tools/wheelhouse_manifest.sh" "$out"

@@ -5,6 +5,7 @@
 #
 #   docker/minkowski/build.sh --python .venv/bin/python --target cpu|cuda \
 #       [--cache DIR] [--sdist FILE] [--no-install] [--wheel-dir DIR] [--blas auto|system|wheel]
+#       [--prebuilt DIR] [--prebuilt-out DIR] [--print-key]
 #   docker/minkowski/build.sh --python .venv/bin/python --download-source DIR
 #
 # The wheel is cached under DIR (default $SPARK_ME_CACHE/wheels, SPARK_ME_CACHE defaulting
@@ -13,6 +14,11 @@
 # the cache, else `pip download` (the user's index, mirror and proxy settings apply), and
 # is always checked against its sha256. --download-source only fetches and checks it into
 # DIR (for offline machines and Docker builds), then exits.
+# Prebuilt wheels (a GPU node's wheel compiled on another machine, tools/prebuild_minkowski.sh):
+# --prebuilt DIR uses DIR/<key>/*.whl where one matches this build's key exactly (torch
+# version, Python tag, target, patches, BLAS, nvcc release, architectures), instead of
+# compiling; --prebuilt-out DIR copies the wheel to DIR/<key>/; --print-key prints the key
+# (BLAS and CUDA detection included) and exits.
 # BLAS (for ME's CPU kernels, both targets): `system` is OpenBLAS from the OS
 # (libopenblas-dev); `wheel` is the scipy-openblas32 wheel installed in --python's
 # environment (no root needed; used by the offline GPU install); `auto` (default) takes
@@ -36,6 +42,9 @@ install=1
 wheel_dir=""
 source_dir=""
 blas=auto
+prebuilt=""
+prebuilt_out=""
+print_key=0
 
 die() { echo "build.sh: error: $*" >&2; exit 2; }
 
@@ -49,7 +58,10 @@ while [ $# -gt 0 ]; do
     --wheel-dir) wheel_dir="$2"; shift 2 ;;
     --download-source) source_dir="$2"; shift 2 ;;
     --blas) blas="$2"; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --prebuilt) prebuilt="$2"; shift 2 ;;
+    --prebuilt-out) prebuilt_out="$2"; shift 2 ;;
+    --print-key) print_key=1; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -67,6 +79,8 @@ cache=$(absolute "$cache")
 [ -z "$sdist" ] || sdist=$(absolute "$sdist")
 [ -z "$wheel_dir" ] || wheel_dir=$(absolute "$wheel_dir")
 [ -z "$source_dir" ] || source_dir=$(absolute "$source_dir")
+[ -z "$prebuilt" ] || prebuilt=$(absolute "$prebuilt")
+[ -z "$prebuilt_out" ] || prebuilt_out=$(absolute "$prebuilt_out")
 [ -x "$python" ] || die "--python '$python' is not an executable file"
 "$python" -c 'import torch' 2>/dev/null \
   || die "torch is not importable by '$python': install torch first (make install does)"
@@ -135,7 +149,7 @@ case "$blas" in
   auto) die "no BLAS found: apt-get install libopenblas-dev, or pip install scipy-openblas32 into '$python''s environment" ;;
 esac
 # The wheel's OpenBLAS is a different library file, so it gets its own cache slot.
-[ "$blas" = system ] || key="$key-blaswheel2"  # 2: the library linked by path (see below)
+[ "$blas" = system ] || key="$key-blaswheel3"  # 3: linked by path, found by a relative rpath (see below)
 if [ "$target" = cuda ]; then
   # The CUDA wheel also depends on the toolkit and the architectures compiled for.
   export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -152,12 +166,23 @@ if [ "$target" = cuda ]; then
   arch_tag=$(echo "$TORCH_CUDA_ARCH_LIST" | tr -d '.+' | tr '; ' '__')
   key="$key-nvcc${nvcc_version}-sm${arch_tag}"
 fi
+[ "$print_key" = 0 ] || { echo "$key"; exit 0; }
 slot="$cache/$key"
 mkdir -p "$slot"
 
 wheel=$(ls "$slot"/*.whl 2>/dev/null | head -n1 || true)
+if [ -n "$prebuilt" ] && [ -z "$wheel" ]; then
+  # Used from where it lies, not copied into the cache: if it fails to import, a rerun
+  # without --prebuilt compiles.
+  wheel=$(ls "$prebuilt/$key"/*.whl 2>/dev/null | head -n1 || true)
+  if [ -n "$wheel" ]; then
+    echo "build.sh: using the prebuilt wheel $wheel"
+  else
+    echo "build.sh: no prebuilt wheel for $key in $prebuilt (it has: $(ls "$prebuilt" 2>/dev/null | tr '\n' ' ')); compiling"
+  fi
+fi
 if [ -n "$wheel" ]; then
-  echo "build.sh: using cached wheel $wheel"
+  [[ "$wheel" == "$prebuilt"/* ]] || echo "build.sh: using cached wheel $wheel"
 else
   start=$(date +%s)
   # The build tree is kept until the wheel is built, so an interrupted build resumes
@@ -197,8 +222,13 @@ else
     # -lopenblas alone is not enough: where another libopenblas.so comes first on the
     # linker's path (as on a CUDA node), the linker picks that one, finds none of the
     # scipy_ symbols in it and (--as-needed) drops it, leaving them undefined at import.
-    # Naming the wheel's library by path, outside --as-needed, always links it.
-    export LDFLAGS="${LDFLAGS:+$LDFLAGS }-Wl,--push-state,--no-as-needed $blas_lib/libscipy_openblas.so -Wl,--pop-state -Wl,-rpath,$blas_lib"
+    # Naming the wheel's library by path, outside --as-needed, always links it. The first
+    # rpath finds it beside the extension in any site-packages that has both wheels (a
+    # wheel built on one machine and installed on another, as the GPU node's prebuilt
+    # one); the second in the environment it was built in. (The link runs without a
+    # shell: '$ORIGIN' reaches the linker as written.)
+    export LDFLAGS="${LDFLAGS:+$LDFLAGS }-Wl,--push-state,--no-as-needed $blas_lib/libscipy_openblas.so -Wl,--pop-state"
+    LDFLAGS="$LDFLAGS -Wl,-rpath,\$ORIGIN/../scipy_openblas32/lib -Wl,-rpath,$blas_lib"
     echo "build.sh: BLAS from scipy-openblas32 in $blas_lib"
   else
     echo "build.sh: BLAS from the system ($system_cblas)"
@@ -258,6 +288,12 @@ PY
 fi
 
 [ -z "$wheel_dir" ] || { mkdir -p "$wheel_dir"; cp "$wheel" "$wheel_dir/"; }
+if [ -n "$prebuilt_out" ]; then
+  rm -rf "${prebuilt_out:?}/$key"
+  mkdir -p "$prebuilt_out/$key"
+  cp "$wheel" "$prebuilt_out/$key/"
+  echo "build.sh: prebuilt wheel in $prebuilt_out/$key/"
+fi
 if [ "$install" = 1 ]; then
   "$python" -m pip install -q --no-deps --force-reinstall "$wheel"
   "$python" -c 'import MinkowskiEngine as ME; print("build.sh: MinkowskiEngine", ME.__version__, "imports")'
