@@ -133,7 +133,10 @@ def test_the_test_phase_runs_every_test_file_once_the_unproven_ones_first():
     paths = gpu_check.test_paths()
     assert paths[:len(gpu_check.FIRST_TESTS)] == list(gpu_check.FIRST_TESTS)
     on_disk = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py"))
-    assert sorted(paths) == on_disk and all((REPO / p).is_file() for p in gpu_check.FIRST_TESTS)
+    assert sorted(p for p in paths if "::" not in p) == on_disk  # every file, each once
+    for first in gpu_check.FIRST_TESTS:  # a file, or one test of a file (pytest runs it once)
+        path, _, name = first.partition("::")
+        assert (REPO / path).is_file() and (not name or f"def {name}(" in (REPO / path).read_text()), first
 
 
 def test_bench_results_come_back_as_one_archive_that_unpacks_in_a_checkout(tmp_path, monkeypatch):
@@ -164,9 +167,10 @@ def test_bench_results_come_back_as_one_archive_that_unpacks_in_a_checkout(tmp_p
 
 def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkeypatch):
     """The GPU branch's plan, with every step faked: the suite (no per-layer rows of its
-    own), the encoder profile, the per-layer bench (each backend, fp32 and bf16, at batch 128,
-    into the suite's folder, where the report finds kernels.json), the step profile, the
-    report; the results are bundled after each measuring step."""
+    own), the encoder profile, the Triton GEMM configs (bf16, batch 128), the per-layer bench
+    (each backend, fp32 and bf16, at batch 128, into the suite's folder, where the report
+    finds kernels.json), the step profile, the report; the results are bundled after each
+    measuring step."""
     monkeypatch.setattr(gpu_check, "_cuda_status", lambda python: (True, "fake GPU"))
     monkeypatch.setattr(gpu_check.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout="Fake GPU 80GB\n", stderr=""))
@@ -189,7 +193,7 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     committed.write_bytes(b"")  # an earlier run's trace, in the checkout: not this run's to read
     assert gpu_check.main(["bench", "--no-data", "--limit", "60", "--log-dir", str(tmp_path)]) == 0
     assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz",
-                                           "per-layer", "profile", "report"]
+                                           "gemm configs", "per-layer", "profile", "report"]
     steps = dict(ran)
     suite, layers = " ".join(steps["kernels_bench"]), steps["per-layer"]
     assert "--skip breakdown kernels" in suite
@@ -200,7 +204,11 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     assert layers[layers.index("--batch") + 1] == "128"
     folder = layers[layers.index("--out") + 1]
     assert folder.endswith("kernels_bench/results/gpu-fake-gpu-80gb") and f"--out {folder}" in suite
-    assert bundles[:4] == [1, 3, 4, 5]  # after the suite, the encoder profile (and its timeline), the per-layer bench, the profile
+    gemm = " ".join(steps["gemm configs"])
+    assert "-m kernels_bench.gemm_configs --device cuda --batch 128 --dtype bfloat16" in gemm
+    assert gemm.endswith(f"--out {folder}/gemm-configs")
+    # after the suite, the encoder profile (and its timeline), the GEMM configs, the per-layer bench, the profile
+    assert bundles[:5] == [1, 3, 4, 5, 6]
 
     ran.clear()
     assert gpu_check.main(["bench", "--no-data", "--only", "per-layer", "encoder-profile", "--limit", "60",
@@ -211,5 +219,10 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     assert gpu_check.main(["bench", "--no-data", "--only", "encoder-profile", "--conv-impl", "torch", "--limit", "60",
                            "--log-dir", str(tmp_path)]) == 0
     assert "--trace" not in ran[0][1]  # no Triton case to trace
+    ran.clear()
+    assert gpu_check.main(["bench", "--no-data", "--only", "gemm-configs", "--conv-impl", "torch", "--limit", "60",
+                           "--log-dir", str(tmp_path)]) == 0
+    assert [label for label, _ in ran] == ["report"]  # no Triton: nothing to time
+    assert "gemm-configs skipped" in (tmp_path / "bench.log").read_text()
     with pytest.raises(SystemExit):
         gpu_check.main(["bench", "--only", "suites"])

@@ -123,6 +123,31 @@ def test_strided_conv_many_rows():
         assert rel_err(g, r) <= 1e-5
 
 
+def _gathered_product(src: torch.Tensor, table: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ_t src[table[t]] · weight[t]`` in float64, absent rows (the sentinel) zero."""
+    padded = torch.cat([src, src.new_zeros(1, src.shape[1])]).double()
+    return sum(padded[table[t].long()] @ weight[t].double() for t in range(len(table)))
+
+
+def _gemm_configs() -> list:
+    return [pytest.param(c, id="{BLOCK_M}x{BLOCK_N}x{BLOCK_K}-{loop}".format(
+        **c.kwargs, loop="flat" if c.kwargs["FLAT"] else "nested")) for c in triton_backend._GEMM_CONFIGS]
+
+
+@INTERPRETER
+@pytest.mark.parametrize("config", [c for c in _gemm_configs() if c.values[0].kwargs["BLOCK_M"] == 64])
+def test_every_gemm_loop_form_equals_the_gathered_product(config):
+    """Both loop forms of the gather-GEMM (nested tap / channel-block loops, one flat loop),
+    with 80 input channels in blocks of 32 (a partial last block) and 9 taps, several row
+    and column programs and absent neighbours, against the product in float64."""
+    _, xs, _, _ = _inputs(80, torch.float32, 2, seed=4)
+    tables = ops.neighbour_tables(xs, 3, 1)
+    weight = torch.randn(9, 80, 70, generator=torch.Generator().manual_seed(1))
+    got = triton_backend.gather_gemm(xs.F, tables.forward, weight, tables.n_out, config)
+    assert got.shape[0] > config.kwargs["BLOCK_M"] and not tables.complete
+    assert rel_err(got, _gathered_product(xs.F, tables.forward, weight)) <= 1e-5
+
+
 @INTERPRETER
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2)])
 def test_int64_tables_give_the_same_results(kernel, stride):
@@ -226,8 +251,9 @@ def test_float64_is_refused_naming_torch():
 
 
 def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict]]:
-    """(kernel, argument types, constexprs) of every kernel's compiled path, first config;
-    ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's range)."""
+    """(kernel, argument types, constexprs) of every kernel's compiled path, the largest
+    tiles (the GEMM's in both loop forms); ``table``: the tables' pointer type (``*i32``, or
+    ``*i64`` past int32's range)."""
     ptr, tb = f"*{dtype}", triton_backend
     rows = {"n_src": "i32", "n_dst": "i32"}
     gemm = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
@@ -235,7 +261,8 @@ def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict]
     dw = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32", "taps": "i32"}
     dw_grad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
     return [
-        (tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **tb._GEMM_CONFIGS[-1].kwargs}),
+        *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs})
+          for c in tb._GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 64],
         (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}),
         (tb._depthwise_kernel, dw, {"BLOCK_M": tb.DEPTHWISE_BLOCK_M, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}),
         (tb._depthwise_weight_grad_kernel, dw_grad,
@@ -244,7 +271,7 @@ def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict]
 
 
 @pytest.mark.parametrize("dtype,table", [("fp32", "*i32"), ("bf16", "*i32"), ("bf16", "*i64")])
-def test_kernels_compile_for_the_gpu(dtype, table):
+def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     """The compiled path (``INTERPRETER=False``: tensor-core ``tl.dot``, ``tl.sum``), which
     the interpreter never runs, compiles to a cubin for sm_90 without a GPU (Triton's own
     ptxas): a kernel edit that only the interpreter accepts fails here, not on the GPU."""
@@ -252,11 +279,17 @@ def test_kernels_compile_for_the_gpu(dtype, table):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if triton_backend.INTERPRETED:  # the kernels call this one: it must be a GPU function too
+        helper = triton_backend._gather_gemm_step
+        monkeypatch.setattr(triton_backend, "_gather_gemm_step", triton.runtime.JITFunction(helper.fn))
+    cubins = []
     for kernel, signature, constexprs in _kernel_signatures(dtype, table):
         fn = triton.runtime.JITFunction(kernel.fn) if triton_backend.INTERPRETED else kernel
         source = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
         assert compiled.asm["cubin"]
+        cubins.append(compiled.asm["cubin"])
+    assert len(cubins) == 5 and cubins[0] != cubins[1]  # the GEMM in its two loop forms: two programs
 
 
 def _encoder_pair(name: str, device: torch.device, candidate: str = "triton", seed: int = 0):
@@ -408,6 +441,22 @@ def test_cuda_conv_triton_equals_torch(c_in, c_out, kernel, stride, ts, dtype):
     n_out = got[0].shape[0]
     for g, r, a, terms in zip(got[:3], ref[:3], abs_ref[:3], [c_in * kernel**2, c_out * kernel**2, n_out]):
         assert rel_err(g, r) <= bf16_bound(r, a, terms, True)
+
+
+@pytest.mark.parametrize("config", _gemm_configs())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@_on_cuda
+def test_cuda_every_gemm_config_equals_the_gathered_product(config, dtype):
+    """Every tile shape and loop form the autotuner may pick (it keeps the fastest per
+    shape, so each must be right): a 3×3 conv's gather-GEMM, 192 -> 96 channels, against
+    the product in float64; bf16 within 2⁻⁸ relative (one rounding of the output, the
+    inputs exact in bf16 and accumulated in fp32)."""
+    xs = _cuda_sparse(192, 8, dtype)
+    tables = ops.neighbour_tables(xs, 3, 1)
+    weight = (torch.randn(9, 192, 96, device="cuda") / 40).to(dtype)
+    got = triton_backend.gather_gemm(xs.F, tables.forward, weight, tables.n_out, config)
+    expected = _gathered_product(xs.F, tables.forward, weight)
+    assert rel_err(got.double(), expected) <= (1e-5 if dtype == torch.float32 else 2.0**-8)
 
 
 @pytest.mark.parametrize("channels", [96, 384])

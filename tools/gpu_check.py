@@ -159,9 +159,14 @@ def phase_build(args: argparse.Namespace) -> int:
     compile_s = next((int(m.group(1)) for line in phase.last_lines
                       if (m := re.search(r"MinkowskiEngine ready in (\d+) s", line))), None)
     phase.summary["compile_s"] = compile_s
+    # A wheel compiled beforehand (make wheelhouse-minkowski) is used when its key matches.
+    prebuilt = any("using the prebuilt wheel" in line for line in phase.last_lines)
+    compiled = any("compiling MinkowskiEngine" in line for line in phase.last_lines)
+    phase.summary["minkowski"] = "compiled" if compiled else "prebuilt" if prebuilt else "cached"
     usable, what = _cuda_status(_python()) if ok else (False, "install failed")
     phase.summary["cuda"] = what
-    return phase.finish(ok, f"MinkowskiEngine ready in {compile_s} s; {what}" if ok else "offline install failed")
+    how = phase.summary["minkowski"]
+    return phase.finish(ok, f"MinkowskiEngine ({how}) ready in {compile_s} s; {what}" if ok else "offline install failed")
 
 
 def phase_test(args: argparse.Namespace) -> int:
@@ -190,10 +195,13 @@ def phase_test(args: argparse.Namespace) -> int:
     return phase.finish(ok, f"{what}; pytest: {counts}")
 
 
-# Test files whose CUDA tests have not yet all passed on a GPU run first, so a phase limit
-# costs the tests already proven there (CUDA graphs; the GPU pre-training runs, with and
-# without graphs); --first-only runs these alone.
-FIRST_TESTS = ("tests/test_cuda_graphs.py", "tests/test_gpu.py")
+# Test files (or tests) whose CUDA tests have not yet all passed on a GPU run first, so a
+# phase limit costs the tests already proven there (CUDA graphs; the GPU pre-training runs,
+# with and without graphs; every tile config and loop form of the Triton gather-GEMM);
+# --first-only runs these alone. (Where a whole file follows that holds one of these tests,
+# pytest runs it once, in the file's order.)
+FIRST_TESTS = ("tests/test_cuda_graphs.py", "tests/test_gpu.py",
+               "tests/test_ops_triton.py::test_cuda_every_gemm_config_equals_the_gathered_product")
 
 
 def test_paths() -> list[str]:
@@ -244,7 +252,7 @@ def run_pytest(phase: Phase, cmd: list[str]) -> tuple[dict, list[str]]:
 
 BUNDLE = "gpu-check-bench-results.tar.gz"
 # The bench phase's GPU steps, most telling first in the default order.
-BENCH_STEPS = ("suite", "encoder-profile", "per-layer", "step-profile")
+BENCH_STEPS = ("suite", "encoder-profile", "gemm-configs", "per-layer", "step-profile")
 
 
 def bundle_results(out: Path) -> Optional[Path]:
@@ -325,6 +333,15 @@ def phase_bench(args: argparse.Namespace) -> int:
             "--out", str(out),
         ], started=_STARTED_CASE)]
 
+    def gemm_configs() -> list[dict]:
+        """Every tile config and loop form of the Triton gather-GEMM on the encoders' conv
+        shapes, bf16, against each other (what the autotuner chooses between)."""
+        if "triton" not in bf16_impls:
+            phase.say("gpu-check bench: gemm-configs skipped (triton is not among --conv-impl)")
+            return []
+        return [phase.run("gemm configs", [python, "-m", "kernels_bench.gemm_configs", "--device", "cuda",
+                                           "--batch", "128", "--dtype", "bfloat16", "--out", str(out / "gemm-configs")])]
+
     def step_profile() -> list[dict]:
         """Where a bf16 step's GPU time goes, per backend and for the emulation
         (MinkowskiEngine's kernels are fp32-only). What a step keeps for backward
@@ -334,7 +351,8 @@ def phase_bench(args: argparse.Namespace) -> int:
             "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
         ], started=_STARTED_CASE)]
 
-    plan = {"suite": suite, "encoder-profile": encoder_profile, "per-layer": per_layer, "step-profile": step_profile}
+    plan = {"suite": suite, "encoder-profile": encoder_profile, "gemm-configs": gemm_configs, "per-layer": per_layer,
+            "step-profile": step_profile}
     phase.say(f"gpu-check bench: steps, in order: {', '.join(args.only)} (a phase limit cuts from the end)")
     ran: list[dict] = []
     for name in args.only:

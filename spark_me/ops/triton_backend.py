@@ -6,7 +6,8 @@ no gathered ``[N, K·C]`` copy anywhere: each kernel reads its neighbours throug
 load of zeros).
 
 * conv forward: a program per ``[BLOCK_M rows × BLOCK_N output channels]`` tile loops
-  over taps and ``BLOCK_K`` input-channel blocks, loads the input tile gathered through
+  over taps and ``BLOCK_K`` input-channel blocks (nested, or as one flat loop that Triton
+  pipelines across taps: the autotuner picks), loads the input tile gathered through
   ``table[t, rows]`` and the weight tile of tap ``t``, and accumulates ``tl.dot`` in fp32;
 * conv input grad: the same kernel on ``grad``: stride 1 (odd kernel) with the forward
   table and the taps mirrored (``W[K-1-t]``); strided with the inverse table
@@ -36,7 +37,8 @@ and fp64 ``tl.dot`` is not in every Triton this project meets).
 
 Tiles: ``triton.autotune`` over a few configs, keyed on the channel counts (and tap
 count): each new key costs one benchmark of every config (once per process), so the
-lists stay short. The depthwise kernels have fixed tiles.
+lists stay short (the gather-GEMM's: four tile shapes, each in both loop forms). The
+depthwise kernels have fixed tiles.
 
 The Triton interpreter (CPU tensors; ``TRITON_INTERPRET=1`` in the environment when this
 module is imported, as Triton decides at decoration; :data:`INTERPRETED`) runs tiles as
@@ -56,6 +58,7 @@ on the host side:
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import triton
@@ -71,36 +74,63 @@ PROGRAMS_PER_SM = 4
 CPU_SPLIT_PROGRAMS = 32
 
 
+@triton.jit
+def _gather_gemm_step(
+    acc, src_ptr, idx, weight_ptr, n_src, c_in, c_out, t, k0, cols, col_ok, ks, INTERPRETER: tl.constexpr,
+):
+    """``acc += src[idx, k0:k0+BLOCK_K] · weight[t, k0:k0+BLOCK_K, cols]`` (``idx``: tap
+    ``t``'s table entries of the tile's rows, ``n_src`` where absent)."""
+    present = idx < n_src
+    k = k0 + ks
+    k_ok = k < c_in
+    a = tl.load(src_ptr + idx.to(tl.int64)[:, None] * c_in + k[None, :], mask=present[:, None] & k_ok[None, :],
+                other=0.0)
+    b = tl.load(weight_ptr + t * c_in * c_out + k[:, None] * c_out + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    if INTERPRETER:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:  # exact fp32 products, not TF32
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["n_src", "n_dst"])  # row counts change every batch
 def _gather_gemm_kernel(
     src_ptr, table_ptr, weight_ptr, out_ptr, n_src, n_dst, c_in, c_out, taps,
     INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """``out[o] = Σ_t src[table[t, o]] · weight[t]``: src ``[n_src, c_in]``, table
-    ``[taps, n_dst]`` (sentinel ``n_src``), weight ``[taps, c_in, c_out]``."""
+    ``[taps, n_dst]`` (sentinel ``n_src``), weight ``[taps, c_in, c_out]``.
+
+    ``FLAT``: one loop over every (tap, channel block) pair instead of a loop over channel
+    blocks inside a loop over taps. Triton software-pipelines the innermost loop only, so
+    with few channel blocks per tap (64 input channels and BLOCK_K 64: one) the nested
+    form loads each tile with nothing in flight; the flat one keeps ``num_stages`` loads
+    ahead across taps. The autotuner times both forms (the configs carry ``FLAT``).
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < n_dst
     col_ok = cols < c_out
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for t in range(taps):
-        idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
-        present = idx < n_src
-        src_rows = src_ptr + idx.to(tl.int64)[:, None] * c_in
-        w_tap = weight_ptr + t * c_in * c_out
-        for k0 in range(0, c_in, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < c_in
-            a = tl.load(src_rows + k[None, :], mask=present[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_tap + k[:, None] * c_out + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if INTERPRETER:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if a.dtype == tl.float32:  # exact fp32 products, not TF32
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+    if FLAT:  # the tap's table entries are read again per channel block (cached, BLOCK_M ints)
+        k_blocks = (c_in + BLOCK_K - 1) // BLOCK_K
+        for i in range(taps * k_blocks):
+            t = i // k_blocks
+            idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
+            acc = _gather_gemm_step(acc, src_ptr, idx, weight_ptr, n_src, c_in, c_out, t, (i - t * k_blocks) * BLOCK_K,
+                                    cols, col_ok, ks, INTERPRETER)
+    else:
+        for t in range(taps):
+            idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
+            for k0 in range(0, c_in, BLOCK_K):
+                acc = _gather_gemm_step(acc, src_ptr, idx, weight_ptr, n_src, c_in, c_out, t, k0, cols, col_ok, ks,
+                                        INTERPRETER)
     out = out_ptr + rows.to(tl.int64)[:, None] * c_out + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -205,11 +235,12 @@ def _depthwise_weight_grad_kernel(
 # Triton decided at decoration whether these run in its interpreter (TRITON_INTERPRET=1).
 INTERPRETED = not isinstance(_gather_gemm_kernel, triton.runtime.JITFunction)
 
+# Each tile shape in both loop forms (_gather_gemm_kernel's FLAT): the autotuner keeps the
+# fastest per (c_in, c_out, taps), so a shape runs the flat form only where it timed faster.
 _GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "FLAT": flat}, num_warps=warps, num_stages=3)
+    for flat in (False, True)
+    for m, n, k, warps in ((64, 64, 32, 4), (128, 64, 32, 4), (128, 128, 32, 8), (128, 128, 64, 8))
 ]
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_R": 64}, num_warps=4, num_stages=3),
@@ -266,9 +297,15 @@ def _row_splits(device: torch.device, tiles: int, row_blocks: int) -> int:
     return max(1, min(row_blocks, triton.cdiv(target, tiles)))
 
 
-def gather_gemm(src: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, n_dst: int) -> torch.Tensor:
+def gather_gemm(
+    src: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, n_dst: int, config: Optional[triton.Config] = None,
+) -> torch.Tensor:
     """``out[o] = Σ_t src[table[t, o]] · weight[t]`` (``weight`` ``[K, C_in, C_out]``, sentinel
-    ``len(src)``) -> ``[n_dst, C_out]`` in ``src``'s dtype, accumulated in fp32."""
+    ``len(src)``) -> ``[n_dst, C_out]`` in ``src``'s dtype, accumulated in fp32.
+
+    ``config``: run these tiles and loop form instead of the autotuned ones (tests run every
+    config of ``_GEMM_CONFIGS``, in the interpreter too; without one the interpreter runs
+    the flat form on tiles sized to the problem)."""
     taps, c_in, c_out = weight.shape
     out = src.new_empty(n_dst, c_out)
     if n_dst == 0:
@@ -283,9 +320,13 @@ def gather_gemm(src: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, n_
     args = (src, table, weight, out, len(src), n_dst, c_in, c_out, taps)
     with _on_device(src):
         if INTERPRETED:
-            meta = {"BLOCK_M": _interpreter_tile(n_dst, 1024), "BLOCK_N": _interpreter_tile(c_out, 256),
-                    "BLOCK_K": _interpreter_tile(c_in, 128)}
+            meta = config.kwargs if config is not None else {
+                "BLOCK_M": _interpreter_tile(n_dst, 1024), "BLOCK_N": _interpreter_tile(c_out, 256),
+                "BLOCK_K": _interpreter_tile(c_in, 128), "FLAT": True}
             _gather_gemm_kernel[grid(meta)](*args, INTERPRETER=INTERPRETED, **meta)
+        elif config is not None:
+            _gather_gemm_kernel[grid(config.kwargs)](*args, INTERPRETER=INTERPRETED, **config.kwargs,
+                                                     num_warps=config.num_warps, num_stages=config.num_stages)
         else:
             _gather_gemm[grid](*args, INTERPRETER=INTERPRETED)
     return out
