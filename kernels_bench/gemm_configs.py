@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -91,7 +91,9 @@ def time_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def run(batch: int, dtype: torch.dtype, device: str, shapes=SHAPES) -> list[dict]:
+def run(batch: int, dtype: torch.dtype, device: str, shapes: tuple[GemmShape, ...] = SHAPES) -> list[dict]:
+    """One row per (shape, pass, config): its median time and TFLOP/s, and the config the
+    autotuner picked for that shape's key."""
     from spark_me.ops import triton_backend
 
     rows = []
@@ -100,9 +102,9 @@ def run(batch: int, dtype: torch.dtype, device: str, shapes=SHAPES) -> list[dict
         for direction, (args, pairs) in gemm_calls(shape, batch, dtype, device, generator).items():
             c_in, c_out = args[2].shape[1], args[2].shape[2]
             flop = 2 * pairs * c_in * c_out
-            triton_backend.gather_gemm(*args)  # the autotuner's pick for this key
-            picked = [config_name(c) for key, c in triton_backend._gather_gemm.cache.items()
-                      if tuple(key[:3]) == (c_in, c_out, args[2].shape[0])]
+            triton_backend.gather_gemm(*args)  # the autotuner's pick for this key (its cache: key -> config)
+            tuned = getattr(triton_backend._gather_gemm, "cache", {})
+            picked = [config_name(c) for key, c in tuned.items() if tuple(key[:3]) == (c_in, c_out, args[2].shape[0])]
             for config in triton_backend._GEMM_CONFIGS:
                 ms = time_ms(lambda: triton_backend.gather_gemm(*args, config=config))
                 rows.append({**asdict(shape), "pass": direction, "gemm_c_in": c_in, "gemm_c_out": c_out,
@@ -130,7 +132,7 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="a CUDA device (the compiled kernels need one)")
     p.add_argument("--batch", type=int, default=128)

@@ -107,10 +107,11 @@ def _gather_gemm_kernel(
     ``[taps, n_dst]`` (sentinel ``n_src``), weight ``[taps, c_in, c_out]``.
 
     ``FLAT``: one loop over every (tap, channel block) pair instead of a loop over channel
-    blocks inside a loop over taps. Triton software-pipelines the innermost loop only, so
-    with few channel blocks per tap (64 input channels and BLOCK_K 64: one) the nested
-    form loads each tile with nothing in flight; the flat one keeps ``num_stages`` loads
-    ahead across taps. The autotuner times both forms (the configs carry ``FLAT``).
+    blocks inside a loop over taps. Triton software-pipelines a loop's tile loads over its
+    iterations; with few channel blocks per tap (64 input channels and BLOCK_K 64: one) the
+    nested form's inner loop is too short to keep ``num_stages`` loads in flight, where the
+    flat one pipelines across taps. The autotuner times both forms (the configs carry
+    ``FLAT``).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
