@@ -76,11 +76,9 @@ def gemm_calls(shape: GemmShape, batch: int, dtype: torch.dtype, device: str, ge
     weight = (torch.randn(taps, shape.c_in, shape.c_out, generator=generator) / (taps * shape.c_in) ** 0.5).to(device, dtype)
     grad = torch.randn(tables.n_out, shape.c_out, generator=generator).to(device, dtype)
     pairs = int((tables.forward < tables.n_in).sum())
-    w_t = weight.transpose(1, 2).contiguous()  # [taps, c_out, c_in]
-    if shape.stride == 1:  # the backward's own arguments (triton_backend.TritonConvFunction)
-        dgrad = (grad, tables.forward, w_t.flip(0).contiguous(), tables.n_in)
-    else:
-        dgrad = (grad, triton_backend.inverse_table(tables), w_t, tables.n_in)
+    # the backward's own operands (triton_backend.TritonConvFunction)
+    dgrad_table, dgrad_weight = triton_backend.input_grad_operands(tables, weight.transpose(1, 2))
+    dgrad = (grad, dgrad_table, dgrad_weight.contiguous(), tables.n_in)
     return {"fwd": ((x.F, tables.forward, weight, tables.n_out), pairs), "dgrad": (dgrad, pairs)}
 
 

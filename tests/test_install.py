@@ -156,6 +156,7 @@ def test_build_sh_copies_its_wheel_under_its_key_for_another_machine(tmp_path):
     proc = _build_sh("--python", sys.executable, "--target", "cpu", "--no-install", "--prebuilt-out", "wh/prebuilt",
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"using cached wheel {cached}" in proc.stdout
     assert (tmp_path / "wh" / "prebuilt" / key / cached.name).read_bytes() == b"built here"
 
 

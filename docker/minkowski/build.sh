@@ -182,7 +182,7 @@ if [ -n "$prebuilt" ] && [ -z "$wheel" ]; then
   fi
 fi
 if [ -n "$wheel" ]; then
-  [[ "$wheel" == "$prebuilt"/* ]] || echo "build.sh: using cached wheel $wheel"
+  { [ -n "$prebuilt" ] && [[ "$wheel" == "$prebuilt"/* ]]; } || echo "build.sh: using cached wheel $wheel"
 else
   start=$(date +%s)
   # The build tree is kept until the wheel is built, so an interrupted build resumes

@@ -377,6 +377,16 @@ def inverse_table(tables: NeighbourTables) -> torch.Tensor:
     return inverse
 
 
+def input_grad_operands(tables: NeighbourTables, taps_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, weight) of a conv's input gradient as a gather-GEMM of the output gradient,
+    given the taps ``W[t]`` as ``[K, C_out, C_in]``: stride 1 (odd kernel) reads the forward
+    table with the taps mirrored (the table is its own transpose); strided convs read the
+    inverse table with the taps as they are."""
+    if tables.stride == 1:
+        return tables.forward, taps_out_in.flip(0)
+    return inverse_table(tables), taps_out_in
+
+
 class TritonConvFunction(torch.autograd.Function):
     """Sparse conv on neighbour tables with a PyTorch-layout weight; see the module
     docstring. Keeps the input, the weight and the tables for backward."""
@@ -397,10 +407,7 @@ class TritonConvFunction(torch.autograd.Function):
         grad_in = grad_w = None
         if ctx.needs_input_grad[0]:
             taps_out_in = weight.flatten(2).permute(2, 0, 1)  # [K, C_out, C_in]: W[t]
-            if tables.stride == 1:  # the table is its own transpose with the taps mirrored
-                grad_in = gather_gemm(grad, tables.forward, taps_out_in.flip(0), tables.n_in)
-            else:
-                grad_in = gather_gemm(grad, inverse_table(tables), taps_out_in, tables.n_in)
+            grad_in = gather_gemm(grad, *input_grad_operands(tables, taps_out_in), tables.n_in)
         if ctx.needs_input_grad[1]:
             gw = gather_weight_grad(features, tables.forward, grad)  # [K, C_out, C_in] fp32
             grad_w = gw.permute(1, 2, 0).reshape(c_out, c_in, k, k).to(weight.dtype)
