@@ -89,10 +89,9 @@ class Case:
         if self.dense_stem and (self.variant != "sparse" or self.reuse_batch):
             raise ValueError("dense_stem rows are sparse rows that gather each batch (not reuse_batch rows)")
         if self.cuda_graphs and (self.variant != "sparse" or self.part == "encoder_fwd" or self.reuse_batch
-                                 or self.dense_stem or self.conv_impl == "minkowski"
-                                 or not self.device.startswith("cuda")):
+                                 or self.conv_impl == "minkowski" or not self.device.startswith("cuda")):
             raise ValueError("cuda_graphs rows are CUDA sparse rows of a part with a backward that gather each batch, "
-                             "with a sparse stem and a backend other than minkowski")
+                             "with a backend other than minkowski")
 
 
 def unknown_encoders_error(models: Iterable[str]) -> Optional[str]:

@@ -165,7 +165,8 @@ def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size
     """Per model: the sparse part with each backend; the first backend again with the first
     conv dense on the zero-filled image (``dense_stem``: no full-resolution coordinates,
     maps or tables), and on CUDA, for a part with a backward, replayed from a CUDA graph
-    (``cuda_graphs``: the host issues one replay instead of every kernel); for an encoder part, the first backend on a batch gathered once
+    with either stem (``cuda_graphs``: the host issues one replay instead of every kernel);
+    for an encoder part, the first backend on a batch gathered once
     (``reuse_batch``: no gather, no new maps or tables, the difference being what every new
     batch costs); then the masked-dense baseline."""
     cuda = device.startswith("cuda")
@@ -176,7 +177,8 @@ def plan(models: list[str], conv_impls: list[str], device: str, batch: int, size
         cases += [Case(model, "sparse", conv_impl=impl, **common) for impl in conv_impls]
         cases.append(Case(model, "sparse", conv_impl=conv_impls[0], dense_stem=True, **common))
         if cuda and part != "encoder_fwd" and conv_impls[0] != "minkowski":
-            graphed.append(Case(model, "sparse", conv_impl=conv_impls[0], cuda_graphs=True, **common))
+            graphed += [Case(model, "sparse", conv_impl=conv_impls[0], cuda_graphs=True, dense_stem=dense_stem, **common)
+                        for dense_stem in (False, True)]
         if part != "step":
             cases.append(Case(model, "sparse", conv_impl=conv_impls[0], reuse_batch=True, **common))
         cases.append(Case(model, "masked_dense", channels_last=cuda, **common))

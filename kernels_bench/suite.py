@@ -67,7 +67,8 @@ class Plan:
     dense_stem: bool = False
     # also CUDA sparse rows replayed from CUDA graphs (SparseEncoder.set_cuda_graphs), for the
     # first backend in bf16: the step, the encoder forward+backward, and the encoder with the
-    # first N stages recomputed for each of checkpoint_stages
+    # first N stages recomputed for each of checkpoint_stages; with dense_stem, each of them
+    # again with the dense stem (its conv and gathering before the replay)
     cuda_graphs: bool = False
 
     def cases(self) -> list[Case]:
@@ -95,12 +96,12 @@ class Plan:
                     if (self.cuda_graphs and self.cuda_extras and headline and first and part != "encoder_fwd"
                             and impl != "minkowski"):
                         partial = self.checkpoint_stages if part == "encoder_fwd_bwd" and self.grad_checkpointing else ()
-                        out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp=amp,
-                                        cuda_graphs=True, **common))
-                        for stages in partial:
-                            out.append(Case(model, variant, part, batch, size, mask, conv_impl=impl, amp=amp,
-                                            cuda_graphs=True, grad_checkpointing=True, checkpoint_stages=stages,
-                                            **common))
+                        for dense_stem in (False, True) if self.dense_stem else (False,):
+                            graphed = dict(conv_impl=impl, amp=amp, cuda_graphs=True, dense_stem=dense_stem, **common)
+                            out.append(Case(model, variant, part, batch, size, mask, **graphed))
+                            for stages in partial:
+                                out.append(Case(model, variant, part, batch, size, mask, grad_checkpointing=True,
+                                                checkpoint_stages=stages, **graphed))
                 return
             out.append(Case(model, variant, part, batch, size, mask, **common))
             if self.cuda_extras:  # the dense baselines at their fastest: channels_last, and bf16 in it

@@ -26,6 +26,14 @@ later batch of that shape:
 3. replays the graph on its gathered features and gets the per-scale features back as
    ``SparseTensor``\\ s on its own coordinate maps, for densify.
 
+What the graph captures is :meth:`~spark_me.encoders.base.SparseEncoder.forward_gathered`:
+from the gathered visible pixels on, or with the dense stem from the first conv's gathered
+output on. The dense stem's conv of the zero-filled image and its gathering (which reads
+the number of visible sites back to the host) run before the replay, and the graph's
+backward hands them the gradient of its input. A batch then has no full-resolution
+coordinates, coordinate map or stem table to build before its replay (on an H100 a third
+of ResNet-50's host time in its tables: docs/gpu.md, fourth run).
+
 A batch whose tables differ from the template's in anything but their contents (row
 counts, whether every site has all its neighbours) runs eagerly, with a warning. The
 outputs live in the graph's static buffers: the next replay overwrites them, so a step
@@ -69,7 +77,7 @@ def make_cuda_graph(body: nn.Module, sample: tuple[torch.Tensor, ...]) -> Callab
 
 
 class _Body(nn.Module):
-    """The encoder's ``forward_sparse`` on the template batch's maps, as a function of the
+    """The encoder's ``forward_gathered`` on the template batch's maps, as a function of the
     gathered features only: what the graph captures. Records the output tensor strides."""
 
     def __init__(self, encoder: nn.Module, template: ME.SparseTensor) -> None:
@@ -80,7 +88,7 @@ class _Body(nn.Module):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = ME.SparseTensor(features, coordinate_map_key=self.key, coordinate_manager=self.manager)
-        outputs = self.encoder.forward_sparse(x)
+        outputs = self.encoder.forward_gathered(x)
         self.out_strides = [f.tensor_stride[0] for f in outputs]
         return tuple(f.F for f in outputs)
 
@@ -108,11 +116,12 @@ class EncoderGraphs:
         self.plain_runs = 0  # batches that fell back to the plain forward
         self._warned: set[str] = set()
 
-    def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
-        """``encoder.forward_sparse(x)``, replayed from a graph where the batch fits one."""
+    def forward_gathered(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        """``encoder.forward_gathered(x)``, replayed from a graph where the batch fits one."""
         cm = x.coordinate_manager
         if not isinstance(cm, TableCache) or cm.extent is None:
-            raise ValueError("CUDA graphs need a batch gathered by spark_me.gather.to_sparse (its TableCache)")
+            raise ValueError("CUDA graphs need a batch gathered by the encoder's gather (spark_me.gather.to_sparse "
+                             "or conv_to_sparse: a TableCache that knows the batch's extent)")
         signature = self._signature(x)
         if signature in self.graphs and self.graphs[signature] is None:  # its capture failed
             return self._plain(x)
@@ -135,7 +144,7 @@ class EncoderGraphs:
         encoder = self.encoder
         return (tuple(x.F.shape), x.F.dtype, x.tensor_stride[0], x.coordinate_manager.extent,
                 torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-                encoder.grad_checkpointing, encoder.checkpoint_stages, x.F.requires_grad)
+                encoder.grad_checkpointing, encoder.checkpoint_stages, encoder.dense_stem, x.F.requires_grad)
 
     def _capture(self, x: ME.SparseTensor, signature: tuple) -> list[ME.SparseTensor]:
         """Capture on ``x`` (the template) and return its features from the first replay.
@@ -198,7 +207,7 @@ class EncoderGraphs:
 
     def _plain(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         self.plain_runs += 1
-        return self.encoder.forward_sparse(x)
+        return self.encoder.forward_gathered(x)
 
     def _mismatch(self, what: str) -> None:
         self._warn(what, f"this batch runs without its CUDA graph: {what} (differs from the captured batch)")
@@ -249,16 +258,14 @@ def cuda_context_lost(device: torch.device) -> bool:
 
 def check_graphable(encoder: nn.Module) -> None:
     """Raise ValueError naming the fix unless ``encoder``'s forward can be captured: its
-    class says it can (``supports_cuda_graphs``), its first conv is sparse (a dense stem
-    gathers with a host synchronisation, outside the captured part) and no layer runs
-    MinkowskiEngine's kernels (they use MinkowskiEngine's own per-batch kernel maps)."""
+    class says it can (``supports_cuda_graphs``) and no layer runs MinkowskiEngine's
+    kernels (they use MinkowskiEngine's own per-batch kernel maps). A dense stem is fine:
+    its conv and gathering run before the graph, whose input is their output."""
     name = type(encoder).__name__
     if not getattr(encoder, "supports_cuda_graphs", False):
-        raise ValueError(f"{name} does not support CUDA graphs: its forward_sparse must read per-batch data only "
+        raise ValueError(f"{name} does not support CUDA graphs: its forward_sparse (and with a dense stem forward_after_stem_conv) must read per-batch data only "
                          "through the batch's neighbour tables and batch indices (spark_me.ops); then set "
                          "supports_cuda_graphs = True")
-    if getattr(encoder, "dense_stem", False):
-        raise ValueError("CUDA graphs capture the sparse stem: turn the dense stem off (model.dense_stem=false)")
     if any(getattr(m, "conv_impl", None) == "minkowski" for m in encoder.modules()):
         raise ValueError("CUDA graphs cannot replay MinkowskiEngine's kernels (conv_impl='minkowski'): use "
                          "conv_impl='auto', 'triton' or 'torch'")

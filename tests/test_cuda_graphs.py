@@ -59,30 +59,35 @@ def _loss(features, batch: int, size: int) -> torch.Tensor:
 def _step(encoder, run, images, active, size):
     """Features (dense maps) and every parameter's gradient of one forward+backward."""
     encoder.zero_grad(set_to_none=True)
-    features = run(to_sparse(images, active, 32))
+    features = run(encoder.gather(images, active))
     _loss(features, len(images), size).backward()
     dense = [to_dense(f, len(images), (size // f.tensor_stride[0],) * 2).detach() for f in features]
     return dense, {n: p.grad.clone() for n, p in encoder.named_parameters()}
 
 
+@pytest.mark.parametrize("dense_stem", [False, True])
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
-def test_refilled_tables_give_every_batch_its_own_features_gradients_and_statistics(name):
-    """Drop path on: its per-sample draws reach the sites through the refilled batch index."""
+def test_refilled_tables_give_every_batch_its_own_features_gradients_and_statistics(name, dense_stem):
+    """Drop path on: its per-sample draws reach the sites through the refilled batch index.
+    With the dense stem the graph starts at the stem conv's gathered output, and the stem
+    conv's weight and bias get their gradients through the graph's input."""
     size = 96
-    graphed, plain = _encoder(name, drop_path_rate=0.3), _encoder(name, drop_path_rate=0.3)
+    graphed, plain = (_encoder(name, drop_path_rate=0.3, dense_stem=dense_stem) for _ in range(2))
     graphs = EncoderGraphs(graphed, make_graph=_eager)
     for seed in range(3):  # the first batch is captured, the next two refill its tables
         images, active = _batch(seed, batch=4, size=size)
         torch.manual_seed(seed)
-        got, got_grads = _step(graphed, graphs.forward_sparse, images, active, size)
+        got, got_grads = _step(graphed, graphs.forward_gathered, images, active, size)
         torch.manual_seed(seed)
-        want, want_grads = _step(plain, plain.forward_sparse, images, active, size)
+        want, want_grads = _step(plain, plain.forward_gathered, images, active, size)
         assert len(got) == len(want) == 4
         for g, w in zip(got, want):
             assert rel_err(g, w) < 1e-12
         for n in want_grads:
             assert _close(got_grads[n], want_grads[n], 1e-10), n
     assert len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (3, 0)  # one shape, one capture
+    template = next(iter(graphs.graphs.values())).template
+    assert template.tensor_stride[0] == ({"resnet18": 2, "convnext_atto": 4}[name] if dense_stem else 1)
     for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
         assert torch.equal(a, b), n  # batch-norm statistics updated once per batch, as plainly
 
@@ -92,11 +97,11 @@ def test_the_template_holds_the_latest_batchs_tables():
     graphs = EncoderGraphs(encoder, make_graph=_eager)
     for seed in range(2):
         x = to_sparse(*_batch(seed), 32)
-        graphs.forward_sparse(x)
+        graphs.forward_gathered(x)
     template = next(iter(graphs.graphs.values())).template.coordinate_manager
     fresh = to_sparse(*_batch(1), 32)
     plain = _encoder("resnet18")
-    plain.forward_sparse(fresh)
+    plain.forward_gathered(fresh)
     mine = fresh.coordinate_manager.neighbour_tables
     assert template.neighbour_tables.keys() == mine.keys() and len(mine) > 3
     for key, captured in template.neighbour_tables.items():
@@ -111,8 +116,8 @@ def test_a_new_batch_shape_is_captured_again_and_beyond_the_limit_runs_without_a
     for i, (batch, size) in enumerate(shapes):
         images, active = _batch(i, batch=batch, size=size)
         with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
-            got, _ = _step(encoder, graphs.forward_sparse, images, active, size)
-        want, _ = _step(plain, plain.forward_sparse, images, active, size)
+            got, _ = _step(encoder, graphs.forward_gathered, images, active, size)
+        want, _ = _step(plain, plain.forward_gathered, images, active, size)
         assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
     assert len(graphs.graphs) == MAX_GRAPHS and (graphs.replays, graphs.plain_runs) == (MAX_GRAPHS, 1)
     assert f"more than {MAX_GRAPHS} batch shapes" in caplog.text and "runs without a CUDA graph" in caplog.text
@@ -121,14 +126,14 @@ def test_a_new_batch_shape_is_captured_again_and_beyond_the_limit_runs_without_a
 def test_tables_a_replay_cannot_refill_send_the_batch_down_the_plain_path(caplog):
     encoder = _encoder("resnet18")
     graphs = EncoderGraphs(encoder, make_graph=_eager)
-    graphs.forward_sparse(to_sparse(*_batch(0), 32))
+    graphs.forward_gathered(to_sparse(*_batch(0), 32))
     template = next(iter(graphs.graphs.values())).template.coordinate_manager
     next(iter(template.neighbour_tables.values())).pairs  # as algorithm="pairs" would build them
     plain = _encoder("resnet18")
     images, active = _batch(1)
     with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
-        got, _ = _step(encoder, graphs.forward_sparse, images, active, 96)
-    want, _ = _step(plain, plain.forward_sparse, images, active, 96)
+        got, _ = _step(encoder, graphs.forward_gathered, images, active, 96)
+    want, _ = _step(plain, plain.forward_gathered, images, active, 96)
     assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
     assert "runs without its CUDA graph" in caplog.text and "algorithm='pairs'" in caplog.text
     assert (graphs.replays, graphs.plain_runs) == (1, 1)
@@ -143,25 +148,16 @@ def test_a_failed_capture_warns_once_and_trains_on_without_graphs(caplog):
     with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
         for seed in range(2):
             images, active = _batch(seed)
-            got, _ = _step(encoder, graphs.forward_sparse, images, active, 96)
-            want, _ = _step(plain, plain.forward_sparse, images, active, 96)
+            got, _ = _step(encoder, graphs.forward_gathered, images, active, 96)
+            want, _ = _step(plain, plain.forward_gathered, images, active, 96)
             assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
     assert caplog.text.count("capturing the encoder as a CUDA graph failed") == 1
     assert (graphs.replays, graphs.plain_runs) == (0, 2)
 
 
 def test_encoders_that_cannot_be_replayed_refuse_naming_the_fix():
-    dense_stem = build_sparse_encoder("resnet18", dense_stem=True)
-    with pytest.raises(ValueError, match="turn the dense stem off"):
-        dense_stem.set_cuda_graphs()
     with pytest.raises(ValueError, match="cannot replay MinkowskiEngine's kernels"):
         build_sparse_encoder("resnet18", conv_impl="minkowski").set_cuda_graphs()
-    graphed = build_sparse_encoder("convnext_atto")
-    graphed.set_cuda_graphs()
-    with pytest.raises(ValueError, match=r"set_cuda_graphs\(False\) before a dense stem"):
-        graphed.set_dense_stem()
-    graphed.set_cuda_graphs(False)
-    graphed.set_dense_stem()  # fine once graphs are off
 
     from spark_me.encoders.base import SparseEncoder
 
@@ -170,6 +166,17 @@ def test_encoders_that_cannot_be_replayed_refuse_naming_the_fix():
 
     with pytest.raises(ValueError, match="Own does not support CUDA graphs.*supports_cuda_graphs = True"):
         Own().set_cuda_graphs()
+
+
+def test_switching_the_stem_drops_the_captured_graphs():
+    """A graph captured from one stem's output cannot take the other's: switching the stem
+    either way leaves the encoder to capture again on its next training batch."""
+    encoder = _encoder("resnet18")
+    encoder.set_cuda_graphs()
+    for dense_stem in (True, False):
+        encoder.encoder_graphs = EncoderGraphs(encoder, make_graph=_eager)
+        encoder.set_dense_stem(dense_stem)
+        assert encoder.cuda_graphs and encoder.encoder_graphs is None
 
 
 def test_evaluation_and_cpu_batches_run_the_plain_path():
@@ -186,8 +193,8 @@ def _table_state(cm) -> tuple:
             tuple(cm.batch_indices))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
-def test_the_capture_warm_up_builds_no_table(name):
+@pytest.mark.parametrize("name, dense_stem", [("resnet18", False), ("convnext_atto", False), ("resnet18", True)])
+def test_the_capture_warm_up_builds_no_table(name, dense_stem):
     """A capture's warm-up runs on a side stream, where MinkowskiEngine's maps race with
     their readers (an illegal memory access on an H100): the template is prepared first,
     so the warm-up runs (forward and backward, as make_graphed_callables does them, drop
@@ -205,11 +212,11 @@ def test_the_capture_warm_up_builds_no_table(name):
         built_during_warm_up.append(_table_state(body.manager) != before)
         return body
 
-    encoder = _encoder(name, drop_path_rate=0.3)
+    encoder = _encoder(name, drop_path_rate=0.3, dense_stem=dense_stem)
     encoder.set_grad_checkpointing(True)
     graphs = EncoderGraphs(encoder, make_graph=warm_up)
     images, active = _batch(0, batch=4)
-    _step(encoder, graphs.forward_sparse, images, active, 96)
+    _step(encoder, graphs.forward_gathered, images, active, 96)
     assert built_during_warm_up == [False] and (graphs.replays, graphs.plain_runs) == (1, 0)
     assert all(p.grad is not None for p in encoder.parameters())  # the template's own step, once
 
@@ -277,7 +284,7 @@ def test_accumulated_gradients_survive_the_graphs_static_gradient_buffers():
         e.zero_grad(set_to_none=True)
     for step in range(2):  # the first micro-batch is captured, the second replayed
         images, active = _batch(step, batch=2)
-        for e, run in ((graphed, graphs.forward_sparse), (plain, plain.forward_sparse)):
+        for e, run in ((graphed, graphs.forward_gathered), (plain, plain.forward_gathered)):
             _loss(run(to_sparse(images, active, 32)), 2, 96).backward()
     assert (graphs.replays, graphs.plain_runs) == (2, 0)
     for (n, a), (_, b) in zip(graphed.named_parameters(), plain.named_parameters()):
@@ -285,11 +292,15 @@ def test_accumulated_gradients_survive_the_graphs_static_gradient_buffers():
 
 
 @pytest.mark.parametrize("amp", [None, "bf16"])
-@pytest.mark.parametrize("name, conv_impl", [pytest.param("resnet18", "triton", marks=NEEDS_CUDA),
-                                             pytest.param("convnext_atto", "torch", marks=NEEDS_CUDA)])
-def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl, amp):
+@pytest.mark.parametrize("name, conv_impl, dense_stem", [pytest.param("resnet18", "triton", False, marks=NEEDS_CUDA),
+                                                         pytest.param("convnext_atto", "torch", False, marks=NEEDS_CUDA),
+                                                         pytest.param("resnet18", "triton", True, marks=NEEDS_CUDA),
+                                                         pytest.param("convnext_atto", "triton", True, marks=NEEDS_CUDA)])
+def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl, dense_stem, amp):
     """The real capture: five batches (the first one captured) through the encoder's own
     forward+backward, against the same encoder run plainly, and against it in float32.
+    With the dense stem the graph's input is the stem conv's gathered output, and the stem
+    conv's gradients come through the graph's input gradient.
 
     In float32 the two runs share every kernel, so only the order of fp32 atomic adds
     differs (a wrong table would be off by O(1)). In bf16 one rounding flip from that order
@@ -298,7 +309,7 @@ def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl, amp):
     bf16 run is. (Drop path is off: a replay draws from PyTorch's graph-safe generator,
     whose offsets need not follow the plain run's; the CPU tests cover its batch index.)"""
     device, size, batch = torch.device("cuda"), 96, 4
-    graphed, plain, exact = (_encoder(name, torch.float32, device, conv_impl) for _ in range(3))
+    graphed, plain, exact = (_encoder(name, torch.float32, device, conv_impl, dense_stem=dense_stem) for _ in range(3))
     graphed.set_cuda_graphs()
 
     def step(e, low_precision):

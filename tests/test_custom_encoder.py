@@ -71,8 +71,8 @@ def test_options_it_does_not_implement_are_refused_naming_the_hook(example):
     for them says what to implement (model.dense_stem=true reaches this through build_model,
     which names the config key in front)."""
     encoder = build_sparse_encoder("tiny_convnet")
-    with pytest.raises(ValueError, match=r"SparseTinyConvNet has no dense stem: implement forward_image\(images, active\) "
-                                         r"with spark_me.gather.conv_to_sparse"):
+    with pytest.raises(ValueError, match=r"SparseTinyConvNet has no dense stem: implement stem_conv_to_sparse\(images, "
+                                         r"active\) with spark_me.gather.conv_to_sparse and forward_after_stem_conv\(x\)"):
         encoder.set_dense_stem(True)
     encoder.set_dense_stem(False)  # turning it off is always fine
     assert not encoder.dense_stem

@@ -112,11 +112,13 @@ def test_plan_puts_the_baseline_after_each_models_backends_and_the_graphs_last()
         ("resnet18", "sparse", "torch", True, False), ("resnet18", "masked_dense", "auto", False, False),
         ("convnext_atto", "sparse", "torch", False, False), ("convnext_atto", "sparse", "triton", False, False),
         ("convnext_atto", "sparse", "torch", True, False), ("convnext_atto", "masked_dense", "auto", False, False),
-        ("resnet18", "sparse", "torch", False, True), ("convnext_atto", "sparse", "torch", False, True)]
-    assert all(c.amp == "bf16" for c in cases) and [c.channels_last for c in cases] == ([False] * 3 + [True]) * 2 + [False] * 2
+        ("resnet18", "sparse", "torch", False, True), ("resnet18", "sparse", "torch", True, True),
+        ("convnext_atto", "sparse", "torch", False, True), ("convnext_atto", "sparse", "torch", True, True)]
+    assert all(c.amp == "bf16" for c in cases) and [c.channels_last for c in cases] == ([False] * 3 + [True]) * 2 + [False] * 4
     assert not any(c.reuse_batch for c in cases)  # a step always gathers its batch
     assert profile.case_name(cases[2]) == "resnet18-sparse-torch-dense_stem-step-bf16"
     assert profile.case_name(cases[8]) == "resnet18-sparse-torch-cuda_graphs-step-bf16"
+    assert profile.case_name(cases[9]) == "resnet18-sparse-torch-dense_stem-cuda_graphs-step-bf16"
     on_cpu = plan(["resnet18"], ["torch"], "cpu", 2, 64, 0.6, None, "step", 1, 1, 32)
     assert not any(c.cuda_graphs for c in on_cpu)  # graphs are CUDA's
 
@@ -125,8 +127,8 @@ def test_an_encoder_plan_adds_the_first_backend_on_a_reused_batch():
     cases = plan(["resnet18"], ["torch", "triton"], "cuda", 8, 64, 0.6, "bf16", "encoder_fwd_bwd", 1, 1, 32)
     assert [(c.variant, c.conv_impl, c.reuse_batch) for c in cases] == [
         ("sparse", "torch", False), ("sparse", "triton", False), ("sparse", "torch", False), ("sparse", "torch", True),
-        ("masked_dense", "auto", False), ("sparse", "torch", False)]
-    assert cases[2].dense_stem and cases[5].cuda_graphs
+        ("masked_dense", "auto", False), ("sparse", "torch", False), ("sparse", "torch", False)]
+    assert cases[2].dense_stem and cases[5].cuda_graphs and cases[6].cuda_graphs and cases[6].dense_stem
     assert profile.case_name(cases[3]) == "resnet18-sparse-torch-reused_batch-encoder_fwd_bwd-bf16"
 
 

@@ -303,8 +303,19 @@ def test_cuda_graph_rows_are_cuda_headline_rows_of_the_first_backend_and_named_a
     assert graphed == [("encoder_fwd_bwd", "torch", "bf16", 0.6, None), ("encoder_fwd_bwd", "torch", "bf16", 0.6, 2),
                        ("encoder_fwd_bwd", "torch", "bf16", 0.6, 3), ("step", "torch", "bf16", 0.6, None)]
     assert all(c.grad_checkpointing == (c.checkpoint_stages is not None) for c in cases if c.cuda_graphs)
+    assert not any(c.dense_stem for c in cases)
     assert not any(c.cuda_graphs for c in _plan(cuda_graphs=True).cases())  # no CUDA rows on a CPU plan
-    for bad in (dict(device="cpu"), dict(part="encoder_fwd"), dict(conv_impl="minkowski"), dict(dense_stem=True),
+    # with dense-stem rows asked for too, every graphed row comes again with the dense stem
+    both = _plan(device="cuda", cuda_extras=True, parts=["encoder_fwd_bwd", "step"], conv_impls=("triton",),
+                 grad_checkpointing=True, checkpoint_stages=(2,), dense_stem=True, cuda_graphs=True).cases()
+    assert [(c.part, c.dense_stem, c.checkpoint_stages) for c in both if c.cuda_graphs] == [
+        ("encoder_fwd_bwd", False, None), ("encoder_fwd_bwd", False, 2), ("encoder_fwd_bwd", True, None),
+        ("encoder_fwd_bwd", True, 2), ("step", False, None), ("step", True, None)]
+    Case(model="resnet18", variant="sparse", part="step", batch=2, size=64, mask_ratio=0.6, device="cuda",
+         cuda_graphs=True, dense_stem=True).validate()
+    assert option_labels({"model": "resnet18", "variant": "sparse", "conv_impl": "triton", "cuda_graphs": True,
+                          "dense_stem": True}) == "+dense_stem+cuda_graphs"
+    for bad in (dict(device="cpu"), dict(part="encoder_fwd"), dict(conv_impl="minkowski"), dict(reuse_batch=True, part="encoder_fwd_bwd"),
                 dict(variant="masked_dense")):
         with pytest.raises(ValueError, match="cuda_graphs rows are CUDA sparse rows"):
             Case(**{**dict(model="resnet18", variant="sparse", part="step", batch=2, size=64, mask_ratio=0.6,

@@ -366,7 +366,7 @@ def test_a_replayed_triton_encoder_refills_its_inverse_tables():
         images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
         active = _active(2, (2, 2), seed=seed + 5)
         results = []
-        for encoder, run in ((graphed, graphs.forward_sparse), (plain, plain.forward_sparse)):
+        for encoder, run in ((graphed, graphs.forward_gathered), (plain, plain.forward_gathered)):
             encoder.zero_grad(set_to_none=True)
             features = run(to_sparse(images, active, 32))
             maps = [to_dense(f, 2, (64 // f.tensor_stride[0],) * 2) for f in features]

@@ -280,7 +280,7 @@ def test_a_dense_stem_on_an_encoder_without_one_fails_naming_the_key(tmp_path):
     example = REPO / "examples" / "custom_encoder.py"
     cfg = _tiny(tmp_path, "model=custom", "model.name=tiny_convnet", f"model.imports=[{example}]", "model.dense_stem=true")
     validate_config(cfg)  # imports the example: the name is known, the value a bool
-    with pytest.raises(ConfigError, match=r"model.dense_stem=true: SparseTinyConvNet has no dense stem: implement forward_image"):
+    with pytest.raises(ConfigError, match=r"model.dense_stem=true: SparseTinyConvNet has no dense stem: implement stem_conv_to_sparse"):
         build_model(cfg)
 
 
@@ -296,9 +296,11 @@ def test_gradient_checkpointing_stages_reach_the_encoder_or_fail_naming_the_keys
 
 def test_cuda_graphs_reach_the_encoder_or_fail_naming_the_key(tmp_path):
     assert build_model(_tiny(tmp_path, "trainer.cuda_graphs=true")).encoder.cuda_graphs
-    with pytest.raises(ConfigError, match=r"trainer.cuda_graphs=true: CUDA graphs capture the sparse stem: turn the "
-                                          r"dense stem off \(model.dense_stem=false\)"):
-        build_model(_tiny(tmp_path, "trainer.cuda_graphs=true", "model.dense_stem=true"))
+    both = build_model(_tiny(tmp_path, "trainer.cuda_graphs=true", "model.dense_stem=true")).encoder
+    assert both.cuda_graphs and both.dense_stem  # the graph starts after the dense stem's conv
+    with pytest.raises(ConfigError, match=r"trainer.cuda_graphs=true: CUDA graphs cannot replay MinkowskiEngine's "
+                                          r"kernels \(conv_impl='minkowski'\)"):
+        build_model(_tiny(tmp_path, "trainer.cuda_graphs=true", "model.conv_impl=minkowski"))
 
 
 def test_cuda_graphs_refuse_synchronised_batch_norms_across_processes(tmp_path):

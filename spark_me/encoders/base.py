@@ -44,7 +44,8 @@ class SparseEncoder(nn.Module):
     grad_checkpointing: bool = False
     checkpoint_stages: Optional[int] = None  # recompute only the first N stages (None: all)
     # Encoders whose first conv can run densely on the zero-filled image
-    # (spark_me.gather.conv_to_sparse) implement forward_image and set this True.
+    # (spark_me.gather.conv_to_sparse) implement stem_conv_to_sparse and
+    # forward_after_stem_conv, and set this True.
     supports_dense_stem: bool = False
     dense_stem: bool = False
     # Encoders whose forward_sparse reads per-batch data only through the batch's neighbour
@@ -90,14 +91,25 @@ class SparseEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
         check_inputs(images, active, self.downsample_ratio)
-        if self.dense_stem:
-            return self.forward_image(images, active)
-        x = to_sparse(images, active, self.downsample_ratio)
+        x = self.gather(images, active)
         if self.cuda_graphs and x.F.is_cuda and self.training and torch.is_grad_enabled():
             if self.encoder_graphs is None:
                 self.encoder_graphs = EncoderGraphs(self)
-            return self.encoder_graphs.forward_sparse(x)
-        return self.forward_sparse(x)
+            return self.encoder_graphs.forward_gathered(x)
+        return self.forward_gathered(x)
+
+    def gather(self, images: torch.Tensor, active: torch.Tensor) -> ME.SparseTensor:
+        """The batch as the encoder's sparse layers first read it: the visible pixels at
+        tensor stride 1, or with the dense stem the first conv's output at its visible
+        sites (inputs already checked). Its coordinate manager keeps the batch's tables."""
+        if self.dense_stem:
+            return self.stem_conv_to_sparse(images, active)
+        return to_sparse(images, active, self.downsample_ratio)
+
+    def forward_gathered(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        """Encode a batch from :meth:`gather` into per-scale features: the part of the
+        forward that CUDA graphs capture."""
+        return self.forward_after_stem_conv(x) if self.dense_stem else self.forward_sparse(x)
 
     def set_cuda_graphs(self, enable: bool = True) -> None:
         """Replay the training forward+backward on CUDA from captured graphs (one capture
@@ -116,17 +128,22 @@ class SparseEncoder(nn.Module):
         """Run the first conv as a dense conv of the zero-filled image, gathered at its
         output sites, instead of a sparse conv of the gathered pixels: the same features
         (exact, see :func:`spark_me.gather.conv_to_sparse`) without full-resolution
-        coordinates and tables."""
-        if enable and self.cuda_graphs:
-            raise ValueError("CUDA graphs capture the sparse stem: set_cuda_graphs(False) before a dense stem")
+        coordinates and tables. With CUDA graphs the dense conv and its gathering run
+        eagerly and the graph starts after them."""
         if enable and not self.supports_dense_stem:
-            raise ValueError(f"{type(self).__name__} has no dense stem: implement forward_image(images, active) "
-                             "with spark_me.gather.conv_to_sparse and set supports_dense_stem = True")
+            raise ValueError(f"{type(self).__name__} has no dense stem: implement stem_conv_to_sparse(images, active) "
+                             "with spark_me.gather.conv_to_sparse and forward_after_stem_conv(x), and set "
+                             "supports_dense_stem = True")
         self.dense_stem = enable
+        self.encoder_graphs = None  # a captured graph starts at the other stem's output
 
-    def forward_image(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
-        """:meth:`forward_sparse` with the first conv run by :func:`~spark_me.gather.conv_to_sparse`
-        (inputs already checked)."""
+    def stem_conv_to_sparse(self, images: torch.Tensor, active: torch.Tensor) -> ME.SparseTensor:
+        """The first conv run by :func:`~spark_me.gather.conv_to_sparse` on the zero-filled
+        image: its output at the visible sites (inputs already checked)."""
+        raise NotImplementedError
+
+    def forward_after_stem_conv(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        """:meth:`forward_sparse` from the first conv's output (:meth:`stem_conv_to_sparse`) on."""
         raise NotImplementedError
 
     def densify_norm(self, channels: int) -> nn.Module:

@@ -154,9 +154,12 @@ class SparseConvNeXt(SparseEncoder):
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         return self._after_stem(self.stem(x))
 
-    def forward_image(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
-        conv, norm = self.stem
-        return self._after_stem(norm(conv_to_sparse(images, active, self.downsample_ratio, conv.weight, conv.bias, conv.stride)))
+    def stem_conv_to_sparse(self, images: torch.Tensor, active: torch.Tensor) -> ME.SparseTensor:
+        conv = self.stem[0]
+        return conv_to_sparse(images, active, self.downsample_ratio, conv.weight, conv.bias, conv.stride)
+
+    def forward_after_stem_conv(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        return self._after_stem(self.stem[1](x))
 
     def _after_stem(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         features = []

@@ -158,13 +158,13 @@ class SparseResNet(SparseEncoder):
                     m.zero_init_last()
 
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
-        return self._after_stem_conv(self.conv1(x))
+        return self.forward_after_stem_conv(self.conv1(x))
 
-    def forward_image(self, images: torch.Tensor, active: torch.Tensor) -> list[ME.SparseTensor]:
+    def stem_conv_to_sparse(self, images: torch.Tensor, active: torch.Tensor) -> ME.SparseTensor:
         c = self.conv1
-        return self._after_stem_conv(conv_to_sparse(images, active, self.downsample_ratio, c.weight, c.bias, c.stride))
+        return conv_to_sparse(images, active, self.downsample_ratio, c.weight, c.bias, c.stride)
 
-    def _after_stem_conv(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+    def forward_after_stem_conv(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         x = self.maxpool(self.act1(self.bn1(x)))
         features = []
         for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
