@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NEEDS_CUDA, TOL, HostSyncAudit, rel_err
+from conftest import CUDA_READY, NEEDS_CUDA, TOL, HostSyncAudit, rel_err
 from masked_dense import mask_at
 from spark_me import ops
 from spark_me.ops import torch_backend
@@ -345,6 +345,57 @@ def test_tables_are_cached_per_batch_and_shared_by_strided_ops():
         assert int((t1.forward[t] < t1.n_in).sum()) == len(in_rows)
 
 
+# Every table shape the built-in encoders ask for, plus a strided 7×7 (ResNet's stem).
+_ENCODER_TABLES = [(7, 2), (3, 2), (3, 1), (1, 2), (7, 1), (2, 2), (4, 4)]
+
+
+def _build_every_table(x: ME.SparseTensor) -> None:
+    """Build the tables of :data:`_ENCODER_TABLES` on ``x``'s sites and again on the strided
+    sites, with the parts the backends build on first use (the dense-map positions)."""
+    for kernel_size, stride in _ENCODER_TABLES:
+        tables = ops.neighbour_tables(x, kernel_size, stride)
+        tables.dense_grid
+        strided = ME.SparseTensor(torch.zeros(tables.n_out, 1, dtype=x.F.dtype, device=x.F.device),
+                                  coordinate_map_key=tables.out_key, coordinate_manager=x.coordinate_manager)
+        ops.neighbour_tables(strided, 3, 1)
+
+
+def test_a_batchs_tables_are_built_on_the_device_reading_nothing_back():
+    """A batch's tables (a TableCache that knows the batch's extent) are built from its
+    coordinates by device ops alone: no tensor made on the host and copied over (a stream
+    synchronisation per copy on a GPU; under a CUDA graph the tables are built per batch in
+    front of each replay) and no value read back. On the CPU: every tensor made without the
+    coordinates' device lands on the meta device, where copying it out fails; the audit
+    lists the ops that would read back."""
+    g = torch.Generator().manual_seed(0)
+    x = to_sparse(torch.randn(2, 3, 64, 96, generator=g), random_patch_mask(2, (2, 3), 0.5, g), 32)
+    with torch.device("meta"), HostSyncAudit() as audit:
+        _build_every_table(x)
+    assert audit.ops == [], list(zip(audit.ops, audit.sources))
+    assert len(x.coordinate_manager.neighbour_tables) > len(_ENCODER_TABLES)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA")
+def test_cuda_tables_make_no_synchronisation_that_pytorch_sees():
+    """The GPU twin of the test above: PyTorch's sync debug mode turns any synchronisation
+    its ops make (a blocking host-to-device copy, a value read back) into an error while a
+    batch's tables are built. (MinkowskiEngine's own maps synchronise inside its extension,
+    which the mode does not see: one per new coordinate map.)"""
+    g = torch.Generator().manual_seed(0)
+    images, active = torch.randn(2, 3, 64, 96, generator=g).cuda(), random_patch_mask(2, (2, 3), 0.5, g).cuda()
+    x = to_sparse(images, active, 32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _build_every_table(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for kernel_size, stride in _ENCODER_TABLES:  # the pairs of MinkowskiEngine's CUDA kernel maps
+        tables = ops.neighbour_tables(x, kernel_size, stride)
+        assert torch.equal(tables.forward.cpu().long(), _tables_from_kernel_map(x, kernel_size, stride))
+
+
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (7, 2), (3, 2), (4, 4), (1, 2)])
 def test_tables_from_the_known_extent_equal_tables_from_the_coordinates(kernel_size, stride):
     """The batch's extent sizes the index grid without reading the coordinates back (GPU
@@ -507,7 +558,7 @@ def _tables_from_kernel_map(x: ME.SparseTensor, kernel_size: int, stride: int) -
     table = torch.full((kernel_size**2, cm.size(out_key)), n_in, dtype=torch.long)
     taps = ops.kernel_tap_order(kernel_size)
     for offset, in_out in kmap.items():
-        table[taps[offset], in_out[1].long()] = in_out[0].long()
+        table[taps[offset], in_out[1].long().cpu()] = in_out[0].long().cpu()
     return table
 
 

@@ -197,11 +197,12 @@ def phase_test(args: argparse.Namespace) -> int:
 
 # Test files (or tests) whose CUDA tests have not yet all passed on a GPU run first, so a
 # phase limit costs the tests already proven there (CUDA graphs; the GPU pre-training runs,
-# with and without graphs; every tile config and loop form of the Triton gather-GEMM);
-# --first-only runs these alone. (Where a whole file follows that holds one of these tests,
-# pytest runs it once, in the file's order.)
+# with and without graphs; every tile config and loop form of the Triton gather-GEMM; tables
+# built without PyTorch-visible synchronisations); --first-only runs these alone. (Where a
+# whole file follows that holds one of these tests, pytest runs it once, in the file's order.)
 FIRST_TESTS = ("tests/test_cuda_graphs.py", "tests/test_gpu.py",
-               "tests/test_ops_triton.py::test_cuda_every_gemm_config_equals_the_gathered_product")
+               "tests/test_ops_triton.py::test_cuda_every_gemm_config_equals_the_gathered_product",
+               "tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that_pytorch_sees")
 
 
 def test_paths() -> list[str]:

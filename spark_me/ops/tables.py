@@ -170,9 +170,8 @@ class DenseGrid(NamedTuple):
 
 
 def _flat(coords: torch.Tensor, tensor_stride: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Flat ``(b·H + y)·W + x`` indices of ``[b, y, x]`` pixel coordinates at ``tensor_stride``."""
-    coords = coords.long()
-    return (coords[:, 0] * shape[1] + coords[:, 1] // tensor_stride) * shape[2] + coords[:, 2] // tensor_stride
+    """Flat ``(b·H + y)·W + x`` indices (int64) of ``[b, y, x]`` pixel coordinates at ``tensor_stride``."""
+    return _cells(coords.long(), tensor_stride, shape[1], shape[2], margin=0)
 
 
 class TableCache(ME.CoordinateManager):
@@ -269,39 +268,61 @@ def kernel_offsets(kernel_size: int) -> torch.Tensor:
     return torch.stack([dy.flatten(), dx.flatten()], 1)
 
 
+def kernel_reach(kernel_size: int) -> int:
+    """How many sites a kernel's taps reach from its output site: ``k // 2`` either way for
+    odd (centred) kernels, ``k - 1`` forward for even ones (offsets ``[0, k)``)."""
+    return kernel_size // 2 if kernel_size % 2 else kernel_size - 1
+
+
+def _cells(coords: torch.Tensor, tensor_stride: int, height: int, width: int, margin: int) -> torch.Tensor:
+    """Each ``[b, y, x]`` pixel coordinate's cell ``(b·height + y/s + margin)·width + x/s +
+    margin`` on a ``(B, height, width)`` grid of the sites at tensor stride ``s`` with
+    ``margin`` empty sites before the first row and column (int64 coordinates: int64 cells)."""
+    s = tensor_stride
+    y, x = (coords[:, 1], coords[:, 2]) if s == 1 else (coords[:, 1].div(s, rounding_mode="floor"),
+                                                        coords[:, 2].div(s, rounding_mode="floor"))
+    cells = torch.add(x, torch.add(y, coords[:, 0], alpha=height), alpha=width)
+    return cells.add_(margin * (width + 1)) if margin else cells
+
+
 def _grid_lookup(
-    in_coords: torch.Tensor, out_coords: torch.Tensor, tensor_stride: int, kernel_size: int,
+    in_coords: torch.Tensor, out_coords: Optional[torch.Tensor], tensor_stride: int, kernel_size: int,
     extent: Optional[tuple[int, int, int]] = None,
 ) -> torch.Tensor:
     """``[K, n_out]`` (:func:`index_dtype`): the input row at each tap of each output site,
-    or ``n_in``.
+    or ``n_in``; ``out_coords`` None means the input sites (a stride-1 table).
 
     The input rows are written into a dense ``(B, H, W)`` index grid (with a margin of
-    ``kernel_size`` sites, so no lookup leaves it) and read back at every output site
-    shifted by every tap offset: the same pairs as MinkowskiEngine's kernel map (proven in
-    tests/test_ops.py), at a fraction of its cost on CPU. The grid's size comes from
-    ``extent`` (pixels) when given, else from the coordinates' range.
+    :func:`kernel_reach` sites, so no lookup leaves it or wraps into the next row) and read
+    back at every output site shifted by every tap offset: the same pairs as
+    MinkowskiEngine's kernel map (proven in tests/test_ops.py), at a fraction of its cost
+    on CPU. The grid's size comes from ``extent`` (pixels) when given, else from the
+    coordinates' range. With ``extent`` nothing is read back to the host: no host
+    synchronisation on a GPU, where tables are built per batch in front of the encoder
+    (the tap offsets too are computed on the device, not copied to it).
     """
-    n_in = len(in_coords)
-    margin = kernel_size
-    pos_in = in_coords[:, 1:] // tensor_stride + margin
-    pos_out = out_coords[:, 1:] // tensor_stride + margin
+    n_in, device = len(in_coords), in_coords.device
+    margin = kernel_reach(kernel_size)
     if extent is not None:
-        batch = extent[0]
-        height, width = ((extent[i] - 1) // tensor_stride + 2 * margin + 1 for i in (1, 2))
+        batch, height, width = extent[0], *((extent[i] - 1) // tensor_stride + 1 for i in (1, 2))
     else:
         if n_in and int(in_coords[:, 1:].min()) < 0:
             raise ValueError("sparse ops need non-negative coordinates (pixel positions [b, y, x])")
         batch = int(in_coords[:, 0].max()) + 1 if n_in else 1
-        height, width = (int(pos_in[:, i].max()) + margin + 1 if n_in else 1 for i in (0, 1))
+        height, width = (int(in_coords[:, i].max()) // tensor_stride + 1 if n_in else 1 for i in (1, 2))
+    height, width = height + 2 * margin, width + 2 * margin
+    in_cells = _cells(in_coords.long(), tensor_stride, height, width, margin)  # index_copy_ takes int64 indices
+    out_cells = in_cells if out_coords is None else _cells(out_coords.long(), tensor_stride, height, width, margin)
     dtype = index_dtype(n_in)
-    grid = torch.full((batch * height * width,), n_in, dtype=dtype, device=in_coords.device)
-    flat_in = (in_coords[:, 0] * height + pos_in[:, 0]) * width + pos_in[:, 1]
-    grid.index_copy_(0, flat_in, torch.arange(n_in, dtype=dtype, device=in_coords.device))
-    flat_out = (out_coords[:, 0] * height + pos_out[:, 0]) * width + pos_out[:, 1]
-    offsets = kernel_offsets(kernel_size).to(in_coords.device)
-    shifts = offsets[:, 0] * width + offsets[:, 1]  # the margin keeps every shifted site on the grid
-    return grid.index_select(0, (flat_out.unsqueeze(0) + shifts.unsqueeze(1)).view(-1)).view(len(shifts), -1)
+    grid = torch.full((batch * height * width,), n_in, dtype=dtype, device=device)
+    grid.index_copy_(0, in_cells, torch.arange(n_in, dtype=dtype, device=device))
+    # tap t = ky·k + kx sits (ky + start)·width + (kx + start) cells from its output site
+    start = -(kernel_size // 2) if kernel_size % 2 else 0
+    taps = torch.arange(kernel_size * kernel_size, device=device)
+    shifts = torch.add(taps, taps.div(kernel_size, rounding_mode="floor"), alpha=width - kernel_size)
+    shifts.add_(start * (width + 1))
+    lookup = out_cells.unsqueeze(0) + shifts.unsqueeze(1)
+    return grid.index_select(0, lookup.view(-1)).view(len(shifts), -1)
 
 
 def neighbour_tables(x: ME.SparseTensor, kernel_size: int, stride: int) -> NeighbourTables:
@@ -353,6 +374,6 @@ def _build_tables(
 
     in_coords, out_coords = sites()
     extent = cm.extent if cached else None
-    forward = _grid_lookup(in_coords.long(), out_coords.long(), tensor_stride, kernel_size, extent)
+    forward = _grid_lookup(in_coords, None if stride == 1 else out_coords, tensor_stride, kernel_size, extent)
     return NeighbourTables(forward, out_key, kernel_size, stride, len(in_coords), len(out_coords),
                            sites=sites, tensor_stride=tensor_stride, extent=extent)
