@@ -263,9 +263,9 @@ def check_graphable(encoder: nn.Module) -> None:
     its conv and gathering run before the graph, whose input is their output."""
     name = type(encoder).__name__
     if not getattr(encoder, "supports_cuda_graphs", False):
-        raise ValueError(f"{name} does not support CUDA graphs: its forward_sparse (and with a dense stem forward_after_stem_conv) must read per-batch data only "
-                         "through the batch's neighbour tables and batch indices (spark_me.ops); then set "
-                         "supports_cuda_graphs = True")
+        raise ValueError(f"{name} does not support CUDA graphs: its forward_sparse (and with a dense stem "
+                         "forward_after_stem_conv) must read per-batch data only through the batch's neighbour "
+                         "tables and batch indices (spark_me.ops); then set supports_cuda_graphs = True")
     if any(getattr(m, "conv_impl", None) == "minkowski" for m in encoder.modules()):
         raise ValueError("CUDA graphs cannot replay MinkowskiEngine's kernels (conv_impl='minkowski'): use "
                          "conv_impl='auto', 'triton' or 'torch'")

@@ -259,15 +259,6 @@ def new_coordinate_manager(coordinates: torch.Tensor, extent: Optional[tuple[int
     return TableCache(D=coordinates.shape[1] - 1, coordinate_map_type=map_type, extent=extent)
 
 
-def kernel_offsets(kernel_size: int) -> torch.Tensor:
-    """``[K, 2]`` (dy, dx) of each tap in ``ky*k + kx`` order, in units of the input stride:
-    centred for odd kernels, ``[0, k)`` for even ones (MinkowskiEngine's hyper-cube kernels)."""
-    start = -(kernel_size // 2) if kernel_size % 2 else 0
-    r = torch.arange(start, start + kernel_size)
-    dy, dx = torch.meshgrid(r, r, indexing="ij")
-    return torch.stack([dy.flatten(), dx.flatten()], 1)
-
-
 def kernel_reach(kernel_size: int) -> int:
     """How many sites a kernel's taps reach from its output site: ``k // 2`` either way for
     odd (centred) kernels, ``k - 1`` forward for even ones (offsets ``[0, k)``)."""
