@@ -62,11 +62,9 @@ def to_sparse(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> ME
     with torch.profiler.record_function("spark_me::to_sparse"):
         pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
         sites = pixel_mask.nonzero()  # [b, y, x], row-major: the one read-back (the count) of the gather
-        batch, height, width = pixel_mask.shape
-        flat = (sites[:, 0] * height + sites[:, 1]) * width + sites[:, 2]  # a mask index would count the sites again
-        features = images.permute(0, 2, 3, 1).reshape(batch * height * width, -1).index_select(0, flat)
+        features = images.permute(0, 2, 3, 1)[sites.unbind(1)]  # a mask index would count the sites again
         coords = sites.int().contiguous()
-        manager = new_coordinate_manager(coords, extent=(batch, height, width))
+        manager = new_coordinate_manager(coords, extent=tuple(pixel_mask.shape))
         return ME.SparseTensor(features, coordinates=coords, coordinate_manager=manager)
 
 
