@@ -76,3 +76,18 @@ def test_options_it_does_not_implement_are_refused_naming_the_hook(example):
         encoder.set_dense_stem(True)
     encoder.set_dense_stem(False)  # turning it off is always fine
     assert not encoder.dense_stem
+
+
+def test_a_dense_stem_claimed_but_not_written_names_the_missing_method(example):
+    """An encoder that sets supports_dense_stem without the two methods fails on its first
+    batch naming the one to write."""
+    encoder = build_sparse_encoder("tiny_convnet")
+    type(encoder).supports_dense_stem = True
+    try:
+        encoder.set_dense_stem(True)
+        images, active = torch.randn(2, 3, 64, 64), torch.ones(2, 2, 2, dtype=torch.bool)
+        with pytest.raises(NotImplementedError, match=r"SparseTinyConvNet sets supports_dense_stem but does not "
+                                                      r"implement stem_conv_to_sparse\(images, active\)"):
+            encoder(images, active)
+    finally:
+        del type(encoder).supports_dense_stem

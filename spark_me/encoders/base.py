@@ -140,11 +140,14 @@ class SparseEncoder(nn.Module):
     def stem_conv_to_sparse(self, images: torch.Tensor, active: torch.Tensor) -> ME.SparseTensor:
         """The first conv run by :func:`~spark_me.gather.conv_to_sparse` on the zero-filled
         image: its output at the visible sites (inputs already checked)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} sets supports_dense_stem but does not implement "
+                                  "stem_conv_to_sparse(images, active): return spark_me.gather.conv_to_sparse(...) "
+                                  "of its first conv")
 
     def forward_after_stem_conv(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         """:meth:`forward_sparse` from the first conv's output (:meth:`stem_conv_to_sparse`) on."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} sets supports_dense_stem but does not implement "
+                                  "forward_after_stem_conv(x): forward_sparse from its first conv's output on")
 
     def densify_norm(self, channels: int) -> nn.Module:
         """Norm applied by SparK's densify step to a feature map of ``channels``."""
