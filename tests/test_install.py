@@ -13,6 +13,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -67,9 +68,9 @@ def test_the_project_venv_holds_exactly_the_locked_versions():
     assert not drift, f"installed vs locked: {drift}; run `make install`"
 
 
-def _build_sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _build_sh(*args: str, cwd: Path, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(BUILD_SH), *args], capture_output=True, text=True, cwd=cwd, timeout=120,
-                          env={**os.environ, "SPARK_ME_CACHE": str(cwd / "cache")})
+                          env={**os.environ, "SPARK_ME_CACHE": str(cwd / "cache"), **(env or {})})
 
 
 def test_build_sh_takes_relative_paths_from_the_calling_directory(tmp_path):
@@ -146,6 +147,27 @@ def test_build_sh_says_which_prebuilt_keys_it_found_when_none_matches(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"no prebuilt wheel for {key} in {tmp_path / 'prebuilt'} (it has: {other.parent.name} ); compiling" in proc.stdout
     assert "does not match MinkowskiEngine 0.5.4's source" in proc.stderr
+
+
+def test_build_sh_keys_an_architecture_specific_target_as_the_plain_one(tmp_path):
+    """A node whose environment asks for 9.0a must find the wheel prebuilt for 9.0 (the
+    same MinkowskiEngine code); other architectures still get keys of their own. The
+    toolkit is a stand-in nvcc that only reports its release."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text('#!/bin/sh\necho "Cuda compilation tools, release 13.0, V13.0.48"\n')
+    nvcc.chmod(0o755)
+
+    def key(archs: str) -> str:
+        proc = _build_sh("--python", sys.executable, "--target", "cuda", "--print-key", cwd=tmp_path,
+                         env={"CUDA_HOME": str(nvcc.parents[1]), "TORCH_CUDA_ARCH_LIST": archs})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout.strip()
+
+    assert key("9.0a").endswith("-nvcc13.0-sm90")
+    assert key("9.0a") == key("9.0")
+    assert key("8.0;9.0a;10.0f") == key("8.0;9.0;10.0") != key("9.0")
+    assert key("9.0a+PTX") == key("9.0+PTX") != key("9.0")
 
 
 def test_build_sh_copies_its_wheel_under_its_key_for_another_machine(tmp_path):
