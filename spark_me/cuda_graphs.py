@@ -49,9 +49,12 @@ nothing to do after ``zero_grad(set_to_none=True)``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import inspect
 import logging
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import MinkowskiEngine as ME
 import torch
@@ -70,10 +73,45 @@ GraphMaker = Callable[[nn.Module, tuple[torch.Tensor, ...]], Callable[..., tuple
 
 def make_cuda_graph(body: nn.Module, sample: tuple[torch.Tensor, ...]) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``body`` captured with its backward by ``torch.cuda.make_graphed_callables``, under
-    the caller's autocast state with autocast's cast cache off (which capture requires)."""
+    the caller's autocast state with autocast's cast cache off (which capture requires).
+
+    Where this PyTorch lets it (``capture_error_mode``), only this thread's calls are
+    checked during the capture: a data loader's pin-memory thread that allocates pinned
+    memory meanwhile would otherwise invalidate it (CUDA's global mode forbids such calls
+    from any thread), and it never touches the captured stream."""
     dtype = torch.get_autocast_dtype("cuda")
+    options = {"num_warmup_iters": 3, "allow_unused_input": True}
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        options["capture_error_mode"] = "thread_local"
     with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
-        return torch.cuda.make_graphed_callables(body, sample, num_warmup_iters=3, allow_unused_input=True)
+        return torch.cuda.make_graphed_callables(body, sample, **options)
+
+
+@contextlib.contextmanager
+def capture_guard(device: torch.device) -> Iterator[None]:
+    """Around a capture: Python's cyclic garbage collector runs first and then not until
+    the capture ends, and the current stream is put back afterwards.
+
+    Why: torch no longer collects before a capture, and a collection inside it may free an
+    earlier model's captured graphs (``make_graphed_callables`` leaves them in reference
+    cycles, as does an encoder with its graphs); destroying a graph while a stream captures
+    is not permitted and invalidates the capture (pytorch/pytorch#161037). And when the capture
+    fails, ``torch.cuda.graph`` leaves its side stream current (its exit ends the capture
+    before it restores the stream, and that end raised), so every later batch would build
+    its maps off the default stream (the sixth GPU run: docs/gpu.md)."""
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+        current = torch.cuda.current_stream(device) if stream is not None else None
+        if current is not None and current != stream:
+            stream.wait_stream(current)  # what ran on the side stream comes before what follows
+            torch.cuda.set_stream(stream)
 
 
 class _Body(nn.Module):
@@ -155,7 +193,7 @@ class EncoderGraphs:
         body = _Body(self.encoder, x)
         sample = x.F.detach().requires_grad_(x.F.requires_grad)
         try:
-            with buffers_unchanged(self.encoder):
+            with buffers_unchanged(self.encoder), capture_guard(x.F.device):
                 prepare(body, sample)
                 run = self.make_graph(body, (sample,))
         except RuntimeError as e:  # e.g. an op that a capture does not allow: train on without graphs

@@ -7,14 +7,16 @@ through the refilled tables and batch indices. The capture itself runs on CUDA o
 """
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
 
 from conftest import CUDA_READY, NEEDS_CUDA, randomize_norms, rel_err
 from spark_me import build_sparse_encoder
-from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs, _Body, prepare
+from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs, _Body, make_cuda_graph, prepare
 from spark_me.gather import to_dense, to_sparse
 from spark_me.masking import random_patch_mask
 from spark_me.ops import neighbour_tables
@@ -155,6 +157,37 @@ def test_a_failed_capture_warns_once_and_trains_on_without_graphs(caplog):
     assert (graphs.replays, graphs.plain_runs) == (0, 2)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_capture_runs_with_the_garbage_collector_paused(fails):
+    """Garbage from before the capture is collected first, none during it (a collection
+    there could tear down an earlier model's CUDA objects inside the capture), and the
+    collector runs again afterwards, whether the capture worked or failed."""
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.itself = garbage
+    gone = weakref.ref(garbage)
+    del garbage
+    seen = []
+
+    def capture(body, sample):
+        seen.append((gc.isenabled(), gone() is None))
+        if fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return body
+
+    assert gc.isenabled()
+    encoder = _encoder("resnet18")
+    graphs = EncoderGraphs(encoder, make_graph=capture)
+    images, active = _batch(0)
+    _step(encoder, graphs.forward_gathered, images, active, 96)
+    assert seen == [(False, True)]
+    assert gc.isenabled()
+    assert (graphs.replays, graphs.plain_runs) == ((0, 1) if fails else (1, 0))
+
+
 def test_encoders_that_cannot_be_replayed_refuse_naming_the_fix():
     with pytest.raises(ValueError, match="cannot replay MinkowskiEngine's kernels"):
         build_sparse_encoder("resnet18", conv_impl="minkowski").set_cuda_graphs()
@@ -249,6 +282,65 @@ def test_tables_refuse_to_build_on_a_side_stream():
         with pytest.raises(RuntimeError, match="default CUDA stream"):
             neighbour_tables(x, 3, 2)
     assert neighbour_tables(x, 3, 2).n_out > 0  # fine back on the default stream
+
+
+class _SyncsWhenCaptured(torch.nn.Module):
+    """The captured body, reading a value back to the host when (and only when) its
+    stream is capturing: a real capture that fails the way the sixth GPU run's did."""
+
+    def __init__(self, body: torch.nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, features: torch.Tensor):
+        outputs = self.body(features)
+        if torch.cuda.is_current_stream_capturing():
+            outputs[0].sum().item()
+        return outputs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA")
+def test_a_failed_cuda_capture_puts_the_default_stream_back_and_trains_on(caplog):
+    """After a real capture fails, the batch and the ones after it run the plain encoder
+    on the default stream (the sixth GPU run left the capture's side stream current, and
+    every later batch refused to build its maps there), with the plain run's results."""
+    device, size, batch = torch.device("cuda"), 96, 4
+    graphed, plain = (_encoder("resnet18", torch.float32, device, "triton") for _ in range(2))
+    graphs = EncoderGraphs(graphed, make_graph=lambda body, sample: make_cuda_graph(_SyncsWhenCaptured(body), sample))
+    with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
+        for seed in range(3):
+            images, active = _batch(seed, batch=batch, size=size, dtype=torch.float32, device=device)
+            got, got_grads = _step(graphed, graphs.forward_gathered, images, active, size)
+            assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
+            want, want_grads = _step(plain, plain.forward_gathered, images, active, size)
+            assert all(_close(g, w, 1e-4) for g, w in zip(got, want)), seed
+            assert all(_close(got_grads[n], want_grads[n], 1e-3) for n in want_grads), seed
+    assert caplog.text.count("capturing the encoder as a CUDA graph failed") == 1
+    assert (graphs.replays, graphs.plain_runs) == (0, 3)
+    torch.cuda.synchronize(device)  # the context survived
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA")
+def test_a_capture_after_a_dropped_graphed_encoder_replays_every_batch():
+    """The sixth GPU run's sequence: a graphed encoder is dropped (garbage in a reference
+    cycle with its graphs, left to the cyclic collector), then another one is captured;
+    it must replay every batch, not fall back. (Whether a collection would have come
+    inside the capture is up to the collector; the CPU test checks that none can.)"""
+    device, size, batch = torch.device("cuda"), 96, 4
+    images, active = _batch(0, batch=batch, size=size, dtype=torch.float32, device=device)
+    first = _encoder("resnet18", torch.float32, device, "triton")
+    first.set_cuda_graphs()
+    _loss(first(images, active), batch, size).backward()
+    assert first.encoder_graphs.replays == 1
+    del first
+    second = _encoder("convnext_atto", torch.float32, device, "triton")
+    second.set_cuda_graphs()
+    for seed in range(2):
+        images, active = _batch(seed, batch=batch, size=size, dtype=torch.float32, device=device)
+        _loss(second(images, active), batch, size).backward()
+    assert (second.encoder_graphs.replays, second.encoder_graphs.plain_runs) == (2, 0)
 
 
 def _static_gradient_graph(body, samples):
