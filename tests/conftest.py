@@ -58,6 +58,39 @@ def randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
                 buf.copy_(torch.randn(buf.shape, generator=generator, dtype=buf.dtype) * 0.5 + (1.0 if leaf == "weight" else 0.0))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--failures-at-once", action="store_true",
+                     help="print each failure's traceback as soon as the test fails, not only in the final summary "
+                          "(make gpu-check: a phase limit can end pytest before its summary)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--failures-at-once", default=False):
+        config.pluginmanager.register(_FailuresAtOnce(config), "spark_me_failures_at_once")
+
+
+class _FailuresAtOnce:
+    """Writes a failed test's traceback right after its outcome line."""
+
+    MAX_LINES = 80  # the end of a traceback: the assertion or the error
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not report.failed:
+            return
+        writer = self.config.pluginmanager.get_plugin("terminalreporter")
+        lines = report.longreprtext.splitlines()
+        writer.ensure_newline()
+        writer.write_line(f"---- {report.nodeid} failed ({report.when}); its traceback's last "
+                          f"{min(len(lines), self.MAX_LINES)} of {len(lines)} lines:")
+        for line in lines[-self.MAX_LINES:]:
+            writer.write_line(line)
+        writer.write_line(f"---- end of {report.nodeid}")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

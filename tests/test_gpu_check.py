@@ -124,9 +124,28 @@ def test_bench_phase_without_data_or_a_gpu_measures_nothing_and_says_so(tmp_path
 def test_the_test_phase_can_run_the_unproven_files_alone(tmp_path):
     assert gpu_check.main(["test", "--first-only", "--limit", "300", "--log-dir", str(tmp_path)]) == 0
     log = (tmp_path / "test.log").read_text()
-    assert "--first-only: the CUDA tests of tests/test_cuda_graphs.py" in log
+    assert f"--first-only: the CUDA tests of {', '.join(gpu_check.FIRST_TESTS)} (" in log
     command = next(line for line in log.splitlines() if "-m pytest" in line)
     assert command.split("thread ", 1)[1].split(" (at most")[0].split() == list(gpu_check.FIRST_TESTS)
+
+
+def test_failures_at_once_prints_a_traceback_before_the_next_test_runs(tmp_path):
+    """make gpu-check's pytest option: a phase limit that ends pytest before its summary
+    must not take the failures' tracebacks with it."""
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_two.py").write_text(
+        "def test_fails():\n    assert 1 + 1 == 3, 'the reason it failed'\n\n\ndef test_after():\n    pass\n")
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=short",
+           "test_two.py"]
+    proc = subprocess.run([*cmd, "--failures-at-once"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    assert "---- test_two.py::test_fails failed (call)" in out
+    at_once = out.index("---- test_two.py::test_fails failed (call)")
+    assert out.index("the reason it failed", at_once) < out.index("---- end of test_two.py::test_fails")
+    assert out.index("---- end of test_two.py::test_fails") < out.index("test_two.py::test_after PASSED")
+    plain = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120).stdout
+    assert "---- test_two.py::test_fails failed" not in plain  # off unless asked for
 
 
 def test_the_test_phase_runs_every_test_file_once_the_unproven_ones_first():

@@ -184,8 +184,11 @@ def phase_test(args: argparse.Namespace) -> int:
         phase.say(f"gpu-check test: --first-only: the CUDA tests of {', '.join(FIRST_TESTS)} (the rest passed on the "
                   "last full run)")
     # --durations: the slowest tests' times, to size the next loan's phase limits.
+    # --failures-at-once (tests/conftest.py): a failure's traceback right after its outcome,
+    # since a phase limit can end pytest before its summary (the sixth run lost all of them).
     cmd = [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", "-o", "addopts=-ra",
-           "--durations", "10", "--timeout", str(args.test_timeout), "--timeout-method", "thread", *paths]
+           "--tb=short", "--failures-at-once", "--durations", "10", "--timeout", str(args.test_timeout),
+           "--timeout-method", "thread", *paths]
     r, crashes = run_pytest(phase, cmd)
     counts = phase.summary["pytest"]
     if not usable:
@@ -200,9 +203,9 @@ def phase_test(args: argparse.Namespace) -> int:
 # with and without graphs; every tile config and loop form of the Triton gather-GEMM; tables
 # built without PyTorch-visible synchronisations); --first-only runs these alone. (Where a
 # whole file follows that holds one of these tests, pytest runs it once, in the file's order.)
-FIRST_TESTS = ("tests/test_cuda_graphs.py", "tests/test_gpu.py",
+FIRST_TESTS = ("tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that_pytorch_sees",
                "tests/test_ops_triton.py::test_cuda_every_gemm_config_equals_the_gathered_product",
-               "tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that_pytorch_sees")
+               "tests/test_cuda_graphs.py", "tests/test_gpu.py")
 
 
 def test_paths() -> list[str]:
