@@ -156,10 +156,7 @@ class EncoderGraphs:
 
     def forward_gathered(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         """``encoder.forward_gathered(x)``, replayed from a graph where the batch fits one."""
-        cm = x.coordinate_manager
-        if not isinstance(cm, TableCache) or cm.extent is None:
-            raise ValueError("CUDA graphs need a batch gathered by the encoder's gather (spark_me.gather.to_sparse "
-                             "or conv_to_sparse: a TableCache that knows the batch's extent)")
+        cm = _gathered_manager(x)
         signature = self._signature(x)
         if signature in self.graphs and self.graphs[signature] is None:  # its capture failed
             return self._plain(x)
@@ -184,11 +181,42 @@ class EncoderGraphs:
                 torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
                 encoder.grad_checkpointing, encoder.checkpoint_stages, encoder.dense_stem, x.F.requires_grad)
 
+    def capture(self, x: ME.SparseTensor) -> bool:
+        """Capture the graph for ``x``'s batch shape without running the batch (a template
+        whose features do not matter: the encoder's parameters, gradients and buffers are
+        left as they were). Returns whether a graph for that shape exists afterwards: False
+        when the capture failed (with a warning) or the shape limit was reached."""
+        _gathered_manager(x)
+        signature = self._signature(x)
+        if signature not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self._warn("shapes", f"more than {MAX_GRAPHS} batch shapes: no graph captured for "
+                                     f"{tuple(x.F.shape)}, extent {x.coordinate_manager.extent}")
+                return False
+            # the graph keeps its template: without the features' autograd history (a dense
+            # stem's conv would otherwise keep its input image for a backward that never comes)
+            template = ME.SparseTensor(x.F.detach().requires_grad_(x.F.requires_grad),
+                                       coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+            self._make(template, signature)
+        return self.graphs[signature] is not None
+
     def _capture(self, x: ME.SparseTensor, signature: tuple) -> list[ME.SparseTensor]:
-        """Capture on ``x`` (the template) and return its features from the first replay.
-        The preparing, warm-up and capture runs leave the encoder's buffers (batch-norm
-        statistics) as they found them, so the template batch updates them once, like any
-        other."""
+        """Capture on ``x`` (the template) and return its features from the first replay."""
+        graph = self._make(x, signature)
+        if graph is None:
+            return self._plain(x)
+        self.replays += 1
+        own_gradients(self.encoder)
+        cm: TableCache = x.coordinate_manager
+        keys = {x.tensor_stride[0]: x.coordinate_map_key, **{t.stride * _in_stride(k): t.out_key
+                                                             for k, t in cm.neighbour_tables.items()}}
+        return _on_maps(graph.run(x.F), graph.body.out_strides, keys, cm)
+
+    def _make(self, x: ME.SparseTensor, signature: tuple) -> Optional[_Graph]:
+        """Capture the encoder on ``x`` into ``self.graphs[signature]`` (None, with a
+        warning, where the capture failed). The preparing, warm-up and capture runs leave
+        the encoder's buffers (batch-norm statistics) as they found them, so the template
+        batch updates them once, like any other."""
         check_graphable(self.encoder)
         body = _Body(self.encoder, x)
         sample = x.F.detach().requires_grad_(x.F.requires_grad)
@@ -204,17 +232,11 @@ class EncoderGraphs:
             self._warn("capture", f"capturing the encoder as a CUDA graph failed ({type(e).__name__}: {e}); "
                                   "running it without graphs (trainer.cuda_graphs=false silences this)")
             self.graphs[signature] = None
-            return self._plain(x)
+            return None
         self.graphs[signature] = graph = _Graph(body, run, x)
-        self.replays += 1
-        own_gradients(self.encoder)
-        features = graph.run(x.F)
-        cm: TableCache = x.coordinate_manager
         log.info("captured the encoder's forward+backward as a CUDA graph for batches of %d sites (%d tables)",
-                 x.F.shape[0], len(cm.neighbour_tables))
-        keys = {x.tensor_stride[0]: x.coordinate_map_key, **{t.stride * _in_stride(k): t.out_key
-                                                             for k, t in cm.neighbour_tables.items()}}
-        return _on_maps(features, body.out_strides, keys, cm)
+                 x.F.shape[0], len(x.coordinate_manager.neighbour_tables))
+        return graph
 
     def _refill(self, graph: _Graph, x: ME.SparseTensor) -> Optional[dict[int, ME.CoordinateMapKey]]:
         """Build ``x``'s tables as the template's were built and copy them into the
@@ -307,6 +329,16 @@ def check_graphable(encoder: nn.Module) -> None:
     if any(getattr(m, "conv_impl", None) == "minkowski" for m in encoder.modules()):
         raise ValueError("CUDA graphs cannot replay MinkowskiEngine's kernels (conv_impl='minkowski'): use "
                          "conv_impl='auto', 'triton' or 'torch'")
+
+
+def _gathered_manager(x: ME.SparseTensor) -> TableCache:
+    """``x``'s coordinate manager, which must be a batch's :class:`TableCache` that knows
+    the batch's extent (refilling a graph's tables relies on both)."""
+    cm = x.coordinate_manager
+    if not isinstance(cm, TableCache) or cm.extent is None:
+        raise ValueError("CUDA graphs need a batch gathered by the encoder's gather (spark_me.gather.to_sparse "
+                         "or conv_to_sparse: a TableCache that knows the batch's extent)")
+    return cm
 
 
 def _on_maps(features: tuple[torch.Tensor, ...], strides: list[int], keys: dict[int, ME.CoordinateMapKey],

@@ -581,7 +581,7 @@ class PretrainRun:
             log.info("dense stem: the encoder's first conv runs on the zero-filled image, gathered at its output sites")
         if t.get("cuda_graphs", False):
             if self.device.type == "cuda":
-                log.info("CUDA graphs: the encoder's forward+backward is captured on the first batch and replayed after")
+                log.info("CUDA graphs: the encoder's forward+backward is captured before the first batch and replayed per batch")
             else:
                 log.warning("trainer.cuda_graphs=true applies on CUDA only: running without graphs on %s", self.device)
         if t.get("grad_checkpointing", False):
@@ -727,6 +727,29 @@ class PretrainRun:
 
     # -- the loop
 
+    def _capture_encoder_graph(self) -> None:
+        """With ``trainer.cuda_graphs`` on CUDA: capture the encoder for this run's batch
+        shape before the data loader starts. Its pin-memory thread allocates pinned memory,
+        and under CUDA's default capture mode such a call from any thread during a capture
+        invalidates it (torch 2.11's ``make_graphed_callables`` cannot choose another
+        mode). The template is zero images under a mask from a generator of its own, so
+        the training batches' masks are unchanged."""
+        encoder = self.model.encoder
+        if not (getattr(encoder, "cuda_graphs", False) and self.device.type == "cuda"):
+            return
+        size, batch = int(self.cfg.data.image_size), self.plan.micro_batch
+        images = torch.zeros(batch, 3, size, size, device=self.device)
+        active = random_patch_mask(batch, (size // PATCH_SIZE, size // PATCH_SIZE), self.model.mask_ratio,
+                                   torch.Generator().manual_seed(0), self.device)
+        start = time.perf_counter()
+        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        self.model.train()
+        with autocast:
+            captured = encoder.capture_cuda_graph(images, active)
+        if captured:
+            log.info("CUDA graphs: captured the encoder for batches of %d images in %.1f s, before the data loader "
+                     "started", batch, time.perf_counter() - start)
+
     def _masked(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = normalize(images.to(self.device, non_blocking=True))
         b, _, h, w = images.shape
@@ -783,6 +806,8 @@ class PretrainRun:
             )
         if self.is_main and self.step == 0 and end > 0:
             self.save_reconstructions()
+        if self.step < end:
+            self._capture_encoder_graph()
         bar = tqdm(total=end, initial=self.step, unit="step", dynamic_ncols=True, desc=f"pretrain {self.cfg.model.name}",
                    disable=not (self.is_main and t.progress_bar))
         try:

@@ -188,6 +188,44 @@ def test_the_capture_runs_with_the_garbage_collector_paused(fails):
     assert (graphs.replays, graphs.plain_runs) == ((0, 1) if fails else (1, 0))
 
 
+@pytest.mark.parametrize("dense_stem", [False, True])
+def test_a_graph_captured_ahead_replays_every_batch_of_its_shape(dense_stem):
+    """The trainer captures on zero images under a mask of its own before the loader
+    starts: that leaves parameters, gradients and buffers alone, keeps no autograd
+    history of the template (a dense stem's conv input), and every training batch of the
+    shape, the first included, is replayed with the plain encoder's results."""
+    graphed, plain = _encoder("resnet18", dense_stem=dense_stem), _encoder("resnet18", dense_stem=dense_stem)
+    graphs = EncoderGraphs(graphed, make_graph=_eager)
+    buffers = {n: b.clone() for n, b in graphed.named_buffers()}
+    images, active = _batch(99)
+    assert graphs.capture(graphed.gather(torch.zeros_like(images), active))
+    assert all(torch.equal(b, buffers[n]) for n, b in graphed.named_buffers())
+    assert all(p.grad is None for p in graphed.parameters())
+    (graph,) = graphs.graphs.values()
+    assert graph.template.F.grad_fn is None
+    assert graphs.capture(graphed.gather(images, active))  # the shape is there: nothing more captured
+    assert len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (0, 0)
+    for seed in range(3):
+        images, active = _batch(seed)
+        got, got_grads = _step(graphed, graphs.forward_gathered, images, active, 96)
+        want, want_grads = _step(plain, plain.forward_gathered, images, active, 96)
+        assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want)), seed
+        assert all(_close(got_grads[n], want_grads[n], 1e-10) for n in want_grads), seed
+    assert (graphs.replays, graphs.plain_runs) == (3, 0)
+    for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
+        assert torch.equal(a, b) if not a.is_floating_point() else rel_err(a, b) < 1e-12, n
+
+
+def test_capturing_ahead_needs_graphs_on_and_a_cuda_training_batch():
+    encoder = _encoder("resnet18")
+    images, active = _batch(0)
+    with pytest.raises(ValueError, match="set_cuda_graphs"):
+        encoder.capture_cuda_graph(images, active)
+    encoder.set_cuda_graphs()
+    with pytest.raises(ValueError, match="CUDA images, the encoder in train"):
+        encoder.capture_cuda_graph(images, active)
+
+
 def test_encoders_that_cannot_be_replayed_refuse_naming_the_fix():
     with pytest.raises(ValueError, match="cannot replay MinkowskiEngine's kernels"):
         build_sparse_encoder("resnet18", conv_impl="minkowski").set_cuda_graphs()
@@ -341,6 +379,34 @@ def test_a_capture_after_a_dropped_graphed_encoder_replays_every_batch():
         images, active = _batch(seed, batch=batch, size=size, dtype=torch.float32, device=device)
         _loss(second(images, active), batch, size).backward()
     assert (second.encoder_graphs.replays, second.encoder_graphs.plain_runs) == (2, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and MinkowskiEngine built with CUDA")
+def test_a_cuda_graph_captured_ahead_under_bf16_replays_the_training_batches():
+    """As the trainer does it: capture on zero images under the step's autocast, then
+    train; every batch is replayed and as close to float32 as the plain bf16 run is."""
+    device, size, batch = torch.device("cuda"), 96, 4
+    graphed, plain, exact = (_encoder("convnext_atto", torch.float32, device, "triton") for _ in range(3))
+    graphed.set_cuda_graphs()
+    images, active = _batch(99, batch=batch, size=size, dtype=torch.float32, device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert graphed.capture_cuda_graph(torch.zeros_like(images), active)
+
+    def step(e, low_precision):
+        e.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low_precision):
+            loss = _loss(e(images, active), batch, size).float()
+        loss.backward()
+        return [p.grad.float().clone() for p in e.parameters()]
+
+    for seed in range(3):
+        images, active = _batch(seed, batch=batch, size=size, dtype=torch.float32, device=device)
+        got, want, truth = step(graphed, True), step(plain, True), step(exact, False)
+        for i, (g, w, t) in enumerate(zip(got, want, truth)):
+            if t.any():
+                assert rel_err(g, t) <= 2 * rel_err(w, t) + 1e-3, (seed, i, rel_err(g, t), rel_err(w, t))
+    assert (graphed.encoder_graphs.replays, graphed.encoder_graphs.plain_runs) == (3, 0)
 
 
 def _static_gradient_graph(body, samples):

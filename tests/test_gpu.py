@@ -36,4 +36,5 @@ def test_cuda_bf16_pretraining_reduces_the_loss(tmp_path, graphs):
     if graphs:
         log = proc.stdout + proc.stderr
         assert "captured the encoder's forward+backward as a CUDA graph" in log, log[-3000:]
+        assert "before the data loader started" in log, log[-3000:]  # not inside the first step
         assert "without its CUDA graph" not in log and "as a CUDA graph failed" not in log

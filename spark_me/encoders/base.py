@@ -120,6 +120,24 @@ class SparseEncoder(nn.Module):
         self.cuda_graphs = enable
         self.encoder_graphs = None  # captured again on the next training batch
 
+    def capture_cuda_graph(self, images: torch.Tensor, active: torch.Tensor) -> bool:
+        """Capture the training forward+backward for batches shaped like ``(images,
+        active)`` now, instead of on the first such training batch. Only the shapes count
+        (zero images will do); parameters, gradients and buffers are left as they were.
+        Run it under the training step's autocast state, which is part of the shape. The
+        trainer calls this before its data loader starts: a capture must not overlap
+        another thread's CUDA calls (the loader's pin-memory thread). Returns whether the
+        graph exists (False, with a warning, where the capture failed)."""
+        if not self.cuda_graphs:
+            raise ValueError("capture_cuda_graph needs CUDA graphs switched on: call set_cuda_graphs() first")
+        if not (images.is_cuda and self.training and torch.is_grad_enabled()):
+            raise ValueError("CUDA graphs replay the training forward+backward on CUDA: capture with CUDA images, "
+                             "the encoder in train() mode and gradients enabled")
+        check_inputs(images, active, self.downsample_ratio)
+        if self.encoder_graphs is None:
+            self.encoder_graphs = EncoderGraphs(self)
+        return self.encoder_graphs.capture(self.gather(images, active))
+
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         """Encode the gathered visible pixels (tensor stride 1) into per-scale features."""
         raise NotImplementedError
