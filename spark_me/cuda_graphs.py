@@ -8,7 +8,9 @@ sites in every batch of a given size, and once a batch's neighbour tables exist 
 encoder's forward+backward reads nothing back to the host (tests/test_ops.py's sync audit).
 
 Per shape (the signature: the gathered rows, the batch's extent, the autocast state, the
-encoder's recomputation setting) the first batch is the *template*: the encoder runs its
+encoder's recomputation setting) the first batch is the *template* (or a batch of zero
+images given to :meth:`EncoderGraphs.capture` ahead of training, as the trainer does
+before its data loader starts): the encoder runs its
 forward+backward on it once on the current stream (building and caching every table and
 batch index), and is then captured by ``torch.cuda.make_graphed_callables``. That first run
 must come before the capture's own warm-up: MinkowskiEngine launches its coordinate
