@@ -21,12 +21,16 @@ on a side stream) race with their readers; on an H100 that was an illegal memory
 such a build, so anything the first run missed fails the capture cleanly instead. Every
 later batch of that shape:
 
-1. gets its maps and tables the template's encoder asked for, in the same order
-   (:func:`spark_me.ops.tables.tables_on`; MinkowskiEngine's maps, on the host);
+1. gets every table and batch index the template's encoder asked for, derived from its
+   patch mask on the device (:mod:`spark_me.ops.mask_sites`: no MinkowskiEngine map and
+   no host synchronisation, so the host issues them and goes straight on to the replay),
+   with every scale's sites in row-major order;
 2. has them copied into the template's tables, which the captured kernels read (the index
    tables, the dense-map positions, Triton's inverse tables, the per-site batch indices);
-3. replays the graph on its gathered features and gets the per-scale features back as
-   ``SparseTensor``\\ s on its own coordinate maps, for densify.
+3. replays the graph on its gathered features (row-major too: the gathers insert them so
+   and MinkowskiEngine keeps that order, checked once on the template) and gets the
+   per-scale features back as ``SparseTensor``\\ s on maps of its row-major sites,
+   inserted into its coordinate manager, for densify.
 
 What the graph captures is :meth:`~spark_me.encoders.base.SparseEncoder.forward_gathered`:
 from the gathered visible pixels on, or with the dense stem from the first conv's gathered
@@ -37,9 +41,10 @@ coordinates, coordinate map or stem table to build before its replay (on an H100
 of ResNet-50's host time in its tables: docs/gpu.md, fourth run).
 
 A batch whose tables differ from the template's in anything but their contents (row
-counts, whether every site has all its neighbours) runs eagerly, with a warning. The
-outputs live in the graph's static buffers: the next replay overwrites them, so a step
-must finish (its backward included) before the next forward, as training loops do.
+counts; whether every site has all its neighbours cannot differ for a given shape) runs
+eagerly, with a warning. The outputs live in the graph's static buffers: the next
+replay overwrites them, so a step must finish (its backward included) before the next
+forward, as training loops do.
 
 So do the parameter gradients the graphed backward returns, and autograd keeps such a
 buffer as a parameter's ``.grad`` when that was unset (it takes a fresh gradient over
@@ -62,7 +67,8 @@ import MinkowskiEngine as ME
 import torch
 import torch.nn as nn
 
-from spark_me.ops.tables import NeighbourTables, TableCache, tables_on
+from spark_me.ops.mask_sites import MaskSites
+from spark_me.ops.tables import NeighbourTables, TableCache
 from spark_me.recompute import buffers_unchanged
 
 log = logging.getLogger(__name__)
@@ -170,12 +176,12 @@ class EncoderGraphs:
                                      "e.g. drop the last incomplete batch)")
                 return self._plain(x)
             return self._capture(x, signature)
-        keys = self._refill(graph, x)
-        if keys is None:
+        sites = self._refill(graph, x)
+        if sites is None:
             return self._plain(x)
         self.replays += 1
         own_gradients(self.encoder)
-        return _on_maps(graph.run(x.F), graph.body.out_strides, keys, cm)
+        return _on_sites(graph.run(x.F), graph.body.out_strides, sites, x)
 
     def _signature(self, x: ME.SparseTensor) -> tuple:
         encoder = self.encoder
@@ -218,8 +224,16 @@ class EncoderGraphs:
         """Capture the encoder on ``x`` into ``self.graphs[signature]`` (None, with a
         warning, where the capture failed). The preparing, warm-up and capture runs leave
         the encoder's buffers (batch-norm statistics) as they found them, so the template
-        batch updates them once, like any other."""
+        batch updates them once, like any other. Later batches' tables come from their patch
+        masks in row-major order, so the gathered rows must be in that order: checked here
+        once (a host read), on the template."""
         check_graphable(self.encoder)
+        gathered = x.coordinate_manager.get_coordinates(x.coordinate_map_key).to(x.F.device)
+        if not torch.equal(gathered, _mask_sites(x).coordinates(x.tensor_stride[0])):
+            self._warn("order", "the gathered sites are not in row-major order, which replays rely on; running the "
+                                "encoder without CUDA graphs (gather with spark_me.gather.to_sparse or conv_to_sparse)")
+            self.graphs[signature] = None
+            return None
         body = _Body(self.encoder, x)
         sample = x.F.detach().requires_grad_(x.F.requires_grad)
         try:
@@ -240,32 +254,27 @@ class EncoderGraphs:
                  x.F.shape[0], len(x.coordinate_manager.neighbour_tables))
         return graph
 
-    def _refill(self, graph: _Graph, x: ME.SparseTensor) -> Optional[dict[int, ME.CoordinateMapKey]]:
-        """Build ``x``'s tables as the template's were built and copy them into the
-        template's; returns ``x``'s map key per tensor stride, or None (with a warning)
-        where a table differs from the template's in shape or completeness."""
+    def _refill(self, graph: _Graph, x: ME.SparseTensor) -> Optional[MaskSites]:
+        """Derive ``x``'s tables and batch indices from its patch mask, in the order the
+        template's were built, and copy them into the template's; returns the batch's
+        sites (for its output maps), or None (with a warning) where a table cannot take
+        them. No MinkowskiEngine map and no host synchronisation: the host goes on to the
+        replay while the GPU builds the tables (:mod:`spark_me.ops.mask_sites`)."""
         template: TableCache = graph.template.coordinate_manager
-        cm: TableCache = x.coordinate_manager
-        device = x.F.device
-        keys = {x.tensor_stride[0]: x.coordinate_map_key}
+        sites = _mask_sites(x)
         for cache_key, captured in template.neighbour_tables.items():
             in_stride, (kernel_size, stride) = _in_stride(cache_key), cache_key[2:]
-            if in_stride not in keys:
-                return self._mismatch(f"no map at tensor stride {in_stride}")
-            fresh = tables_on(cm, keys[in_stride], kernel_size, stride, device, cache=False)  # copied, then freed
-            keys[in_stride * stride] = fresh.out_key
+            fresh = sites.tables(in_stride, kernel_size, stride, captured.out_key, complete=captured._complete)
             problem = _copy_tables(fresh, captured)
             if problem:
                 return self._mismatch(f"the {kernel_size}x{kernel_size}/{stride} tables at stride {in_stride}: {problem}")
         for map_id, captured in template.batch_indices.items():
             in_stride = _in_stride(map_id)
-            if in_stride not in keys:
-                return self._mismatch(f"no map at tensor stride {in_stride} for its batch index")
-            fresh = cm.batch_index(keys[in_stride], device)
-            if fresh.shape != captured.shape:
-                return self._mismatch(f"the batch index at stride {in_stride} has {len(fresh)} sites, not {len(captured)}")
-            captured.copy_(fresh)
-        return keys
+            if sites.count(in_stride) != len(captured):
+                return self._mismatch(f"the batch index at stride {in_stride} has {sites.count(in_stride)} sites, "
+                                      f"not {len(captured)}")
+            captured.copy_(sites.coordinates(in_stride)[:, 0])
+        return sites
 
     def _plain(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
         self.plain_runs += 1
@@ -335,11 +344,11 @@ def check_graphable(encoder: nn.Module) -> None:
 
 def _gathered_manager(x: ME.SparseTensor) -> TableCache:
     """``x``'s coordinate manager, which must be a batch's :class:`TableCache` that knows
-    the batch's extent (refilling a graph's tables relies on both)."""
+    the batch's extent and patch mask (refilling a graph's tables relies on them)."""
     cm = x.coordinate_manager
-    if not isinstance(cm, TableCache) or cm.extent is None:
+    if not isinstance(cm, TableCache) or cm.extent is None or cm.patch_mask is None:
         raise ValueError("CUDA graphs need a batch gathered by the encoder's gather (spark_me.gather.to_sparse "
-                         "or conv_to_sparse: a TableCache that knows the batch's extent)")
+                         "or conv_to_sparse: a TableCache that knows the batch's extent and patch mask)")
     return cm
 
 
@@ -350,6 +359,26 @@ def _on_maps(features: tuple[torch.Tensor, ...], strides: list[int], keys: dict[
     return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm) for f, s in zip(features, strides)]
 
 
+def _on_sites(features: tuple[torch.Tensor, ...], strides: list[int], sites: MaskSites,
+              x: ME.SparseTensor) -> list[ME.SparseTensor]:
+    """Replayed per-scale features (rows in ``sites``' row-major order) as SparseTensors on
+    maps of those sites, inserted into the gathered batch's manager in that order (which
+    MinkowskiEngine keeps for unique coordinates); the gathered map serves its own stride."""
+    cm: TableCache = x.coordinate_manager
+    keys = {x.tensor_stride[0]: x.coordinate_map_key}
+    for s in strides:
+        if s not in keys:
+            keys[s], _ = cm.insert_and_map(sites.coordinates(s), tensor_stride=s)
+    return _on_maps(features, strides, keys, cm)
+
+
+def _mask_sites(x: ME.SparseTensor) -> MaskSites:
+    """The sites of ``x``'s batch at every stride, from the patch mask its gather kept."""
+    cm: TableCache = x.coordinate_manager
+    rows_per_patch = (cm.patch_size // x.tensor_stride[0]) ** 2
+    return MaskSites(cm.patch_mask, cm.patch_size, x.F.shape[0] // rows_per_patch, cm.extent)
+
+
 def _in_stride(map_key: tuple) -> int:
     """The tensor stride of a table cache key or map id (``((s, s), name, ...)``)."""
     return map_key[0][0]
@@ -357,11 +386,11 @@ def _in_stride(map_key: tuple) -> int:
 
 def _copy_tables(fresh: NeighbourTables, captured: NeighbourTables) -> str:
     """Copy every part of ``fresh`` that the captured kernels read into ``captured``'s
-    tensors; returns what differs where they cannot take it ('' when copied)."""
+    tensors; returns what differs where they cannot take it ('' when copied). Whether
+    every site has all its neighbours is the same for every batch of a shape
+    (:mod:`spark_me.ops.mask_sites`), so it is not read back here."""
     if (fresh.n_in, fresh.n_out) != (captured.n_in, captured.n_out):
         return f"{fresh.n_in}->{fresh.n_out} sites, captured {captured.n_in}->{captured.n_out}"
-    if captured._complete is not None and fresh.complete != captured._complete:
-        return "whether every site has all its neighbours"
     if captured._pairs is not None:
         return "per-tap pair lists (algorithm='pairs') change length with every batch"
     captured.forward.copy_(fresh.forward)

@@ -56,15 +56,19 @@ def check_inputs(images: torch.Tensor, active: torch.Tensor, patch_size: int) ->
 def to_sparse(images: torch.Tensor, active: torch.Tensor, patch_size: int) -> ME.SparseTensor:
     """Visible pixels of ``images`` (B, C, H, W) as a SparseTensor at tensor stride 1.
 
-    Its coordinate manager caches the neighbour tables of the sparse ops for this batch.
-    (A profiler range, ``spark_me::to_sparse``, lets kernels_bench.profile time it.)
+    Its coordinate manager caches the neighbour tables of the sparse ops for this batch
+    and knows the batch's patch mask. Rows are in row-major ``[b, y, x]`` order, which
+    :mod:`spark_me.ops.mask_sites` relies on. (A profiler range, ``spark_me::to_sparse``,
+    lets kernels_bench.profile time it.)
     """
     with torch.profiler.record_function("spark_me::to_sparse"):
-        pixel_mask = upsample_mask(active.to(images.device), patch_size)  # B, H, W
+        active = active.to(images.device)
+        pixel_mask = upsample_mask(active, patch_size)  # B, H, W
         sites = pixel_mask.nonzero()  # [b, y, x], row-major: the one read-back (the count) of the gather
         features = images.permute(0, 2, 3, 1)[sites.unbind(1)]  # a mask index would count the sites again
         coords = sites.int().contiguous()
-        manager = new_coordinate_manager(coords, extent=tuple(pixel_mask.shape))
+        manager = new_coordinate_manager(coords, extent=tuple(pixel_mask.shape), patch_mask=active,
+                                         patch_size=patch_size)
         return ME.SparseTensor(features, coordinates=coords, coordinate_manager=manager)
 
 
@@ -80,7 +84,8 @@ def conv_to_sparse(
     floored to the stride, are the stride's sites in visible patches (``stride`` divides
     ``patch_size``). The dense conv costs the whole image's arithmetic (a stem's is a few
     percent of an encoder's) but no full-resolution coordinates, coordinate map or
-    neighbour table: for a 7×7/2 stem at batch 128 the table alone is 126 MB.
+    neighbour table: for a 7×7/2 stem at batch 128 the table alone is 126 MB. Rows are in
+    row-major ``[b, y, x]`` order, as :func:`to_sparse`'s.
     ``weight`` is PyTorch's ``[out, 3, k, k]``: odd kernels centred, even ones equal to
     the stride (:class:`spark_me.layers.SparseConv2d`'s rules).
     """
@@ -100,7 +105,7 @@ def conv_to_sparse(
         coords = sites.int().contiguous()  # (a CPU nonzero's result is column-major)
         coords[:, 1:] *= stride  # pixel coordinates, as at every scale (no host tensor: no copy to wait on)
         batch, _, height, width = images.shape
-        manager = new_coordinate_manager(coords, extent=(batch, height, width))
+        manager = new_coordinate_manager(coords, extent=(batch, height, width), patch_mask=active, patch_size=patch_size)
         return ME.SparseTensor(features, coordinates=coords, tensor_stride=stride, coordinate_manager=manager)
 
 

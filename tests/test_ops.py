@@ -485,7 +485,7 @@ def test_a_batch_prints_without_minkowskiengines_map_printer():
     _, xs, _, _ = _inputs(3, torch.float64)
     ops.neighbour_tables(xs, 3, 1)
     text = repr(xs)
-    assert "coordinate_manager=TableCache(D=2, CoordinateMapManagerCPU, extent=None, 1 neighbour tables)" in text
+    assert "coordinate_manager=TableCache(D=2, CoordinateMapManagerCPU, extent=None, patch_size=None, 1 neighbour tables)" in text
     assert "CoordinateMapCPU" not in text  # the C++ map printer's output
 
 

@@ -204,6 +204,7 @@ def phase_test(args: argparse.Namespace) -> int:
 # built without PyTorch-visible synchronisations); --first-only runs these alone. (Where a
 # whole file follows that holds one of these tests, pytest runs it once, in the file's order.)
 FIRST_TESTS = ("tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that_pytorch_sees",
+               "tests/test_mask_sites.py::test_cuda_mask_tables_make_no_synchronisation_that_pytorch_sees",
                "tests/test_ops_triton.py::test_cuda_every_gemm_config_equals_the_gathered_product",
                "tests/test_cuda_graphs.py", "tests/test_gpu.py")
 

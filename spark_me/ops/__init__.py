@@ -3,8 +3,9 @@
 Data flows down: ``spark_me.layers`` (modules, PyTorch weight layouts) -> :mod:`dispatch`
 (backend choice, autocast) -> a backend (:mod:`torch_backend`, :mod:`triton_backend`,
 :mod:`minkowski_backend`) -> :mod:`tables` (neighbour tables from MinkowskiEngine's kernel
-maps, cached per batch). :mod:`triton_backend` is imported on first use: it needs Triton,
-which decides at that import whether its kernels run in the interpreter.
+maps, cached per batch). :mod:`mask_sites` derives the same tables from a SparK batch's
+patch mask alone, for CUDA graph replays. :mod:`triton_backend` is imported on first use:
+it needs Triton, which decides at that import whether its kernels run in the interpreter.
 """
 from spark_me.ops.dispatch import CONV_IMPLS, check_conv_impl, conv, depthwise_conv, max_pool, resolve_conv_impl
 from spark_me.ops.tables import (

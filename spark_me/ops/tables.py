@@ -179,14 +179,20 @@ class TableCache(ME.CoordinateManager):
 
     ``extent`` (batch, height, width in pixels), when the creator knows it, bounds every
     coordinate, so tables are built without reading the coordinates' range back from the
-    device (four host synchronisations per table on a GPU).
+    device (four host synchronisations per table on a GPU). ``patch_mask`` (the batch's
+    ``(B, h, w)`` visibility, on its device) and ``patch_size``, set by the gathers, let a
+    CUDA graph derive the batch's tables without MinkowskiEngine
+    (:mod:`spark_me.ops.mask_sites`).
     """
 
-    def __init__(self, *args, extent: Optional[tuple[int, int, int]] = None, **kwargs) -> None:
+    def __init__(self, *args, extent: Optional[tuple[int, int, int]] = None,
+                 patch_mask: Optional[torch.Tensor] = None, patch_size: Optional[int] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.neighbour_tables: dict[tuple, NeighbourTables] = {}
         self.batch_indices: dict[tuple, torch.Tensor] = {}
         self.extent = extent
+        self.patch_mask = patch_mask
+        self.patch_size = patch_size
 
     def batch_index(self, key: ME.CoordinateMapKey, device: torch.device) -> torch.Tensor:
         """Each site's batch index on map ``key`` (int64, on ``device``): read from the
@@ -205,7 +211,7 @@ class TableCache(ME.CoordinateManager):
         assertion (docs/gpu.md); MinkowskiEngine's own manager repr, which goes into its C++
         map printer, is the likely cause (not isolated)."""
         return (f"TableCache(D={self.D}, {self._CoordinateManagerClass.__name__}, extent={self.extent}, "
-                f"{len(self.neighbour_tables)} neighbour tables)")
+                f"patch_size={self.patch_size}, {len(self.neighbour_tables)} neighbour tables)")
 
     def table_bytes(self) -> int:
         """Bytes of the tensors this batch's caches hold (neighbour tables and per-site batch
@@ -251,12 +257,17 @@ def site_batch_index(x: ME.SparseTensor) -> tuple[torch.Tensor, int]:
     return index, int(index.max()) + 1 if len(index) else 0
 
 
-def new_coordinate_manager(coordinates: torch.Tensor, extent: Optional[tuple[int, int, int]] = None) -> TableCache:
+def new_coordinate_manager(
+    coordinates: torch.Tensor, extent: Optional[tuple[int, int, int]] = None, patch_mask: Optional[torch.Tensor] = None,
+    patch_size: Optional[int] = None,
+) -> TableCache:
     """A fresh table-caching manager for 2-D coordinates ``[N, 3]`` on their device;
-    ``extent`` = (batch, height, width): every coordinate lies in ``[0, extent)``."""
+    ``extent`` = (batch, height, width): every coordinate lies in ``[0, extent)``; a SparK
+    batch's ``patch_mask`` and ``patch_size`` (see :class:`TableCache`)."""
     check_coordinate_stream(coordinates.device)
     map_type = ME.CoordinateMapType.CUDA if coordinates.is_cuda else ME.CoordinateMapType.CPU
-    return TableCache(D=coordinates.shape[1] - 1, coordinate_map_type=map_type, extent=extent)
+    return TableCache(D=coordinates.shape[1] - 1, coordinate_map_type=map_type, extent=extent,
+                      patch_mask=patch_mask, patch_size=patch_size)
 
 
 def kernel_reach(kernel_size: int) -> int:
