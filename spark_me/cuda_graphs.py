@@ -68,7 +68,7 @@ import torch
 import torch.nn as nn
 
 from spark_me.ops.mask_sites import MaskSites
-from spark_me.ops.tables import NeighbourTables, TableCache
+from spark_me.ops.tables import TABLES_RANGE, NeighbourTables, TableCache
 from spark_me.recompute import buffers_unchanged
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,15 @@ class EncoderGraphs:
                                      "e.g. drop the last incomplete batch)")
                 return self._plain(x)
             return self._capture(x, signature)
-        sites = self._refill(graph, x)
+        with torch.profiler.record_function(TABLES_RANGE):
+            sites = self._refill(graph, x)
         if sites is None:
             return self._plain(x)
         self.replays += 1
         own_gradients(self.encoder)
-        return _on_sites(graph.run(x.F), graph.body.out_strides, sites, x)
+        features = graph.run(x.F)
+        with torch.profiler.record_function(TABLES_RANGE):  # the output maps, for densify
+            return _on_sites(features, graph.body.out_strides, sites, x)
 
     def _signature(self, x: ME.SparseTensor) -> tuple:
         encoder = self.encoder
