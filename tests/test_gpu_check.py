@@ -211,8 +211,8 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     committed.parent.mkdir(parents=True)
     committed.write_bytes(b"")  # an earlier run's trace, in the checkout: not this run's to read
     assert gpu_check.main(["bench", "--no-data", "--limit", "60", "--log-dir", str(tmp_path)]) == 0
-    assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz",
-                                           "gemm configs", "per-layer", "profile", "report"]
+    assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz", "refill",
+                                           "refill (dense stem)", "gemm configs", "per-layer", "profile", "report"]
     steps = dict(ran)
     suite, layers = " ".join(steps["kernels_bench"]), steps["per-layer"]
     assert "--skip breakdown kernels" in suite
@@ -223,11 +223,16 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     assert layers[layers.index("--batch") + 1] == "128"
     folder = layers[layers.index("--out") + 1]
     assert folder.endswith("kernels_bench/results/gpu-fake-gpu-80gb") and f"--out {folder}" in suite
+    for label, file in (("refill", "refill.json"), ("refill (dense stem)", "refill-dense-stem.json")):
+        refill = " ".join(steps[label])
+        assert "-m kernels_bench.refill --device cuda --models resnet50 convnext_tiny --batch 128" in refill
+        assert refill.endswith(f"--out {folder}/refill/{file}") and ("--dense-stem" in refill) == ("dense" in label)
     gemm = " ".join(steps["gemm configs"])
     assert "-m kernels_bench.gemm_configs --device cuda --batch 128 --dtype bfloat16" in gemm
     assert gemm.endswith(f"--out {folder}/gemm-configs")
-    # after the suite, the encoder profile (and its timeline), the GEMM configs, the per-layer bench, the profile
-    assert bundles[:5] == [1, 3, 4, 5, 6]
+    # after the suite, the encoder profile (and its timeline), the refills, the GEMM configs, the per-layer
+    # bench, the profile
+    assert bundles[:6] == [1, 3, 5, 6, 7, 8]
 
     ran.clear()
     assert gpu_check.main(["bench", "--no-data", "--only", "per-layer", "encoder-profile", "--limit", "60",

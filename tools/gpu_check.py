@@ -257,7 +257,7 @@ def run_pytest(phase: Phase, cmd: list[str]) -> tuple[dict, list[str]]:
 
 BUNDLE = "gpu-check-bench-results.tar.gz"
 # The bench phase's GPU steps, most telling first in the default order.
-BENCH_STEPS = ("suite", "encoder-profile", "gemm-configs", "per-layer", "step-profile")
+BENCH_STEPS = ("suite", "encoder-profile", "refill", "gemm-configs", "per-layer", "step-profile")
 
 
 def bundle_results(out: Path) -> Optional[Path]:
@@ -329,6 +329,16 @@ def phase_bench(args: argparse.Namespace) -> int:
             phase.run(f"timeline {trace.name}", [python, "-m", "kernels_bench.timeline", str(trace)])
         return steps
 
+    def refill() -> list[dict]:
+        """The tables a CUDA graph's replay refills per batch, built through MinkowskiEngine's
+        maps (as before 2026-11-27) and from the patch mask (now), side by side at batch 128,
+        both stems: the host's share of a graphed encoder step in front of its replay."""
+        return [phase.run(f"refill{' (dense stem)' if dense else ''}", [
+            python, "-m", "kernels_bench.refill", "--device", "cuda", "--models", *args.models, "--batch", "128",
+            "--rounds", "10", *(["--dense-stem"] if dense else []),
+            "--out", str(out / "refill" / f"refill{'-dense-stem' if dense else ''}.json"),
+        ]) for dense in (False, True)]
+
     def per_layer() -> list[dict]:
         """Each layer kind per backend, fp32 and bf16, against (b) and (c) at the training
         density and at full density (kernels.json beside results.json; the report shows both)."""
@@ -356,8 +366,8 @@ def phase_bench(args: argparse.Namespace) -> int:
             "--amp", "bf16", "--conv-impl", *bf16_impls, "--out", str(out / "profile"),
         ], started=_STARTED_CASE)]
 
-    plan = {"suite": suite, "encoder-profile": encoder_profile, "gemm-configs": gemm_configs, "per-layer": per_layer,
-            "step-profile": step_profile}
+    plan = {"suite": suite, "encoder-profile": encoder_profile, "refill": refill, "gemm-configs": gemm_configs,
+            "per-layer": per_layer, "step-profile": step_profile}
     phase.say(f"gpu-check bench: steps, in order: {', '.join(args.only)} (a phase limit cuts from the end)")
     ran: list[dict] = []
     for name in args.only:

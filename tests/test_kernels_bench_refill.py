@@ -1,0 +1,25 @@
+"""kernels_bench.refill: both ways of building a replay's tables, timed side by side."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kernels_bench import refill
+
+
+@pytest.mark.parametrize("dense_stem", [False, True])
+def test_both_ways_build_every_table_the_template_asked_for(tmp_path, dense_stem):
+    out = tmp_path / "refill.json"
+    refill.main(["--models", "resnet18", "--batch", "2", "--size", "64", "--mask", "0.5", "--rounds", "3",
+                 "--drop-path", "0.1", "--out", str(out)] + (["--dense-stem"] if dense_stem else []))
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "resnet18" and row["dense_stem"] is dense_stem and row["rounds"] == 3
+    assert row["tables"] >= (4 if dense_stem else 5) and row["batch_indices"] >= 1  # drop path's per-site index
+    for way in refill.WAYS:
+        assert row[f"{way}_median_s"] > 0 and row[f"{way}_aten_calls"] > row["tables"]
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(SystemExit):
+        refill.main(["--rounds", "0"])
