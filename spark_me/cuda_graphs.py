@@ -19,12 +19,15 @@ from PyTorch's allocator on the current one, so maps built inside the warm-up (w
 on a side stream) race with their readers; on an H100 that was an illegal memory access
 (docs/gpu.md, fifth run). :func:`spark_me.ops.tables.check_coordinate_stream` refuses
 such a build, so anything the first run missed fails the capture cleanly instead. Every
-later batch of that shape:
+batch of that shape, the template included (its tables were built through MinkowskiEngine
+for the capture and are now overwritten):
 
 1. gets every table and batch index the template's encoder asked for, derived from its
    patch mask on the device (:mod:`spark_me.ops.mask_sites`: no MinkowskiEngine map and
-   no host synchronisation, so the host issues them and goes straight on to the replay),
-   with every scale's sites in row-major order;
+   no host synchronisation), with every scale's sites in row-major order. That work, a few
+   hundred small kernels, is itself captured as a second graph when the encoder is
+   (:func:`capture_refill`), its patch mask a static input, so the host issues one copy
+   and one replay for it; where that capture fails, it runs eagerly;
 2. has them copied into the template's tables, which the captured kernels read (the index
    tables, the dense-map positions, Triton's inverse tables, the per-site batch indices);
 3. replays the graph on its gathered features (row-major too: the gathers insert them so
@@ -95,6 +98,25 @@ def make_cuda_graph(body: nn.Module, sample: tuple[torch.Tensor, ...]) -> Callab
         return torch.cuda.make_graphed_callables(body, sample, **options)
 
 
+RefillMaker = Callable[[Callable[[], None], torch.device], Callable[[], None]]
+
+
+def capture_refill(refill: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``refill`` (tensor work on tensors it holds, nothing returned) captured as a CUDA
+    graph on ``device``; returns its replay. On another device, ``refill`` itself. Only this
+    thread's calls are checked during the capture where PyTorch lets it (see
+    :func:`make_cuda_graph`)."""
+    if device.type != "cuda":
+        return refill
+    graph = torch.cuda.CUDAGraph()
+    options = {}
+    if "capture_error_mode" in inspect.signature(torch.cuda.graph).parameters:
+        options["capture_error_mode"] = "thread_local"
+    with torch.cuda.graph(graph, **options):
+        refill()
+    return graph.replay
+
+
 @contextlib.contextmanager
 def capture_guard(device: torch.device) -> Iterator[None]:
     """Around a capture: Python's cyclic garbage collector runs first and then not until
@@ -140,10 +162,19 @@ class _Body(nn.Module):
 
 
 @dataclasses.dataclass
+class _RefillGraph:
+    """A graph's refill, captured: copy a batch's patch mask into ``mask``, then ``run()``
+    refills the tables and returns the batch's sites (static tensors, valid until the next run)."""
+    mask: torch.Tensor
+    run: Callable[[], Optional[MaskSites]]
+
+
+@dataclasses.dataclass
 class _Graph:
     body: _Body
     run: Callable[..., tuple[torch.Tensor, ...]]
     template: ME.SparseTensor  # keeps the template's manager, which holds the captured tables
+    refill: Optional[_RefillGraph] = None  # None: the tables are refilled eagerly
 
 
 class EncoderGraphs:
@@ -151,12 +182,15 @@ class EncoderGraphs:
 
     ``make_graph`` captures (``body``, sample inputs) into a callable with the body's
     signature; the default is :func:`make_cuda_graph`. The tests pass the body itself,
-    which runs the same refilled tables eagerly on the CPU.
+    which runs the same refilled tables eagerly on the CPU. ``make_refill_graph`` likewise
+    captures the tables' refill (:func:`capture_refill` on CUDA; None: refill eagerly).
     """
 
-    def __init__(self, encoder: nn.Module, make_graph: GraphMaker = make_cuda_graph) -> None:
+    def __init__(self, encoder: nn.Module, make_graph: GraphMaker = make_cuda_graph,
+                 make_refill_graph: Optional[RefillMaker] = capture_refill) -> None:
         self.encoder = encoder
         self.make_graph = make_graph
+        self.make_refill_graph = make_refill_graph
         self.graphs: dict[tuple, Optional[_Graph]] = {}  # None: its capture failed
         self.replays = 0  # batches run from a graph (each capture's first included)
         self.plain_runs = 0  # batches that fell back to the plain forward
@@ -175,9 +209,20 @@ class EncoderGraphs:
                                      f"{cm.extent}) runs without a CUDA graph (keep the batch size and mask ratio fixed, "
                                      "e.g. drop the last incomplete batch)")
                 return self._plain(x)
-            return self._capture(x, signature)
+            graph = self._make(x, signature)
+            if graph is None:
+                return self._plain(x)
+        return self._replay(graph, x)
+
+    def _replay(self, graph: _Graph, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        """Refill ``graph``'s tables for ``x`` (replaying the captured refill where there is
+        one), replay it on ``x``'s features, and return them on maps of ``x``'s sites."""
         with torch.profiler.record_function(TABLES_RANGE):
-            sites = self._refill(graph, x)
+            if graph.refill is not None:
+                graph.refill.mask.copy_(x.coordinate_manager.patch_mask)
+                sites = graph.refill.run()
+            else:
+                sites = self._refill(graph, _mask_sites(x))
         if sites is None:
             return self._plain(x)
         self.replays += 1
@@ -211,18 +256,6 @@ class EncoderGraphs:
             self._make(template, signature)
         return self.graphs[signature] is not None
 
-    def _capture(self, x: ME.SparseTensor, signature: tuple) -> list[ME.SparseTensor]:
-        """Capture on ``x`` (the template) and return its features from the first replay."""
-        graph = self._make(x, signature)
-        if graph is None:
-            return self._plain(x)
-        self.replays += 1
-        own_gradients(self.encoder)
-        cm: TableCache = x.coordinate_manager
-        keys = {x.tensor_stride[0]: x.coordinate_map_key, **{t.stride * _in_stride(k): t.out_key
-                                                             for k, t in cm.neighbour_tables.items()}}
-        return _on_maps(graph.run(x.F), graph.body.out_strides, keys, cm)
-
     def _make(self, x: ME.SparseTensor, signature: tuple) -> Optional[_Graph]:
         """Capture the encoder on ``x`` into ``self.graphs[signature]`` (None, with a
         warning, where the capture failed). The preparing, warm-up and capture runs leave
@@ -255,16 +288,52 @@ class EncoderGraphs:
         self.graphs[signature] = graph = _Graph(body, run, x)
         log.info("captured the encoder's forward+backward as a CUDA graph for batches of %d sites (%d tables)",
                  x.F.shape[0], len(x.coordinate_manager.neighbour_tables))
+        if self.make_refill_graph is not None:
+            graph.refill = self._capture_refill(graph, x)
         return graph
 
-    def _refill(self, graph: _Graph, x: ME.SparseTensor) -> Optional[MaskSites]:
-        """Derive ``x``'s tables and batch indices from its patch mask, in the order the
-        template's were built, and copy them into the template's; returns the batch's
-        sites (for its output maps), or None (with a warning) where a table cannot take
+    def _capture_refill(self, graph: _Graph, x: ME.SparseTensor) -> Optional[_RefillGraph]:
+        """The refill of ``graph``'s tables as a graph of its own (a few hundred small
+        kernels the host no longer issues per batch), its patch mask a static input; None,
+        with a warning, where that capture failed (the refill then runs eagerly)."""
+        mask = x.coordinate_manager.patch_mask.clone()
+        template = _mask_sites(x)
+        latest: list[Optional[MaskSites]] = [None]
+
+        def refill() -> None:
+            sites = MaskSites(mask, template.patch_size, template.visible_patches, template.extent)
+            latest[0] = self._refill(graph, sites)
+            for stride in graph.body.out_strides:  # the output maps' sites, refreshed by every replay
+                sites.coordinates(stride)
+
+        try:
+            refill()  # on the current stream, outside the capture: every op runs once before it
+            with capture_guard(x.F.device):
+                replay = self.make_refill_graph(refill, x.F.device)
+        except RuntimeError as e:
+            if cuda_context_lost(x.F.device):
+                raise RuntimeError("capturing the neighbour tables' refill as a CUDA graph broke this process's CUDA "
+                                   "context, so nothing more can run in it; train with trainer.cuda_graphs=false and "
+                                   f"report this error: {type(e).__name__}: {e}") from e
+            self._warn("refill", f"capturing the neighbour tables' refill as a CUDA graph failed ({type(e).__name__}: "
+                                 f"{e}); refilling them eagerly")
+            return None
+        if latest[0] is None:  # a table did not fit (warned): cannot happen for the template's own shapes
+            return None
+
+        def run() -> Optional[MaskSites]:
+            replay()
+            return latest[0]
+
+        return _RefillGraph(mask, run)
+
+    def _refill(self, graph: _Graph, sites: MaskSites) -> Optional[MaskSites]:
+        """Derive a batch's tables and batch indices from its ``sites`` (its patch mask), in
+        the order the template's were built, and copy them into the template's; returns
+        ``sites`` (for the output maps), or None (with a warning) where a table cannot take
         them. No MinkowskiEngine map and no host synchronisation: the host goes on to the
         replay while the GPU builds the tables (:mod:`spark_me.ops.mask_sites`)."""
         template: TableCache = graph.template.coordinate_manager
-        sites = _mask_sites(x)
         for cache_key, captured in template.neighbour_tables.items():
             in_stride, (kernel_size, stride) = _in_stride(cache_key), cache_key[2:]
             fresh = sites.tables(in_stride, kernel_size, stride, captured.out_key, complete=captured._complete)
@@ -355,13 +424,6 @@ def _gathered_manager(x: ME.SparseTensor) -> TableCache:
     return cm
 
 
-def _on_maps(features: tuple[torch.Tensor, ...], strides: list[int], keys: dict[int, ME.CoordinateMapKey],
-             cm: ME.CoordinateManager) -> list[ME.SparseTensor]:
-    """Replayed per-scale features as SparseTensors on the batch's own maps (its key per
-    tensor stride), for densify."""
-    return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm) for f, s in zip(features, strides)]
-
-
 def _on_sites(features: tuple[torch.Tensor, ...], strides: list[int], sites: MaskSites,
               x: ME.SparseTensor) -> list[ME.SparseTensor]:
     """Replayed per-scale features (rows in ``sites``' row-major order) as SparseTensors on
@@ -372,7 +434,7 @@ def _on_sites(features: tuple[torch.Tensor, ...], strides: list[int], sites: Mas
     for s in strides:
         if s not in keys:
             keys[s], _ = cm.insert_and_map(sites.coordinates(s), tensor_stride=s)
-    return _on_maps(features, strides, keys, cm)
+    return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm) for f, s in zip(features, strides)]
 
 
 def _mask_sites(x: ME.SparseTensor) -> MaskSites:

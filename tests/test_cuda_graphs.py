@@ -16,7 +16,7 @@ import torch
 
 from conftest import CUDA_READY, NEEDS_CUDA, HostSyncAudit, randomize_norms, rel_err
 from spark_me import build_sparse_encoder
-from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs, _Body, make_cuda_graph, prepare
+from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs, _Body, _mask_sites, make_cuda_graph, prepare
 from spark_me.gather import to_dense, to_sparse
 from spark_me.masking import random_patch_mask
 from spark_me.ops import TableCache, neighbour_tables
@@ -66,6 +66,16 @@ def _step(encoder, run, images, active, size):
     _loss(features, len(images), size).backward()
     dense = [to_dense(f, len(images), (size // f.tensor_stride[0],) * 2).detach() for f in features]
     return dense, {n: p.grad.clone() for n, p in encoder.named_parameters()}
+
+
+def _same_steps(graphed, plain, graphs, seeds=range(3)) -> None:
+    """Each batch's features and gradients through ``graphs`` equal the plain encoder's."""
+    for seed in seeds:
+        images, active = _batch(seed)
+        got, got_grads = _step(graphed, graphs.forward_gathered, images, active, 96)
+        want, want_grads = _step(plain, plain.forward_gathered, images, active, 96)
+        assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want)), seed
+        assert all(_close(got_grads[n], want_grads[n], 1e-10) for n in want_grads), seed
 
 
 @pytest.mark.parametrize("dense_stem", [False, True])
@@ -130,9 +140,13 @@ def test_a_replays_tables_need_no_minkowski_map_and_no_host_read(monkeypatch, de
 
     for method in ("get_coordinates", "stride", "kernel_map"):
         monkeypatch.setattr(TableCache, method, refuse)
+    assert graph.refill is not None  # on the CPU its "capture" is the refill itself, on the static mask
     with HostSyncAudit() as audit:
-        sites = graphs._refill(graph, x)
-    assert sites is not None and audit.ops == [], list(zip(audit.ops, audit.sources))
+        graph.refill.mask.copy_(x.coordinate_manager.patch_mask)
+        captured = graph.refill.run()
+        eager = graphs._refill(graph, _mask_sites(x))
+    assert captured is not None and eager is not None
+    assert audit.ops == [], list(zip(audit.ops, audit.sources))
 
 
 def test_a_new_batch_shape_is_captured_again_and_beyond_the_limit_runs_without_a_graph(caplog):
@@ -180,6 +194,20 @@ def test_a_failed_capture_warns_once_and_trains_on_without_graphs(caplog):
             assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
     assert caplog.text.count("capturing the encoder as a CUDA graph failed") == 1
     assert (graphs.replays, graphs.plain_runs) == (0, 2)
+
+
+def test_a_failed_refill_capture_warns_once_and_refills_eagerly(caplog):
+    """Where the tables' refill cannot be captured, replays refill them eagerly: the same
+    results, one warning."""
+    def broken(refill, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed, plain = _encoder("convnext_atto"), _encoder("convnext_atto")
+    graphs = EncoderGraphs(graphed, make_graph=_eager, make_refill_graph=broken)
+    with caplog.at_level(logging.WARNING, logger="spark_me.cuda_graphs"):
+        _same_steps(graphed, plain, graphs)
+    assert caplog.text.count("capturing the neighbour tables' refill as a CUDA graph failed") == 1
+    assert next(iter(graphs.graphs.values())).refill is None and (graphs.replays, graphs.plain_runs) == (3, 0)
 
 
 @pytest.mark.parametrize("fails", [False, True])
@@ -230,12 +258,7 @@ def test_a_graph_captured_ahead_replays_every_batch_of_its_shape(dense_stem):
     assert graph.template.F.grad_fn is None
     assert graphs.capture(graphed.gather(images, active))  # the shape is there: nothing more captured
     assert len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (0, 0)
-    for seed in range(3):
-        images, active = _batch(seed)
-        got, got_grads = _step(graphed, graphs.forward_gathered, images, active, 96)
-        want, want_grads = _step(plain, plain.forward_gathered, images, active, 96)
-        assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want)), seed
-        assert all(_close(got_grads[n], want_grads[n], 1e-10) for n in want_grads), seed
+    _same_steps(graphed, plain, graphs)
     assert (graphs.replays, graphs.plain_runs) == (3, 0)
     for (n, a), (_, b) in zip(graphed.named_buffers(), plain.named_buffers()):
         assert torch.equal(a, b) if not a.is_floating_point() else rel_err(a, b) < 1e-12, n
@@ -517,6 +540,7 @@ def test_cuda_graph_replays_equal_the_plain_encoder(name, conv_impl, dense_stem,
                     assert rel_err(g, t) <= 2 * rel_err(w, t) + 1e-3, (seed, i, rel_err(g, t), rel_err(w, t))
     graphs = graphed.encoder_graphs
     assert graphs is not None and len(graphs.graphs) == 1 and (graphs.replays, graphs.plain_runs) == (5, 0)
+    assert next(iter(graphs.graphs.values())).refill is not None  # the tables' refill was captured too
     # batch-norm statistics, updated once per batch: as the plain run's, by the same bounds
     for (n, a), (_, b), (_, t) in zip(graphed.named_buffers(), plain.named_buffers(), exact.named_buffers()):
         if not a.is_floating_point():

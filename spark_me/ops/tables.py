@@ -323,6 +323,8 @@ def _grid_lookup(
     taps = torch.arange(kernel_size * kernel_size, device=device)
     shifts = torch.add(taps, taps.div(kernel_size, rounding_mode="floor"), alpha=width - kernel_size)
     shifts.add_(start * (width + 1))
+    if grid.numel() <= INT32_MAX:  # int32 lookups where the cells fit: half the [K, n_out] temporary
+        out_cells, shifts = out_cells.int(), shifts.int()
     lookup = out_cells.unsqueeze(0) + shifts.unsqueeze(1)
     return grid.index_select(0, lookup.view(-1)).view(len(shifts), -1)
 
