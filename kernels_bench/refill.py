@@ -10,8 +10,11 @@ tables, batch indices) in two ways:
 
 * ``maps``: through MinkowskiEngine's strided maps and coordinates (``tables_on``), as
   replays refilled them until 2026-11-27 (on a GPU: host synchronisations inside);
-* ``mask``: from the batch's patch mask (:class:`spark_me.ops.mask_sites.MaskSites`), as
-  they do now (fixed-shape device ops only).
+* ``mask``: from the batch's patch mask (:class:`spark_me.ops.mask_sites.MaskSites`)
+  (fixed-shape device ops only);
+* ``mask_graph`` (CUDA only): the same captured as a CUDA graph, the patch mask copied into
+  its static input and the graph replayed, as replays do now
+  (:func:`spark_me.cuda_graphs.capture_refill`).
 
 It reports, per way, the median wall time (the first two rounds dropped; on CUDA until the
 device has finished) and the ATen calls. The gather is outside the timing.
@@ -23,6 +26,7 @@ import json
 import logging
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,12 +34,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spark_me import build_sparse_encoder
+from spark_me.cuda_graphs import capture_refill
 from spark_me.masking import random_patch_mask
 from spark_me.ops.mask_sites import MaskSites
 from spark_me.ops.tables import NeighbourTables, TableCache, tables_on
 
 log = logging.getLogger("kernels_bench.refill")
-WAYS = ("maps", "mask")
+WAYS = ("maps", "mask")  # on CUDA also "mask_graph"
 
 
 class _CountCalls(TorchDispatchMode):
@@ -74,9 +79,15 @@ def refill_from_maps(template: TableCache, x) -> None:
 
 def refill_from_mask(template: TableCache, x) -> None:
     """The same from ``x``'s patch mask."""
+    _from_sites(template, _sites(x, x.coordinate_manager.patch_mask))
+
+
+def _sites(x, mask: torch.Tensor) -> MaskSites:
     cm = x.coordinate_manager
-    sites = MaskSites(cm.patch_mask, cm.patch_size, x.F.shape[0] // (cm.patch_size // x.tensor_stride[0]) ** 2,
-                      cm.extent)
+    return MaskSites(mask, cm.patch_size, x.F.shape[0] // (cm.patch_size // x.tensor_stride[0]) ** 2, cm.extent)
+
+
+def _from_sites(template: TableCache, sites: MaskSites) -> None:
     for (stride_pair, _, kernel_size, stride), captured in template.neighbour_tables.items():
         _with_parts(sites.tables(stride_pair[0], kernel_size, stride, captured.out_key, captured._complete), captured)
     for stride_pair, _ in template.batch_indices:
@@ -101,9 +112,21 @@ def measure(model: str, batch: int, size: int, mask: float, dense_stem: bool, dr
     sum(f.F.float().sum() for f in encoder.forward_gathered(template)).backward()  # the backward's tables too
     tables: TableCache = template.coordinate_manager
     ways: dict[str, Callable] = {"maps": refill_from_maps, "mask": refill_from_mask}
-    times: dict[str, list[float]] = {w: [] for w in WAYS}
+    if device.type == "cuda":
+        static = tables.patch_mask.clone()
+        with torch.no_grad():
+            refill = partial(_from_sites, tables, _sites(template, static))
+            refill()  # once before the capture, as the encoder's graphs do
+            replay = capture_refill(refill, device)
+
+        def refill_from_mask_graph(_: TableCache, x) -> None:
+            static.copy_(x.coordinate_manager.patch_mask)
+            replay()
+
+        ways["mask_graph"] = refill_from_mask_graph
+    times: dict[str, list[float]] = {w: [] for w in ways}
     for r in range(rounds):
-        for way in WAYS if r % 2 else reversed(WAYS):
+        for way in list(ways) if r % 2 else reversed(ways):
             x = gathered()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -114,7 +137,7 @@ def measure(model: str, batch: int, size: int, mask: float, dense_stem: bool, dr
                 torch.cuda.synchronize(device)
             times[way].append(time.perf_counter() - start)
     calls = {}
-    for way in WAYS:
+    for way in ways:
         x = gathered()
         with torch.no_grad(), _CountCalls() as counter:
             ways[way](tables, x)
@@ -124,8 +147,8 @@ def measure(model: str, batch: int, size: int, mask: float, dense_stem: bool, dr
             "drop_path_rate": drop_path,
             "device": str(device), "rounds": rounds, "tables": len(tables.neighbour_tables),
             "batch_indices": len(tables.batch_indices),
-            **{f"{w}_median_s": statistics.median(times[w][kept]) for w in WAYS},
-            **{f"{w}_aten_calls": calls[w] for w in WAYS}}
+            **{f"{w}_median_s": statistics.median(times[w][kept]) for w in ways},
+            **{f"{w}_aten_calls": calls[w] for w in ways}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,9 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         row = measure(model, args.batch, args.size, args.mask, args.dense_stem, args.drop_path, device, args.rounds)
         rows.append(row)
-        log.info("%s (%d tables, %d batch indices): maps %.2f ms, %d ATen calls; mask %.2f ms, %d ATen calls",
-                 model, row["tables"], row["batch_indices"], row["maps_median_s"] * 1e3, row["maps_aten_calls"],
-                 row["mask_median_s"] * 1e3, row["mask_aten_calls"])
+        ways = "; ".join(f"{w} {row[f'{w}_median_s'] * 1e3:.2f} ms, {row[f'{w}_aten_calls']} ATen calls"
+                         for w in (*WAYS, "mask_graph") if f"{w}_median_s" in row)
+        log.info("%s (%d tables, %d batch indices): %s", model, row["tables"], row["batch_indices"], ways)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
