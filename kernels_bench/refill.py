@@ -79,12 +79,7 @@ def refill_from_maps(template: TableCache, x) -> None:
 
 def refill_from_mask(template: TableCache, x) -> None:
     """The same from ``x``'s patch mask."""
-    _from_sites(template, _sites(x, x.coordinate_manager.patch_mask))
-
-
-def _sites(x, mask: torch.Tensor) -> MaskSites:
-    cm = x.coordinate_manager
-    return MaskSites(mask, cm.patch_size, x.F.shape[0] // (cm.patch_size // x.tensor_stride[0]) ** 2, cm.extent)
+    _from_sites(template, MaskSites.of(x))
 
 
 def _from_sites(template: TableCache, sites: MaskSites) -> None:
@@ -115,7 +110,7 @@ def measure(model: str, batch: int, size: int, mask: float, dense_stem: bool, dr
     if device.type == "cuda":
         static = tables.patch_mask.clone()
         with torch.no_grad():
-            refill = partial(_from_sites, tables, _sites(template, static))
+            refill = partial(_from_sites, tables, MaskSites.of(template, static))
             refill()  # once before the capture, as the encoder's graphs do
             replay = capture_refill(refill, device)
 

@@ -222,7 +222,7 @@ class EncoderGraphs:
                 graph.refill.mask.copy_(x.coordinate_manager.patch_mask)
                 sites = graph.refill.run()
             else:
-                sites = self._refill(graph, _mask_sites(x))
+                sites = self._refill(graph, MaskSites.of(x))
         if sites is None:
             return self._plain(x)
         self.replays += 1
@@ -265,7 +265,7 @@ class EncoderGraphs:
         once (a host read), on the template."""
         check_graphable(self.encoder)
         gathered = x.coordinate_manager.get_coordinates(x.coordinate_map_key).to(x.F.device)
-        if not torch.equal(gathered, _mask_sites(x).coordinates(x.tensor_stride[0])):
+        if not torch.equal(gathered, MaskSites.of(x).coordinates(x.tensor_stride[0])):
             self._warn("order", "the gathered sites are not in row-major order, which replays rely on; running the "
                                 "encoder without CUDA graphs (gather with spark_me.gather.to_sparse or conv_to_sparse)")
             self.graphs[signature] = None
@@ -297,11 +297,10 @@ class EncoderGraphs:
         kernels the host no longer issues per batch), its patch mask a static input; None,
         with a warning, where that capture failed (the refill then runs eagerly)."""
         mask = x.coordinate_manager.patch_mask.clone()
-        template = _mask_sites(x)
         latest: list[Optional[MaskSites]] = [None]
 
         def refill() -> None:
-            sites = MaskSites(mask, template.patch_size, template.visible_patches, template.extent)
+            sites = MaskSites.of(x, mask)
             latest[0] = self._refill(graph, sites)
             for stride in graph.body.out_strides:  # the output maps' sites, refreshed by every replay
                 sites.coordinates(stride)
@@ -435,13 +434,6 @@ def _on_sites(features: tuple[torch.Tensor, ...], strides: list[int], sites: Mas
         if s not in keys:
             keys[s], _ = cm.insert_and_map(sites.coordinates(s), tensor_stride=s)
     return [ME.SparseTensor(f, coordinate_map_key=keys[s], coordinate_manager=cm) for f, s in zip(features, strides)]
-
-
-def _mask_sites(x: ME.SparseTensor) -> MaskSites:
-    """The sites of ``x``'s batch at every stride, from the patch mask its gather kept."""
-    cm: TableCache = x.coordinate_manager
-    rows_per_patch = (cm.patch_size // x.tensor_stride[0]) ** 2
-    return MaskSites(cm.patch_mask, cm.patch_size, x.F.shape[0] // rows_per_patch, cm.extent)
 
 
 def _in_stride(map_key: tuple) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from conftest import CUDA_READY, NEEDS_CUDA, HostSyncAudit, randomize_norms, rel_err
 from spark_me import build_sparse_encoder
-from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs, _Body, _mask_sites, make_cuda_graph, prepare
+from spark_me.cuda_graphs import MAX_GRAPHS, EncoderGraphs, _Body, make_cuda_graph, prepare
 from spark_me.gather import to_dense, to_sparse
 from spark_me.masking import random_patch_mask
 from spark_me.ops import TableCache, neighbour_tables
@@ -115,8 +115,7 @@ def test_the_template_holds_the_latest_batchs_tables_from_its_mask():
         x = to_sparse(*_batch(seed), 32)
         graphs.forward_gathered(x)
     template = next(iter(graphs.graphs.values())).template.coordinate_manager
-    cm = x.coordinate_manager
-    sites = MaskSites(cm.patch_mask, 32, int(cm.patch_mask.sum()), cm.extent)
+    sites = MaskSites.of(x)
     assert len(template.neighbour_tables) > 3 and template.batch_indices
     for (stride_pair, _, kernel_size, stride), captured in template.neighbour_tables.items():
         assert torch.equal(captured.forward, sites.tables(stride_pair[0], kernel_size, stride, None).forward)
@@ -144,7 +143,7 @@ def test_a_replays_tables_need_no_minkowski_map_and_no_host_read(monkeypatch, de
     with HostSyncAudit() as audit:
         graph.refill.mask.copy_(x.coordinate_manager.patch_mask)
         captured = graph.refill.run()
-        eager = graphs._refill(graph, _mask_sites(x))
+        eager = graphs._refill(graph, MaskSites.of(x))
     assert captured is not None and eager is not None
     assert audit.ops == [], list(zip(audit.ops, audit.sources))
 

@@ -20,11 +20,6 @@ def _mask(batch: int, grid: tuple[int, int], ratio: float, seed: int) -> torch.T
     return random_patch_mask(batch, grid, ratio, torch.Generator().manual_seed(seed))
 
 
-def _sites_of(x) -> MaskSites:
-    cm = x.coordinate_manager
-    return MaskSites(cm.patch_mask, cm.patch_size, int(cm.patch_mask.sum()), cm.extent)
-
-
 def _row_order(coords: torch.Tensor, extent: tuple[int, int, int]) -> torch.Tensor:
     """The row-major rank of each ``[b, y, x]`` pixel coordinate's position."""
     c = coords.long()
@@ -54,7 +49,8 @@ def test_every_table_the_encoder_builds_comes_from_the_mask_in_row_major_order(n
     x = encoder.gather(images, _mask(3, (2, 5), ratio, seed))
     encoder.forward_gathered(x)
     cm = x.coordinate_manager
-    sites = _sites_of(x)
+    sites = MaskSites.of(x)
+    assert sites.visible_patches == int(cm.patch_mask.sum())
     assert torch.equal(cm.get_coordinates(x.coordinate_map_key), sites.coordinates(x.tensor_stride[0]))
     checked = 0
     for (stride_pair, name, kernel_size, stride), mine in cm.neighbour_tables.items():

@@ -62,6 +62,15 @@ class MaskSites:
         self.extent = extent
         self._coordinates: dict[int, torch.Tensor] = {}
 
+    @classmethod
+    def of(cls, x: ME.SparseTensor, patch_mask: Optional[torch.Tensor] = None) -> "MaskSites":
+        """The sites of gathered batch ``x`` (its manager a :class:`~spark_me.ops.tables.TableCache`
+        that knows the batch's patch mask and extent), from ``patch_mask`` where given (a
+        static copy of the same shape) or else the manager's."""
+        cm = x.coordinate_manager
+        visible = x.F.shape[0] // (cm.patch_size // x.tensor_stride[0]) ** 2
+        return cls(cm.patch_mask if patch_mask is None else patch_mask, cm.patch_size, visible, cm.extent)
+
     def count(self, tensor_stride: int) -> int:
         """Number of sites at ``tensor_stride``."""
         return self.visible_patches * (self.patch_size // tensor_stride) ** 2
