@@ -260,9 +260,9 @@ class EncoderGraphs:
         """Capture the encoder on ``x`` into ``self.graphs[signature]`` (None, with a
         warning, where the capture failed). The preparing, warm-up and capture runs leave
         the encoder's buffers (batch-norm statistics) as they found them, so the template
-        batch updates them once, like any other. Later batches' tables come from their patch
-        masks in row-major order, so the gathered rows must be in that order: checked here
-        once (a host read), on the template."""
+        batch updates them once, like any other. Every replayed batch's tables come from its
+        patch mask in row-major order, so the gathered rows must be in that order: checked
+        here once (a host read), on the template."""
         check_graphable(self.encoder)
         gathered = x.coordinate_manager.get_coordinates(x.coordinate_map_key).to(x.F.device)
         if not torch.equal(gathered, MaskSites.of(x).coordinates(x.tensor_stride[0])):

@@ -18,7 +18,7 @@ def test_both_ways_build_every_table_the_template_asked_for(tmp_path, dense_stem
     assert row["model"] == "resnet18" and row["dense_stem"] is dense_stem and row["rounds"] == 3
     assert row["tables"] >= (4 if dense_stem else 5) and row["batch_indices"] >= 1  # drop path's per-site index
     for way in refill.WAYS:
-        assert row[f"{way}_median_s"] > 0 and row[f"{way}_aten_calls"] > row["tables"]
+        assert row[f"{way}_median_s"] >= row[f"{way}_host_median_s"] > 0 and row[f"{way}_aten_calls"] > row["tables"]
     assert "mask_graph_median_s" not in row  # CUDA only
 
 

@@ -5,8 +5,8 @@ the sites are the multiples of ``t`` inside visible patches. Their number is kno
 host (visible patches × ``(patch / t)²``), so their coordinates, and every neighbour table
 between two such sets, can be computed on the device with fixed-shape ops only: no
 MinkowskiEngine map, no coordinate copy, no host synchronisation. This is how a CUDA
-graph's tables are refilled per batch (:mod:`spark_me.cuda_graphs`): the host issues a few
-hundred small kernels and goes on to the replay instead of waiting on the GPU.
+graph's tables are refilled per batch (:mod:`spark_me.cuda_graphs`, which captures that
+work as a graph too): the host does not wait on the GPU in front of a replay.
 
 The row order is row-major ``[b, y, x]``. That is the order both gathers
 (:mod:`spark_me.gather`) insert the batch's first coordinates in, and MinkowskiEngine keeps
