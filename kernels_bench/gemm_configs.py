@@ -130,12 +130,14 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def kernel_bench_args(doc: str, stem: str, argv: Optional[list[str]]) -> argparse.Namespace:
+    """The arguments of a Triton kernel bench (``--device --batch --dtype --out``), refused
+    unless the compiled kernels can run: a visible GPU, no ``TRITON_INTERPRET``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="a CUDA device (the compiled kernels need one)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--out", type=Path, required=True, help="folder for gemm_configs.json and .txt")
+    p.add_argument("--out", type=Path, required=True, help=f"folder for {stem}.json and .txt")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.device.startswith("cuda") or not torch.cuda.is_available():
@@ -144,14 +146,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if triton_backend.INTERPRETED:
         p.error("TRITON_INTERPRET is set: unset it to time the compiled kernels")
-    rows = run(args.batch, getattr(torch, args.dtype), args.device)
+    return args
+
+
+def write_results(args: argparse.Namespace, stem: str, rows: list[dict], table: str) -> None:
+    """``OUT/STEM.json`` (the environment and every row) and ``OUT/STEM.txt`` (the summary)."""
     args.out.mkdir(parents=True, exist_ok=True)
     env = {"gpu": torch.cuda.get_device_name(args.device), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "batch": args.batch, "dtype": args.dtype}
-    (args.out / "gemm_configs.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    table = summary(rows)
-    (args.out / "gemm_configs.txt").write_text(table + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (args.out / f"{stem}.txt").write_text(table + "\n")
     LOG.info("\n%s", table)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = kernel_bench_args(__doc__, "gemm_configs", argv)
+    rows = run(args.batch, getattr(torch, args.dtype), args.device)
+    write_results(args, "gemm_configs", rows, summary(rows))
     return 0
 
 

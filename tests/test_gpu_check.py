@@ -212,7 +212,8 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     committed.write_bytes(b"")  # an earlier run's trace, in the checkout: not this run's to read
     assert gpu_check.main(["bench", "--no-data", "--limit", "60", "--log-dir", str(tmp_path)]) == 0
     assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz", "refill",
-                                           "refill (dense stem)", "gemm configs", "per-layer", "profile", "report"]
+                                           "refill (dense stem)", "gemm configs", "depthwise backward", "per-layer",
+                                           "profile", "report"]
     steps = dict(ran)
     suite, layers = " ".join(steps["kernels_bench"]), steps["per-layer"]
     assert "--skip breakdown kernels" in suite
@@ -230,9 +231,12 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     gemm = " ".join(steps["gemm configs"])
     assert "-m kernels_bench.gemm_configs --device cuda --batch 128 --dtype bfloat16" in gemm
     assert gemm.endswith(f"--out {folder}/gemm-configs")
-    # after the suite, the encoder profile (and its timeline), the refills, the GEMM configs, the per-layer
-    # bench, the profile
-    assert bundles[:6] == [1, 3, 5, 6, 7, 8]
+    depthwise = " ".join(steps["depthwise backward"])
+    assert "-m kernels_bench.depthwise_backward --device cuda --batch 128 --dtype bfloat16" in depthwise
+    assert depthwise.endswith(f"--out {folder}/depthwise-backward")
+    # after the suite, the encoder profile (and its timeline), the refills, the GEMM configs, the depthwise
+    # backward, the per-layer bench, the profile
+    assert bundles[:7] == [1, 3, 5, 6, 7, 8, 9]
 
     ran.clear()
     assert gpu_check.main(["bench", "--no-data", "--only", "per-layer", "encoder-profile", "--limit", "60",
@@ -248,5 +252,10 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
                            "--log-dir", str(tmp_path)]) == 0
     assert [label for label, _ in ran] == ["report"]  # no Triton: nothing to time
     assert "gemm-configs skipped" in (tmp_path / "bench.log").read_text()
+    ran.clear()
+    assert gpu_check.main(["bench", "--no-data", "--only", "depthwise-backward", "--conv-impl", "torch",
+                           "--limit", "60", "--log-dir", str(tmp_path)]) == 0
+    assert [label for label, _ in ran] == ["report"]
+    assert "depthwise-backward skipped" in (tmp_path / "bench.log").read_text()
     with pytest.raises(SystemExit):
         gpu_check.main(["bench", "--only", "suites"])

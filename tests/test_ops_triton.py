@@ -110,6 +110,90 @@ def test_depthwise_float32_equals_dense_and_torch(kernel):
         assert rel_err(g, r) <= 1e-5
 
 
+def _depthwise_grads_float64(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, grad: torch.Tensor):
+    """(input grad, weight grad ``[K, C]``) of ``out[o] = Σ_t x[table[t, o]] ⊙ weight[t]`` by
+    autograd in float64 (absent neighbours: the sentinel row, zero)."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    padded = torch.cat([x64, x64.new_zeros(1, x64.shape[1])])
+    out = sum(padded[table[t].long()] * w64[t] for t in range(len(table)))
+    out.backward(grad.double())
+    return x64.grad, w64.grad
+
+
+def _depthwise_case(channels: int, kernel: int, dtype: torch.dtype, seed: int = 3):
+    """(features, weight [K, C], forward table, output grad) on a random mask (sample 0:
+    one visible patch, so its border taps find no neighbour)."""
+    _, xs, _, _ = _inputs(channels, torch.float32, 2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(kernel * kernel, channels, generator=g) / kernel
+    grad = torch.randn(len(xs.F), channels, generator=g)
+    table = ops.neighbour_tables(xs, kernel, 1).forward
+    return xs.F.detach().to(dtype), weight.to(dtype), table, grad.to(dtype)
+
+
+def _dw_backward_configs() -> list:
+    return [pytest.param(c, id="{BLOCK_M}x{BLOCK_C}-w".format(**c.kwargs) + str(c.num_warps))
+            for c in triton_backend._DW_BACKWARD_CONFIGS]
+
+
+@INTERPRETER
+@pytest.mark.parametrize("kernel", [3, 7])
+@pytest.mark.parametrize("config", [None, *_dw_backward_configs()[:2]])
+def test_fused_depthwise_backward_equals_float64(kernel, config):
+    """Both gradients from the one-pass kernel equal autograd's in float64 (every row split
+    and row tile, with the interpreter's default tiles and two of the GPU's), and are the
+    same, bit for bit, on a second run: no atomics."""
+    x, weight, table, grad = _depthwise_case(6, kernel, torch.float32)
+    grad_in, grad_w = triton_backend.depthwise_backward(x, weight, table, grad, config)
+    ref_in, ref_w = _depthwise_grads_float64(x, weight, table, grad)
+    assert grad_in.dtype == torch.float32 and grad_w.shape == weight.shape
+    assert rel_err(grad_in.double(), ref_in) <= 1e-6
+    assert rel_err(grad_w.double(), ref_w) <= 1e-6
+    again_in, again_w = triton_backend.depthwise_backward(x, weight, table, grad, config)
+    assert torch.equal(again_in, grad_in) and torch.equal(again_w, grad_w)
+
+
+@INTERPRETER
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_depthwise_backward_rounds_once(dtype):
+    """bf16/fp16 operands: products exact in fp32, fp32 sums, one rounding at the end. So,
+    element by element, with ``|·|`` the same sums of absolute values, ``ε`` the dtype's
+    spacing at 1 (one rounding in either direction: the interpreter truncates to bf16, the
+    GPU rounds to nearest) and ``n`` terms summed in fp32: the input grad is within
+    ``ε·|ref| + (1+ε)·n·2⁻²⁴·|·|`` (n = K taps) of float64, the fp32 weight grad within
+    ``n·2⁻²⁴·|·|`` (n = rows, plus the sum over row splits)."""
+    x, weight, table, grad = _depthwise_case(8, 7, dtype)
+    grad_in, grad_w = triton_backend.depthwise_backward(x, weight, table, grad)
+    ref_in, ref_w = _depthwise_grads_float64(x, weight, table, grad)
+    abs_in, abs_w = _depthwise_grads_float64(x.abs(), weight.abs(), table, grad.abs())
+    unit = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    taps, rows = table.shape
+    assert grad_in.dtype == dtype and grad_w.dtype == torch.float32
+    assert ((grad_in.double() - ref_in).abs() <= unit * ref_in.abs() + (1 + unit) * taps * U_FP32 * abs_in).all()
+    assert ((grad_w.double() - ref_w).abs() <= (rows + triton_backend.CPU_DEPTHWISE_SPLITS) * U_FP32 * abs_w).all()
+    assert rel_err(grad_in.double(), ref_in) > 0  # rounded: the check above had work to do
+
+
+@INTERPRETER
+@pytest.mark.parametrize("needs", ["input", "weight", "both"])
+def test_depthwise_backward_for_either_gradient_alone(needs):
+    """Where autograd wants one gradient the backward runs that gradient's own kernel (the
+    gathered conv with mirrored taps, or the atomics weight grad); both ways match float64."""
+    x, weight, table, grad = _depthwise_case(5, 7, torch.float32, seed=4)
+    _, xs, _, _ = _inputs(5, torch.float32, 2, seed=4)
+    tables = ops.neighbour_tables(xs, 7, 1)
+    f = x.clone().requires_grad_(needs in ("input", "both"))
+    w = weight.clone().requires_grad_(needs in ("weight", "both"))
+    triton_backend.depthwise_conv(f, w, tables).backward(grad)
+    ref_in, ref_w = _depthwise_grads_float64(x, weight, table, grad)
+    assert (f.grad is not None) == (needs != "weight") and (w.grad is not None) == (needs != "input")
+    if f.grad is not None:
+        assert rel_err(f.grad.double(), ref_in) <= 1e-6
+    if w.grad is not None:
+        assert rel_err(w.grad.double(), ref_w) <= 1e-6
+
+
 @INTERPRETER
 def test_strided_conv_many_rows():
     """A strided conv whose input gradient (the inverse table) spans several row programs
@@ -250,23 +334,29 @@ def test_float64_is_refused_naming_torch():
         ops.depthwise_conv(xs, torch.randn(4, 1, 3, 3, dtype=torch.float64), "triton")
 
 
-def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict]]:
-    """(kernel, argument types, constexprs) of every kernel's compiled path, the largest
-    tiles (the GEMM's in both loop forms); ``table``: the tables' pointer type (``*i32``, or
-    ``*i64`` past int32's range)."""
+def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict, dict]]:
+    """(kernel, argument types, constexprs, options) of every kernel's compiled path, the
+    largest tiles (the GEMM's in both loop forms; the fused depthwise backward's every
+    config, 49 taps); ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's
+    range)."""
     ptr, tb = f"*{dtype}", triton_backend
     rows = {"n_src": "i32", "n_dst": "i32"}
     gemm = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
     wgrad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "c_in": "i32", "c_out": "i32"}
     dw = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32", "taps": "i32"}
     dw_grad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
+    dw_backward = {"x_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "weight_ptr": ptr, "grad_in_ptr": ptr,
+                   "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32", "taps": "i32"}
+    big = {"num_warps": 8, "num_stages": 3}
     return [
-        *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs})
+        *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs}, big)
           for c in tb._GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 64],
-        (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}),
-        (tb._depthwise_kernel, dw, {"BLOCK_M": tb.DEPTHWISE_BLOCK_M, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}),
+        (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}, big),
+        (tb._depthwise_kernel, dw, {"BLOCK_M": tb.DEPTHWISE_BLOCK_M, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}, big),
         (tb._depthwise_weight_grad_kernel, dw_grad,
-         {"INTERPRETER": False, "BLOCK_R": tb.DEPTHWISE_BLOCK_R, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}),
+         {"INTERPRETER": False, "BLOCK_R": tb.DEPTHWISE_BLOCK_R, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}, big),
+        *[(tb._depthwise_backward_kernel, dw_backward, {"INTERPRETER": False, "TAPS_PAD": 64, **c.kwargs},
+           {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in tb._DW_BACKWARD_CONFIGS],
     ]
 
 
@@ -283,13 +373,14 @@ def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
         helper = triton_backend._gather_gemm_step
         monkeypatch.setattr(triton_backend, "_gather_gemm_step", triton.runtime.JITFunction(helper.fn))
     cubins = []
-    for kernel, signature, constexprs in _kernel_signatures(dtype, table):
+    signatures = _kernel_signatures(dtype, table)
+    for kernel, signature, constexprs, options in signatures:
         fn = triton.runtime.JITFunction(kernel.fn) if triton_backend.INTERPRETED else kernel
         source = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.asm["cubin"]
         cubins.append(compiled.asm["cubin"])
-    assert len(cubins) == 5 and cubins[0] != cubins[1]  # the GEMM in its two loop forms: two programs
+    assert len(cubins) == len(signatures) and cubins[0] != cubins[1]  # the GEMM's two loop forms: two programs
 
 
 def _encoder_pair(name: str, device: torch.device, candidate: str = "triton", seed: int = 0):
@@ -457,6 +548,27 @@ def test_cuda_every_gemm_config_equals_the_gathered_product(config, dtype):
     got = triton_backend.gather_gemm(xs.F, tables.forward, weight, tables.n_out, config)
     expected = _gathered_product(xs.F, tables.forward, weight)
     assert rel_err(got.double(), expected) <= (1e-5 if dtype == torch.float32 else 2.0**-8)
+
+
+@pytest.mark.parametrize("config", [None, *_dw_backward_configs()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@_on_cuda
+def test_cuda_fused_depthwise_backward_equals_float64(config, dtype):
+    """The one-pass depthwise backward, autotuned and in every config the autotuner may
+    pick, on 96 channels (two channel blocks of 64, one partial) at stride 4 of a batch of 8:
+    both gradients against autograd in float64, the fp32 weight grad to fp32 summation,
+    the input grad to its dtype's rounding; and the same bits on a second run."""
+    xs = _cuda_sparse(96, 4, dtype, seed=5)
+    table = ops.neighbour_tables(xs, 7, 1).forward
+    g = torch.Generator(device="cuda").manual_seed(5)
+    weight = (torch.randn(49, 96, generator=g, device="cuda") / 7).to(dtype)
+    grad = torch.randn(len(xs.F), 96, generator=g, device="cuda").to(dtype)
+    grad_in, grad_w = triton_backend.depthwise_backward(xs.F, weight, table, grad, config)
+    ref_in, ref_w = _depthwise_grads_float64(xs.F, weight, table, grad)
+    assert rel_err(grad_in.double(), ref_in) <= (1e-6 if dtype == torch.float32 else 2.0**-8)
+    assert grad_w.dtype == torch.float32 and rel_err(grad_w.double(), ref_w) <= 1e-5
+    again = triton_backend.depthwise_backward(xs.F, weight, table, grad, config)
+    assert torch.equal(again[0], grad_in) and torch.equal(again[1], grad_w)
 
 
 @pytest.mark.parametrize("channels", [96, 384])

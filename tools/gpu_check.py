@@ -200,12 +200,14 @@ def phase_test(args: argparse.Namespace) -> int:
 
 # Test files (or tests) whose CUDA tests have not yet all passed on a GPU run first, so a
 # phase limit costs the tests already proven there (CUDA graphs; the GPU pre-training runs,
-# with and without graphs; every tile config and loop form of the Triton gather-GEMM; tables
-# built without PyTorch-visible synchronisations); --first-only runs these alone. (Where a
+# with and without graphs; every tile config and loop form of the Triton gather-GEMM and
+# every config of the fused depthwise backward; tables built without PyTorch-visible
+# synchronisations); --first-only runs these alone. (Where a
 # whole file follows that holds one of these tests, pytest runs it once, in the file's order.)
 FIRST_TESTS = ("tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that_pytorch_sees",
                "tests/test_mask_sites.py::test_cuda_mask_tables_make_no_synchronisation_that_pytorch_sees",
                "tests/test_ops_triton.py::test_cuda_every_gemm_config_equals_the_gathered_product",
+               "tests/test_ops_triton.py::test_cuda_fused_depthwise_backward_equals_float64",
                "tests/test_cuda_graphs.py", "tests/test_gpu.py")
 
 
@@ -257,7 +259,7 @@ def run_pytest(phase: Phase, cmd: list[str]) -> tuple[dict, list[str]]:
 
 BUNDLE = "gpu-check-bench-results.tar.gz"
 # The bench phase's GPU steps, most telling first in the default order.
-BENCH_STEPS = ("suite", "encoder-profile", "refill", "gemm-configs", "per-layer", "step-profile")
+BENCH_STEPS = ("suite", "encoder-profile", "refill", "gemm-configs", "depthwise-backward", "per-layer", "step-profile")
 
 
 def bundle_results(out: Path) -> Optional[Path]:
@@ -357,6 +359,16 @@ def phase_bench(args: argparse.Namespace) -> int:
         return [phase.run("gemm configs", [python, "-m", "kernels_bench.gemm_configs", "--device", "cuda",
                                            "--batch", "128", "--dtype", "bfloat16", "--out", str(out / "gemm-configs")])]
 
+    def depthwise_backward() -> list[dict]:
+        """ConvNeXt-T's depthwise backward, bf16: the one-pass kernel (autotuned, and each
+        config) against the two kernels it replaced, per stage and per encoder step."""
+        if "triton" not in bf16_impls:
+            phase.say("gpu-check bench: depthwise-backward skipped (triton is not among --conv-impl)")
+            return []
+        return [phase.run("depthwise backward", [
+            python, "-m", "kernels_bench.depthwise_backward", "--device", "cuda", "--batch", "128",
+            "--dtype", "bfloat16", "--out", str(out / "depthwise-backward")])]
+
     def step_profile() -> list[dict]:
         """Where a bf16 step's GPU time goes, per backend and for the emulation
         (MinkowskiEngine's kernels are fp32-only). What a step keeps for backward
@@ -367,7 +379,7 @@ def phase_bench(args: argparse.Namespace) -> int:
         ], started=_STARTED_CASE)]
 
     plan = {"suite": suite, "encoder-profile": encoder_profile, "refill": refill, "gemm-configs": gemm_configs,
-            "per-layer": per_layer, "step-profile": step_profile}
+            "depthwise-backward": depthwise_backward, "per-layer": per_layer, "step-profile": step_profile}
     phase.say(f"gpu-check bench: steps, in order: {', '.join(args.only)} (a phase limit cuts from the end)")
     ran: list[dict] = []
     for name in args.only:

@@ -21,8 +21,14 @@ load of zeros).
   the ``index_add_`` of the torch backend on CUDA; under
   ``torch.use_deterministic_algorithms(True)`` one split per tile keeps it exact;
 * depthwise: a program per (row block, channel block) loops over taps with gathered
-  loads and fp32 products; input grad by the mirrored taps; weight grad per (tap,
-  channel block, row split) with atomics, as the conv's;
+  loads and fp32 products. Backward, both gradients in one pass
+  (:func:`depthwise_backward`): a program per (row split, channel block) gathers the
+  output gradient through the table once per tap, for the input grad (mirrored taps) and,
+  times the input rows read in place, for the weight grad, whose per-tap column sums it
+  keeps in registers and writes once as its split's partial; a sum over the splits gives
+  the weight grad, with no atomics, the same bits on every run. Where autograd wants one
+  gradient alone: the gathered conv (input), or a weight grad per (tap, channel block,
+  row split) with atomics, as the conv's;
 * max-pool: :func:`gather_max` is :func:`spark_me.ops.torch_backend.gather_max` (a
   comparison per tap; nothing to fuse worth a kernel yet).
 
@@ -37,8 +43,9 @@ and fp64 ``tl.dot`` is not in every Triton this project meets).
 
 Tiles: ``triton.autotune`` over a few configs, keyed on the channel counts (and tap
 count): each new key costs one benchmark of every config (once per process), so the
-lists stay short (the gather-GEMM's: four tile shapes, each in both loop forms). The
-depthwise kernels have fixed tiles.
+lists stay short (the gather-GEMM's: four tile shapes, each in both loop forms; the fused
+depthwise backward's: six). The depthwise forward and single-gradient kernels have fixed
+tiles.
 
 The Triton interpreter (CPU tensors; ``TRITON_INTERPRET=1`` in the environment when this
 module is imported, as Triton decides at decoration; :data:`INTERPRETED`) runs tiles as
@@ -52,8 +59,11 @@ on the host side:
   product is exact in fp32), as is the fp32 accumulation;
 * Triton's standard library (``tl.sum``, ``tl.zeros``, ``tl.cdiv`` ...) is decorated when
   ``triton`` is first imported, usually by torch without the interpreter, and cannot run
-  in it then; so the kernels use builtins only, and the depthwise weight grad sums its
-  columns by a product with ones in the interpreter (``tl.sum`` on the GPU).
+  in it then; so the kernels use builtins only, and the depthwise weight grads sum their
+  columns by a product with ones (or a one-hot row) in the interpreter (``tl.sum`` on the
+  GPU);
+* its casts from fp32 to bf16 truncate where the GPU rounds to nearest, so an interpreted
+  bf16 output may be one unit of the last place off where the GPU's is half a unit at most.
 """
 from __future__ import annotations
 
@@ -72,6 +82,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 4
 # Row splits of a weight grad on CPU (interpreter): enough to exercise the atomics.
 CPU_SPLIT_PROGRAMS = 32
+# Row splits of the fused depthwise backward per SM (at 64 channels a program; each split
+# writes a [taps, channels] fp32 partial), and in the interpreter.
+DEPTHWISE_SPLITS_PER_SM, CPU_DEPTHWISE_SPLITS = 8, 4
 
 
 @triton.jit
@@ -233,6 +246,51 @@ def _depthwise_weight_grad_kernel(
         tl.atomic_add(gw_ptr + t * channels + cs, tl.sum(acc, axis=0), mask=c_ok)
 
 
+@triton.jit(do_not_specialize=["n_rows"])  # row counts change every batch
+def _depthwise_backward_kernel(
+    x_ptr, table_ptr, grad_ptr, weight_ptr, grad_in_ptr, partial_ptr, n_rows, channels, taps,
+    INTERPRETER: tl.constexpr, TAPS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Both gradients of a depthwise submanifold conv from one gathered read of ``grad``.
+
+    With ``g_t[i] = grad[table[t, i]]`` (the forward table, square: stride 1),
+    ``grad_in[i] = Σ_t g_t[i] ⊙ weight[t]`` (``weight``: the taps mirrored) and
+    ``partial[s, t] = Σ_i x[i] ⊙ g_t[i]`` over row split ``s`` (axis 0 of the grid), which
+    summed over the splits is the weight gradient of tap ``taps - 1 - t``. Every program
+    writes its whole ``[taps, BLOCK_C]`` slice of ``partial`` (zeros where it has no rows),
+    so the result needs no atomics and no zeroed buffer, and is the same on every run.
+    """
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < channels
+    tap_ids = tl.arange(0, TAPS_PAD)
+    row_blocks = (n_rows + BLOCK_M - 1) // BLOCK_M
+    chunk = (row_blocks + tl.num_programs(0) - 1) // tl.num_programs(0) * BLOCK_M
+    start = tl.program_id(0) * chunk
+    end = tl.minimum(start + chunk, n_rows)
+    acc_w = tl.full((TAPS_PAD, BLOCK_C), 0.0, tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        tile = rows.to(tl.int64)[:, None] * channels + cs[None, :]
+        x = tl.load(x_ptr + tile, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+        for t in range(taps):
+            idx = tl.load(table_ptr + t * n_rows + rows, mask=row_ok, other=n_rows)
+            present = idx < n_rows
+            g = tl.load(grad_ptr + idx.to(tl.int64)[:, None] * channels + cs[None, :],
+                        mask=present[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + t * channels + cs, mask=c_ok, other=0.0)
+            acc += g * w.to(tl.float32)[None, :]
+            if INTERPRETER:  # the column sums into row t as a product with a one-hot: no tl.sum here
+                one_hot = ((tap_ids[:, None] == t) & (rows[None, :] >= 0)).to(tl.float32)
+                acc_w = tl.dot(one_hot, g * x, acc_w, input_precision="ieee")
+            else:
+                acc_w += tl.where(tap_ids[:, None] == t, tl.sum(g * x, axis=0)[None, :], 0.0)
+        tl.store(grad_in_ptr + tile, acc.to(grad_in_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+    slice_ = partial_ptr + tl.program_id(0) * taps * channels + tap_ids[:, None] * channels + cs[None, :]
+    tl.store(slice_, acc_w, mask=(tap_ids[:, None] < taps) & c_ok[None, :])
+
+
 # Triton decided at decoration whether these run in its interpreter (TRITON_INTERPRET=1).
 INTERPRETED = not isinstance(_gather_gemm_kernel, triton.runtime.JITFunction)
 
@@ -254,6 +312,18 @@ _weight_grad = triton.autotune(configs=_WGRAD_CONFIGS, key=["c_in", "c_out"], re
 )
 # Depthwise: fixed tiles (memory-bound; channels are contiguous, 64 of them per program).
 DEPTHWISE_BLOCK_M, DEPTHWISE_BLOCK_C, DEPTHWISE_BLOCK_R = 32, 64, 64
+# The fused depthwise backward holds a [taps (padded to 64), BLOCK_C] fp32 accumulator of
+# the weight grad besides its tiles: 64-128 registers a thread at these configs (ptxas, sm_90,
+# no spills), so fewer programs fit on an SM than the forward's (48). Longer row tiles
+# spread the per-tap column sums (a reduction across warps) over more rows; more warps
+# share the accumulator. The autotuner picks.
+_DW_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=warps, num_stages=2)
+    for m, c, warps in ((32, 64, 4), (64, 64, 8), (64, 64, 16), (32, 128, 8), (32, 32, 2), (64, 32, 4))
+]
+_depthwise_backward = triton.autotune(configs=_DW_BACKWARD_CONFIGS, key=["channels", "taps"])(
+    _depthwise_backward_kernel
+)
 
 
 def _interpreter_tile(size: int, cap: int) -> int:
@@ -461,8 +531,60 @@ def _depthwise_weight_grad(src: torch.Tensor, table: torch.Tensor, grad: torch.T
     return gw
 
 
+def _depthwise_splits(device: torch.device, n_rows: int, channels: int) -> int:
+    """Row splits of the fused depthwise backward: about ``DEPTHWISE_SPLITS_PER_SM``
+    programs per SM at 64 channels a program, each with at least 64 rows."""
+    if device.type != "cuda":
+        return CPU_DEPTHWISE_SPLITS
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(n_rows, 64), triton.cdiv(DEPTHWISE_SPLITS_PER_SM * sms, triton.cdiv(channels, 64))))
+
+
+def depthwise_backward(
+    features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, grad: torch.Tensor,
+    config: Optional[triton.Config] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input grad in ``grad``'s dtype, fp32 weight grad ``[K, C]``) of the depthwise conv
+    ``out[o] = Σ_t features[table[t, o]] ⊙ weight[t]`` (stride 1, odd kernel) in one kernel.
+
+    The input grad gathers ``grad`` through the table with the taps mirrored (the table is
+    its own transpose); the weight grad of tap ``K-1-t`` is ``Σ_i features[i] ⊙ grad[table[t, i]]``,
+    the same gathered rows times ``features`` read in place. So the output gradient is
+    gathered once for both, where :func:`_depthwise` and :func:`_depthwise_weight_grad`
+    gather it and ``features`` once each, and the weight grad reads ``grad`` once per tap.
+    ``config``: these tiles instead of the autotuned ones (tests, kernels_bench)."""
+    taps, n_rows = table.shape
+    channels = features.shape[1]
+    grad_in = grad.new_empty(n_rows, channels)
+    if n_rows == 0:
+        return grad_in, torch.zeros(taps, channels, dtype=torch.float32, device=features.device)
+    splits = _depthwise_splits(features.device, n_rows, channels)
+    partial = torch.empty(splits, taps, channels, dtype=torch.float32, device=features.device)
+    taps_pad = max(16, triton.next_power_of_2(taps))  # tl.dot (interpreter) wants 16 rows at least
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return splits, triton.cdiv(channels, meta["BLOCK_C"])
+
+    args = (features.contiguous(), table.contiguous(), grad.contiguous(), weight.flip(0).contiguous(), grad_in,
+            partial, n_rows, channels, taps)
+    with _on_device(features):
+        if INTERPRETED:  # by default two row tiles per split on the tests' sizes
+            meta = config.kwargs if config is not None else {
+                "BLOCK_M": _interpreter_tile(triton.cdiv(n_rows, 2 * splits), 256),
+                "BLOCK_C": _interpreter_tile(channels, 128)}
+            _depthwise_backward_kernel[grid(meta)](*args, INTERPRETER=True, TAPS_PAD=taps_pad, **meta)
+        elif config is not None:
+            _depthwise_backward_kernel[grid(config.kwargs)](*args, INTERPRETER=False, TAPS_PAD=taps_pad,
+                                                            **config.kwargs, num_warps=config.num_warps,
+                                                            num_stages=config.num_stages)
+        else:
+            _depthwise_backward[grid](*args, INTERPRETER=False, TAPS_PAD=taps_pad)
+    return grad_in, partial.sum(0).flip(0)
+
+
 class TritonDepthwiseFunction(torch.autograd.Function):
-    """Depthwise submanifold conv (stride 1, odd kernel): input grad by the mirrored taps."""
+    """Depthwise submanifold conv (stride 1, odd kernel). Backward: both gradients from
+    :func:`depthwise_backward`; one of them alone from its own kernel."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
@@ -475,8 +597,12 @@ class TritonDepthwiseFunction(torch.autograd.Function):
         features, weight = ctx.saved_tensors
         table = ctx.tables.forward
         grad = grad.contiguous()
-        grad_in = _depthwise(grad, weight.flip(0), table) if ctx.needs_input_grad[0] else None
-        grad_w = _depthwise_weight_grad(features, table, grad).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        need_in, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_in and need_w:
+            grad_in, grad_w = depthwise_backward(features, weight, table, grad)
+            return grad_in, grad_w.to(weight.dtype), None
+        grad_in = _depthwise(grad, weight.flip(0), table) if need_in else None
+        grad_w = _depthwise_weight_grad(features, table, grad).to(weight.dtype) if need_w else None
         return grad_in, grad_w, None
 
 

@@ -1,0 +1,131 @@
+"""The Triton depthwise conv's backward on CUDA: the one-pass kernel against the two it replaces.
+
+    python -m kernels_bench.depthwise_backward --device cuda [--batch 128] [--dtype bfloat16] --out DIR
+
+ConvNeXt-T's 7×7 depthwise convs at batch 128, 224 px, under the 0.6 mask (tables built as
+the encoder builds them), one shape per stage. Per shape, the median milliseconds of
+
+* ``forward``: the depthwise conv itself, for scale;
+* ``separate``: both gradients as two kernels, the gathered conv of the output gradient
+  with mirrored taps, then the weight gradient with atomics (which reads the output
+  gradient once per tap);
+* ``fused``: :func:`spark_me.ops.triton_backend.depthwise_backward` with the autotuner's
+  pick, and with each of its configs;
+
+and the totals over a ConvNeXt-T encoder step (3, 3, 9, 3 blocks per stage), which is
+what the profile's ``TritonDepthwiseFunctionBackward`` rows add up to. Writes
+``DIR/depthwise_backward.json`` (every timing) and ``DIR/depthwise_backward.txt``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+from kernels_bench.gemm_configs import kernel_bench_args, time_ms, write_results
+from kernels_bench.kernels import make_input
+
+LOG = logging.getLogger("kernels_bench.depthwise_backward")
+
+
+@dataclass(frozen=True)
+class DepthwiseShape:
+    """One stage's depthwise conv: channels, tensor stride at 224 px, blocks in ConvNeXt-T."""
+
+    name: str
+    channels: int
+    tensor_stride: int
+    blocks: int
+
+
+SHAPES = (
+    DepthwiseShape("convnext_tiny.stage0 dw7x7", 96, 4, 3),
+    DepthwiseShape("convnext_tiny.stage1 dw7x7", 192, 8, 3),
+    DepthwiseShape("convnext_tiny.stage2 dw7x7", 384, 16, 9),
+    DepthwiseShape("convnext_tiny.stage3 dw7x7", 768, 32, 3),
+)
+KERNEL_SIZE = 7
+
+
+def config_name(config) -> str:
+    """``BLOCK_MxBLOCK_C-wWARPS``."""
+    return "{BLOCK_M}x{BLOCK_C}".format(**config.kwargs) + f"-w{config.num_warps}"
+
+
+def backward_calls(shape: DepthwiseShape, batch: int, dtype: torch.dtype, device: str,
+                   generator: torch.Generator) -> tuple[int, dict[str, Callable[[], object]]]:
+    """(rows, ``{way: call}``): the calls timed for ``shape``, on one random batch; each
+    gradient call returns ``(input grad, weight grad [K, C])``."""
+    from spark_me import ops
+    from spark_me.ops import triton_backend as tb
+
+    x = make_input(batch, shape.channels, 224, shape.tensor_stride, 0.4, generator, device, dtype).sparse()
+    features, table = x.F.detach(), ops.neighbour_tables(x, KERNEL_SIZE, 1).forward
+    taps = KERNEL_SIZE**2
+    weight = (torch.randn(taps, shape.channels, generator=generator) / KERNEL_SIZE).to(device, dtype)
+    grad = torch.randn(len(features), shape.channels, generator=generator).to(device, dtype)
+
+    def separate() -> tuple[torch.Tensor, torch.Tensor]:
+        return tb._depthwise(grad, weight.flip(0), table), tb._depthwise_weight_grad(features, table, grad)
+
+    calls: dict[str, Callable[[], object]] = {
+        "forward": lambda: tb._depthwise(features, weight, table),
+        "separate": separate,
+        "fused": lambda: tb.depthwise_backward(features, weight, table, grad),
+    }
+    for config in tb._DW_BACKWARD_CONFIGS:
+        calls[f"fused {config_name(config)}"] = lambda c=config: tb.depthwise_backward(features, weight, table, grad, c)
+    return len(features), calls
+
+
+def run(batch: int, dtype: torch.dtype, device: str, shapes: tuple[DepthwiseShape, ...] = SHAPES) -> list[dict]:
+    """One row per (shape, way): its median time; ``fused`` rows name the autotuner's pick."""
+    from spark_me.ops import triton_backend as tb
+
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        n, calls = backward_calls(shape, batch, dtype, device, generator)
+        calls["fused"]()  # the autotuner's pick for this key (its cache: key -> config)
+        picked = [config_name(c) for key, c in getattr(tb._depthwise_backward, "cache", {}).items()
+                  if tuple(key[:2]) == (shape.channels, KERNEL_SIZE**2)]
+        for way, call in calls.items():
+            rows.append({**asdict(shape), "rows": n, "way": way, "ms": time_ms(call),
+                         "autotuned": picked[0] if picked else None})
+        times = {r["way"]: r["ms"] for r in rows[-len(calls):]}
+        LOG.info("%-28s rows %7d  forward %.3f  separate %.3f  fused %.3f ms (%s)", shape.name, n,
+                 times["forward"], times["separate"], times["fused"], picked[0] if picked else "?")
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Per shape: forward, separate, fused (autotuned) and the best config, fused/separate;
+    then the totals over one ConvNeXt-T step (each stage's time × its blocks)."""
+    lines = [f"{'shape':<28} {'rows':>7} {'forward':>8} {'separate':>9} {'fused':>8} {'fused/sep':>9}  best config"]
+    shapes: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        shapes.setdefault(r["name"], {})[r["way"]] = r
+    total = {"forward": 0.0, "separate": 0.0, "fused": 0.0}
+    for name, ways in shapes.items():
+        best = min((r for way, r in ways.items() if way.startswith("fused ")), key=lambda r: r["ms"])
+        f, s, fw = ways["fused"]["ms"], ways["separate"]["ms"], ways["forward"]["ms"]
+        lines.append(f"{name:<28} {ways['fused']['rows']:>7} {fw:>8.3f} {s:>9.3f} {f:>8.3f} {f / s:>9.2f}  "
+                     f"{best['way'][len('fused '):]} {best['ms']:.3f} (autotuned {ways['fused']['autotuned']})")
+        for way in total:
+            total[way] += ways[way]["ms"] * ways[way]["blocks"]
+    lines.append(f"{'ConvNeXt-T step (ms)':<28} {'':>7} {total['forward']:>8.3f} {total['separate']:>9.3f} "
+                 f"{total['fused']:>8.3f} {total['fused'] / total['separate']:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = kernel_bench_args(__doc__, "depthwise_backward", argv)
+    rows = run(args.batch, getattr(torch, args.dtype), args.device)
+    write_results(args, "depthwise_backward", rows, summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
