@@ -132,9 +132,12 @@ def _depthwise_case(channels: int, kernel: int, dtype: torch.dtype, seed: int = 
     return xs.F.detach().to(dtype), weight.to(dtype), table, grad.to(dtype)
 
 
+def _dw_config_id(config) -> str:
+    return "{BLOCK_M}x{BLOCK_C}-w".format(**config.kwargs) + str(config.num_warps)
+
+
 def _dw_backward_configs() -> list:
-    return [pytest.param(c, id="{BLOCK_M}x{BLOCK_C}-w".format(**c.kwargs) + str(c.num_warps))
-            for c in triton_backend._DW_BACKWARD_CONFIGS]
+    return [pytest.param(c, id=_dw_config_id(c)) for c in triton_backend._DW_BACKWARD_CONFIGS]
 
 
 @INTERPRETER
@@ -550,8 +553,16 @@ def test_cuda_every_gemm_config_equals_the_gathered_product(config, dtype):
     assert rel_err(got.double(), expected) <= (1e-5 if dtype == torch.float32 else 2.0**-8)
 
 
-@pytest.mark.parametrize("config", [None, *_dw_backward_configs()])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def _cuda_dw_backward_cases() -> list:
+    """bf16 (training's dtype): autotuned and every config; fp32: one config (each config
+    and dtype is a compile, and this test runs early on a GPU loan's clock)."""
+    configs = triton_backend._DW_BACKWARD_CONFIGS
+    return [pytest.param(None, torch.bfloat16, id="bf16-autotuned"),
+            *[pytest.param(c, torch.bfloat16, id=f"bf16-{_dw_config_id(c)}") for c in configs],
+            pytest.param(configs[0], torch.float32, id=f"fp32-{_dw_config_id(configs[0])}")]
+
+
+@pytest.mark.parametrize("config,dtype", _cuda_dw_backward_cases())
 @_on_cuda
 def test_cuda_fused_depthwise_backward_equals_float64(config, dtype):
     """The one-pass depthwise backward, autotuned and in every config the autotuner may
