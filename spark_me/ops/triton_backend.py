@@ -313,8 +313,8 @@ _weight_grad = triton.autotune(configs=_WGRAD_CONFIGS, key=["c_in", "c_out"], re
 # Depthwise: fixed tiles (memory-bound; channels are contiguous, 64 of them per program).
 DEPTHWISE_BLOCK_M, DEPTHWISE_BLOCK_C, DEPTHWISE_BLOCK_R = 32, 64, 64
 # The fused depthwise backward holds a [taps (padded to 64), BLOCK_C] fp32 accumulator of
-# the weight grad besides its tiles: 64-128 registers a thread at these configs (ptxas, sm_90,
-# no spills), so fewer programs fit on an SM than the forward's (48). Longer row tiles
+# the weight grad besides its tiles: 64-128 registers a thread at these configs in bf16 (ptxas,
+# sm_90, no spills), so fewer programs fit on an SM than the forward's (48). Longer row tiles
 # spread the per-tap column sums (a reduction across warps) over more rows; more warps
 # share the accumulator. The autotuner picks.
 _DW_BACKWARD_CONFIGS = [
@@ -549,9 +549,10 @@ def depthwise_backward(
 
     The input grad gathers ``grad`` through the table with the taps mirrored (the table is
     its own transpose); the weight grad of tap ``K-1-t`` is ``Σ_i features[i] ⊙ grad[table[t, i]]``,
-    the same gathered rows times ``features`` read in place. So the output gradient is
-    gathered once for both, where :func:`_depthwise` and :func:`_depthwise_weight_grad`
-    gather it and ``features`` once each, and the weight grad reads ``grad`` once per tap.
+    the same gathered rows times ``features`` read in place. So per tap and row tile one
+    gathered tile of ``grad`` serves both gradients, where :func:`_depthwise` and
+    :func:`_depthwise_weight_grad` load three: the gathered ``grad``, the gathered
+    ``features``, and ``grad`` itself.
     ``config``: these tiles instead of the autotuned ones (tests, kernels_bench)."""
     taps, n_rows = table.shape
     channels = features.shape[1]
