@@ -179,13 +179,16 @@ def test_fused_depthwise_backward_rounds_once(dtype):
 
 
 @INTERPRETER
-@pytest.mark.parametrize("needs", ["input", "weight", "both"])
-def test_depthwise_backward_for_either_gradient_alone(needs):
-    """Where autograd wants one gradient the backward runs that gradient's own kernel (the
-    gathered conv with mirrored taps, or the atomics weight grad); both ways match float64."""
-    x, weight, table, grad = _depthwise_case(5, 7, torch.float32, seed=4)
+@pytest.mark.parametrize("needs,kernel", [("input", 7), ("weight", 7), ("both", 7), ("both", 9)])
+def test_depthwise_backward_for_either_gradient_alone(needs, kernel):
+    """Where autograd wants one gradient, or the kernel has more taps than the fused
+    backward's accumulator takes (9×9: 81), the backward runs each gradient's own kernel
+    (the gathered conv with mirrored taps, the atomics weight grad); every way matches
+    float64."""
+    assert (kernel**2 <= triton_backend.FUSED_DEPTHWISE_MAX_TAPS) == (kernel == 7)
+    x, weight, table, grad = _depthwise_case(5, kernel, torch.float32, seed=4)
     _, xs, _, _ = _inputs(5, torch.float32, 2, seed=4)
-    tables = ops.neighbour_tables(xs, 7, 1)
+    tables = ops.neighbour_tables(xs, kernel, 1)
     f = x.clone().requires_grad_(needs in ("input", "both"))
     w = weight.clone().requires_grad_(needs in ("weight", "both"))
     triton_backend.depthwise_conv(f, w, tables).backward(grad)

@@ -85,6 +85,9 @@ CPU_SPLIT_PROGRAMS = 32
 # Row splits of the fused depthwise backward per SM (at 64 channels a program; each split
 # writes a [taps, channels] fp32 partial), and in the interpreter.
 DEPTHWISE_SPLITS_PER_SM, CPU_DEPTHWISE_SPLITS = 8, 4
+# The fused depthwise backward's register accumulator has a row per tap (padded to a power
+# of two); past this many taps (a kernel larger than 7×7) the backward runs the two kernels.
+FUSED_DEPTHWISE_MAX_TAPS = 64
 
 
 @triton.jit
@@ -585,7 +588,8 @@ def depthwise_backward(
 
 class TritonDepthwiseFunction(torch.autograd.Function):
     """Depthwise submanifold conv (stride 1, odd kernel). Backward: both gradients from
-    :func:`depthwise_backward`; one of them alone from its own kernel."""
+    :func:`depthwise_backward` (up to ``FUSED_DEPTHWISE_MAX_TAPS`` taps); one of them
+    alone, or a larger kernel's, from each gradient's own kernel."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
@@ -599,7 +603,7 @@ class TritonDepthwiseFunction(torch.autograd.Function):
         table = ctx.tables.forward
         grad = grad.contiguous()
         need_in, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if need_in and need_w:
+        if need_in and need_w and len(table) <= FUSED_DEPTHWISE_MAX_TAPS:
             grad_in, grad_w = depthwise_backward(features, weight, table, grad)
             return grad_in, grad_w.to(weight.dtype), None
         grad_in = _depthwise(grad, weight.flip(0), table) if need_in else None
