@@ -1,11 +1,13 @@
-"""The Triton depthwise conv's backward on CUDA: the one-pass kernel against the two it replaces.
+"""The Triton depthwise conv on CUDA: its forward's tile configs, and the one-pass backward
+against the two kernels it replaces.
 
     python -m kernels_bench.depthwise_backward --device cuda [--batch 128] [--dtype bfloat16] --out DIR
 
 ConvNeXt-T's 7×7 depthwise convs at batch 128, 224 px, under the 0.6 mask (tables built as
 the encoder builds them), one shape per stage. Per shape, the median milliseconds of
 
-* ``forward``: the depthwise conv itself, for scale;
+* ``forward``: the depthwise conv itself, with the autotuner's pick and with each of its
+  configs (the tap loop one tap at a time or a few taps unrolled);
 * ``separate``: both gradients as two kernels, the gathered conv of the output gradient
   with mirrored taps, then the weight gradient with atomics (which reads the output
   gradient once per tap);
@@ -50,8 +52,8 @@ KERNEL_SIZE = 7
 
 
 def config_name(config) -> str:
-    """``BLOCK_MxBLOCK_C-wWARPS``."""
-    return "{BLOCK_M}x{BLOCK_C}".format(**config.kwargs) + f"-w{config.num_warps}"
+    """``BLOCK_MxBLOCK_C-wWARPS-uUNROLL``."""
+    return "{BLOCK_M}x{BLOCK_C}".format(**config.kwargs) + f"-w{config.num_warps}-u{config.kwargs['UNROLL']}"
 
 
 def backward_calls(shape: DepthwiseShape, batch: int, dtype: torch.dtype, device: str,
@@ -75,44 +77,59 @@ def backward_calls(shape: DepthwiseShape, batch: int, dtype: torch.dtype, device
         "separate": separate,
         "fused": lambda: tb.depthwise_backward(features, weight, table, grad),
     }
+    for config in tb._DW_FORWARD_CONFIGS:
+        calls[f"forward {config_name(config)}"] = lambda c=config: tb._depthwise(features, weight, table, c)
     for config in tb._DW_BACKWARD_CONFIGS:
         calls[f"fused {config_name(config)}"] = lambda c=config: tb.depthwise_backward(features, weight, table, grad, c)
     return len(features), calls
 
 
+def _picked(autotuner, channels: int) -> Optional[str]:
+    """The config ``autotuner`` (a ``triton.autotune`` kernel) picked for ``channels`` and 7×7."""
+    picked = [config_name(c) for key, c in getattr(autotuner, "cache", {}).items()
+              if tuple(key[:2]) == (channels, KERNEL_SIZE**2)]
+    return picked[0] if picked else None
+
+
 def run(batch: int, dtype: torch.dtype, device: str, shapes: tuple[DepthwiseShape, ...] = SHAPES) -> list[dict]:
-    """One row per (shape, way): its median time; ``fused`` rows name the autotuner's pick."""
+    """One row per (shape, way): its median time; each row names the autotuner's pick for
+    its kind (``forward`` or ``fused``)."""
     from spark_me.ops import triton_backend as tb
 
     rows = []
     generator = torch.Generator().manual_seed(0)
     for shape in shapes:
         n, calls = backward_calls(shape, batch, dtype, device, generator)
-        calls["fused"]()  # the autotuner's pick for this key (its cache: key -> config)
-        picked = [config_name(c) for key, c in getattr(tb._depthwise_backward, "cache", {}).items()
-                  if tuple(key[:2]) == (shape.channels, KERNEL_SIZE**2)]
+        calls["forward"](), calls["fused"]()  # the autotuners' picks for this key (their caches: key -> config)
+        picked = {"forward": _picked(tb._depthwise_forward, shape.channels),
+                  "fused": _picked(tb._depthwise_backward, shape.channels)}
         for way, call in calls.items():
             rows.append({**asdict(shape), "rows": n, "way": way, "ms": time_ms(call),
-                         "autotuned": picked[0] if picked else None})
+                         "autotuned": picked.get(way.split()[0])})
         times = {r["way"]: r["ms"] for r in rows[-len(calls):]}
-        LOG.info("%-28s rows %7d  forward %.3f  separate %.3f  fused %.3f ms (%s)", shape.name, n,
-                 times["forward"], times["separate"], times["fused"], picked[0] if picked else "?")
+        LOG.info("%-28s rows %7d  forward %.3f (%s)  separate %.3f  fused %.3f ms (%s)", shape.name, n,
+                 times["forward"], picked["forward"], times["separate"], times["fused"], picked["fused"])
     return rows
 
 
 def summary(rows: list[dict]) -> str:
-    """Per shape: forward, separate, fused (autotuned) and the best config, fused/separate;
-    then the totals over one ConvNeXt-T step (each stage's time × its blocks)."""
-    lines = [f"{'shape':<28} {'rows':>7} {'forward':>8} {'separate':>9} {'fused':>8} {'fused/sep':>9}  best config"]
+    """Per shape: forward (autotuned), separate, fused (autotuned), fused/separate, and the
+    best config of each kind; then the totals over one ConvNeXt-T step (each stage's time ×
+    its blocks)."""
+    lines = [f"{'shape':<28} {'rows':>7} {'forward':>8} {'separate':>9} {'fused':>8} {'fused/sep':>9}  "
+             "best configs (forward; fused)"]
     shapes: dict[str, dict[str, dict]] = {}
     for r in rows:
         shapes.setdefault(r["name"], {})[r["way"]] = r
     total = {"forward": 0.0, "separate": 0.0, "fused": 0.0}
     for name, ways in shapes.items():
-        best = min((r for way, r in ways.items() if way.startswith("fused ")), key=lambda r: r["ms"])
+        best = {}
+        for kind in ("forward", "fused"):
+            r = min((r for way, r in ways.items() if way.startswith(kind + " ")), key=lambda r: r["ms"])
+            best[kind] = f"{r['way'][len(kind) + 1:]} {r['ms']:.3f} (autotuned {ways[kind]['autotuned']})"
         f, s, fw = ways["fused"]["ms"], ways["separate"]["ms"], ways["forward"]["ms"]
         lines.append(f"{name:<28} {ways['fused']['rows']:>7} {fw:>8.3f} {s:>9.3f} {f:>8.3f} {f / s:>9.2f}  "
-                     f"{best['way'][len('fused '):]} {best['ms']:.3f} (autotuned {ways['fused']['autotuned']})")
+                     f"{best['forward']}; {best['fused']}")
         for way in total:
             total[way] += ways[way]["ms"] * ways[way]["blocks"]
     lines.append(f"{'ConvNeXt-T step (ms)':<28} {'':>7} {total['forward']:>8.3f} {total['separate']:>9.3f} "

@@ -133,20 +133,43 @@ def _depthwise_case(channels: int, kernel: int, dtype: torch.dtype, seed: int = 
 
 
 def _dw_config_id(config) -> str:
-    return "{BLOCK_M}x{BLOCK_C}-w".format(**config.kwargs) + str(config.num_warps)
+    return "{BLOCK_M}x{BLOCK_C}-w".format(**config.kwargs) + f"{config.num_warps}-u{config.kwargs['UNROLL']}"
 
 
-def _dw_backward_configs() -> list:
-    return [pytest.param(c, id=_dw_config_id(c)) for c in triton_backend._DW_BACKWARD_CONFIGS]
+def _dw_configs(configs: list, one_per_unroll: bool = False) -> list:
+    """``configs`` as test parameters: all of them, or the first of each ``UNROLL``."""
+    if one_per_unroll:
+        configs = [c for i, c in enumerate(configs)
+                   if all(c.kwargs["UNROLL"] != d.kwargs["UNROLL"] for d in configs[:i])]
+    return [pytest.param(c, id=_dw_config_id(c)) for c in configs]
+
+
+def _depthwise_float64(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[o] = Σ_t x[table[t, o]] ⊙ weight[t]`` in float64 (absent neighbours: zero)."""
+    padded = torch.cat([x.double(), x.new_zeros(1, x.shape[1], dtype=torch.float64)])
+    return sum(padded[table[t].long()] * weight[t].double() for t in range(len(table)))
 
 
 @INTERPRETER
 @pytest.mark.parametrize("kernel", [3, 7])
-@pytest.mark.parametrize("config", [None, *_dw_backward_configs()[:2]])
+@pytest.mark.parametrize("config", [None, *_dw_configs(triton_backend._DW_FORWARD_CONFIGS)])
+def test_depthwise_forward_every_config_equals_float64(kernel, config):
+    """The depthwise forward, with the interpreter's tiles and every config the autotuner
+    may pick (taps one at a time or unrolled by 4 or 7, which for 9 and 49 taps leaves a
+    part-filled last step), equals float64 on a mask with a one-patch sample."""
+    x, weight, table, _ = _depthwise_case(6, kernel, torch.float32)
+    got = triton_backend._depthwise(x, weight, table, config)
+    assert got.dtype == torch.float32 and rel_err(got.double(), _depthwise_float64(x, weight, table)) <= 1e-6
+
+
+@INTERPRETER
+@pytest.mark.parametrize("kernel", [3, 7])
+@pytest.mark.parametrize("config", [None, *_dw_configs(triton_backend._DW_BACKWARD_CONFIGS, True)])
 def test_fused_depthwise_backward_equals_float64(kernel, config):
     """Both gradients from the one-pass kernel equal autograd's in float64 (every row split
-    and row tile, with the interpreter's default tiles and two of the GPU's), and are the
-    same, bit for bit, on a second run: no atomics."""
+    and row tile, with the interpreter's default tiles and three of the GPU's: taps one at
+    a time, unrolled by 4 and by 7), and are the same, bit for bit, on a second run: no
+    atomics."""
     x, weight, table, grad = _depthwise_case(6, kernel, torch.float32)
     grad_in, grad_w = triton_backend.depthwise_backward(x, weight, table, grad, config)
     ref_in, ref_w = _depthwise_grads_float64(x, weight, table, grad)
@@ -342,26 +365,27 @@ def test_float64_is_refused_naming_torch():
 
 def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict, dict]]:
     """(kernel, argument types, constexprs, options) of every kernel's compiled path, the
-    largest tiles (the GEMM's in both loop forms; the fused depthwise backward's every
-    config, 49 taps); ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's
+    largest tiles (the GEMM's in both loop forms; the depthwise forward's and fused
+    backward's every config, 49 taps); ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's
     range)."""
     ptr, tb = f"*{dtype}", triton_backend
     rows = {"n_src": "i32", "n_dst": "i32"}
     gemm = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
     wgrad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "c_in": "i32", "c_out": "i32"}
-    dw = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32", "taps": "i32"}
+    dw = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32"}
     dw_grad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
     dw_backward = {"x_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "weight_ptr": ptr, "grad_in_ptr": ptr,
-                   "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32", "taps": "i32"}
+                   "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32"}
     big = {"num_warps": 8, "num_stages": 3}
     return [
         *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs}, big)
           for c in tb._GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 64],
         (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}, big),
-        (tb._depthwise_kernel, dw, {"BLOCK_M": tb.DEPTHWISE_BLOCK_M, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}, big),
+        *[(tb._depthwise_kernel, dw, {"TAPS": 49, **c.kwargs}, {"num_warps": c.num_warps, "num_stages": c.num_stages})
+          for c in tb._DW_FORWARD_CONFIGS],
         (tb._depthwise_weight_grad_kernel, dw_grad,
          {"INTERPRETER": False, "BLOCK_R": tb.DEPTHWISE_BLOCK_R, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}, big),
-        *[(tb._depthwise_backward_kernel, dw_backward, {"INTERPRETER": False, "TAPS_PAD": 64, **c.kwargs},
+        *[(tb._depthwise_backward_kernel, dw_backward, {"TAPS": 49, "INTERPRETER": False, "TAPS_PAD": 64, **c.kwargs},
            {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in tb._DW_BACKWARD_CONFIGS],
     ]
 
@@ -375,9 +399,10 @@ def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if triton_backend.INTERPRETED:  # the kernels call this one: it must be a GPU function too
-        helper = triton_backend._gather_gemm_step
-        monkeypatch.setattr(triton_backend, "_gather_gemm_step", triton.runtime.JITFunction(helper.fn))
+    if triton_backend.INTERPRETED:  # the kernels call these: they must be GPU functions too
+        for name in ("_gather_gemm_step", "_depthwise_tap"):
+            helper = getattr(triton_backend, name)
+            monkeypatch.setattr(triton_backend, name, triton.runtime.JITFunction(helper.fn))
     cubins = []
     signatures = _kernel_signatures(dtype, table)
     for kernel, signature, constexprs, options in signatures:
@@ -583,6 +608,21 @@ def test_cuda_fused_depthwise_backward_equals_float64(config, dtype):
     assert grad_w.dtype == torch.float32 and rel_err(grad_w.double(), ref_w) <= 1e-5
     again = triton_backend.depthwise_backward(xs.F, weight, table, grad, config)
     assert torch.equal(again[0], grad_in) and torch.equal(again[1], grad_w)
+
+
+@_on_cuda
+def test_cuda_depthwise_forward_every_config_equals_float64():
+    """The depthwise forward, autotuned and in every config the autotuner may pick (taps one
+    at a time or a few unrolled), in bf16 on 96 channels at stride 4 of a batch of 8:
+    within bf16's rounding of float64 (products exact in fp32, fp32 sums)."""
+    xs = _cuda_sparse(96, 4, torch.bfloat16, seed=6)
+    table = ops.neighbour_tables(xs, 7, 1).forward
+    weight = (torch.randn(49, 96, generator=torch.Generator(device="cuda").manual_seed(6), device="cuda") / 7)
+    weight = weight.to(torch.bfloat16)
+    expected = _depthwise_float64(xs.F, weight, table)
+    for config in [None, *triton_backend._DW_FORWARD_CONFIGS]:
+        got = triton_backend._depthwise(xs.F, weight, table, config)
+        assert got.dtype == torch.bfloat16 and rel_err(got.double(), expected) <= 2.0**-8, config
 
 
 @pytest.mark.parametrize("channels", [96, 384])

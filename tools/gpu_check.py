@@ -207,6 +207,7 @@ def phase_test(args: argparse.Namespace) -> int:
 FIRST_TESTS = ("tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that_pytorch_sees",
                "tests/test_mask_sites.py::test_cuda_mask_tables_make_no_synchronisation_that_pytorch_sees",
                "tests/test_ops_triton.py::test_cuda_every_gemm_config_equals_the_gathered_product",
+               "tests/test_ops_triton.py::test_cuda_depthwise_forward_every_config_equals_float64",
                "tests/test_ops_triton.py::test_cuda_fused_depthwise_backward_equals_float64",
                "tests/test_cuda_graphs.py", "tests/test_gpu.py")
 

@@ -20,15 +20,15 @@ load of zeros).
   order of the atomic adds varies, so the last bits of the weight grad do too, as with
   the ``index_add_`` of the torch backend on CUDA; under
   ``torch.use_deterministic_algorithms(True)`` one split per tile keeps it exact;
-* depthwise: a program per (row block, channel block) loops over taps with gathered
-  loads and fp32 products. Backward, both gradients in one pass
-  (:func:`depthwise_backward`): a program per (row split, channel block) gathers the
-  output gradient through the table once per tap, for the input grad (mirrored taps) and,
-  times the input rows read in place, for the weight grad, whose per-tap column sums it
-  keeps in registers and writes once as its split's partial; a sum over the splits gives
-  the weight grad, with no atomics, the same bits on every run. Where autograd wants one
-  gradient alone: the gathered conv (input), or a weight grad per (tap, channel block,
-  row split) with atomics, as the conv's;
+* depthwise: a program per (row block, channel block) loops over taps with gathered loads
+  and fp32 products, a few taps unrolled where the autotuner finds that faster. Backward,
+  both gradients in one pass (:func:`depthwise_backward`): a program per (row split,
+  channel block) gathers the output gradient through the table once per tap, for the input
+  grad (mirrored taps) and, times the input rows read in place, for the weight grad, whose
+  per-tap column sums it keeps in registers and writes once as its split's partial; a sum
+  over the splits gives the weight grad, with no atomics, the same bits on every run.
+  Where autograd wants one gradient alone: the gathered conv (input), or a weight grad per
+  (tap, channel block, row split) with atomics, as the conv's;
 * max-pool: :func:`gather_max` is :func:`spark_me.ops.torch_backend.gather_max` (a
   comparison per tap; nothing to fuse worth a kernel yet).
 
@@ -43,9 +43,9 @@ and fp64 ``tl.dot`` is not in every Triton this project meets).
 
 Tiles: ``triton.autotune`` over a few configs, keyed on the channel counts (and tap
 count): each new key costs one benchmark of every config (once per process), so the
-lists stay short (the gather-GEMM's: four tile shapes, each in both loop forms; the fused
-depthwise backward's: six). The depthwise forward and single-gradient kernels have fixed
-tiles.
+lists stay short (the gather-GEMM's: four tile shapes, each in both loop forms; the
+depthwise forward's and fused backward's: tile shapes with the tap loop one tap at a time
+or a few taps unrolled). The depthwise weight grad alone has fixed tiles.
 
 The Triton interpreter (CPU tensors; ``TRITON_INTERPRET=1`` in the environment when this
 module is imported, as Triton decides at decoration; :data:`INTERPRETED`) runs tiles as
@@ -192,24 +192,39 @@ def _weight_grad_kernel(
     tl.atomic_add(gw, acc, mask=co_ok[:, None] & ci_ok[None, :])
 
 
+@triton.jit
+def _depthwise_tap(src_ptr, table_ptr, weight_ptr, t, rows, cs, row_ok, c_ok, n_src, n_dst, channels, TAPS):
+    """Tap ``t``'s operands of a depthwise kernel, in fp32: the ``[rows, cs]`` tile of
+    ``src`` gathered through ``table[t]`` (zeros for the sentinel ``n_src``) and the
+    ``cs`` entries of ``weight[t]``; both zeros for a tap past ``TAPS``."""
+    tap_ok = t < TAPS
+    idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok & tap_ok, other=n_src)
+    present = idx < n_src
+    x = tl.load(src_ptr + idx.to(tl.int64)[:, None] * channels + cs[None, :],
+                mask=present[:, None] & c_ok[None, :], other=0.0)
+    w = tl.load(weight_ptr + t * channels + cs, mask=c_ok & tap_ok, other=0.0)
+    return x.to(tl.float32), w.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["n_src", "n_dst"])  # row counts change every batch
 def _depthwise_kernel(
-    src_ptr, table_ptr, weight_ptr, out_ptr, n_src, n_dst, channels, taps,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    src_ptr, table_ptr, weight_ptr, out_ptr, n_src, n_dst, channels,
+    TAPS: tl.constexpr, UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``out[o, c] = Σ_t src[table[t, o], c] · weight[t, c]`` in fp32."""
+    """``out[o, c] = Σ_t src[table[t, o], c] · weight[t, c]`` in fp32. The tap loop steps
+    ``UNROLL`` taps at a time, unrolled, so that the compiler may issue their independent
+    table and gathered loads before their products (taps one by one, each waits on its
+    table load and then on its gathered load); a tap past ``TAPS`` loads nothing."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < n_dst
     c_ok = cs < channels
     acc = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
-    for t in range(taps):
-        idx = tl.load(table_ptr + t * n_dst + rows, mask=row_ok, other=n_src)
-        present = idx < n_src
-        x = tl.load(src_ptr + idx.to(tl.int64)[:, None] * channels + cs[None, :],
-                    mask=present[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + t * channels + cs, mask=c_ok, other=0.0)
-        acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    for t0 in range(0, TAPS, UNROLL):
+        for u in tl.static_range(UNROLL):
+            x, w = _depthwise_tap(src_ptr, table_ptr, weight_ptr, t0 + u, rows, cs, row_ok, c_ok, n_src, n_dst,
+                                  channels, TAPS)
+            acc += x * w[None, :]
     out = out_ptr + rows.to(tl.int64)[:, None] * channels + cs[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
@@ -251,17 +266,19 @@ def _depthwise_weight_grad_kernel(
 
 @triton.jit(do_not_specialize=["n_rows"])  # row counts change every batch
 def _depthwise_backward_kernel(
-    x_ptr, table_ptr, grad_ptr, weight_ptr, grad_in_ptr, partial_ptr, n_rows, channels, taps,
-    INTERPRETER: tl.constexpr, TAPS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, table_ptr, grad_ptr, weight_ptr, grad_in_ptr, partial_ptr, n_rows, channels,
+    TAPS: tl.constexpr, UNROLL: tl.constexpr, INTERPRETER: tl.constexpr, TAPS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Both gradients of a depthwise submanifold conv from one gathered read of ``grad``.
 
     With ``g_t[i] = grad[table[t, i]]`` (the forward table, square: stride 1),
     ``grad_in[i] = Σ_t g_t[i] ⊙ weight[t]`` (``weight``: the taps mirrored) and
     ``partial[s, t] = Σ_i x[i] ⊙ g_t[i]`` over row split ``s`` (axis 0 of the grid), which
-    summed over the splits is the weight gradient of tap ``taps - 1 - t``. Every program
-    writes its whole ``[taps, BLOCK_C]`` slice of ``partial`` (zeros where it has no rows),
+    summed over the splits is the weight gradient of tap ``TAPS - 1 - t``. Every program
+    writes its whole ``[TAPS, BLOCK_C]`` slice of ``partial`` (zeros where it has no rows),
     so the result needs no atomics and no zeroed buffer, and is the same on every run.
+    The tap loop steps ``UNROLL`` taps at a time, unrolled (see :func:`_depthwise_kernel`).
     """
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < channels
@@ -277,21 +294,20 @@ def _depthwise_backward_kernel(
         tile = rows.to(tl.int64)[:, None] * channels + cs[None, :]
         x = tl.load(x_ptr + tile, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
-        for t in range(taps):
-            idx = tl.load(table_ptr + t * n_rows + rows, mask=row_ok, other=n_rows)
-            present = idx < n_rows
-            g = tl.load(grad_ptr + idx.to(tl.int64)[:, None] * channels + cs[None, :],
-                        mask=present[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            w = tl.load(weight_ptr + t * channels + cs, mask=c_ok, other=0.0)
-            acc += g * w.to(tl.float32)[None, :]
-            if INTERPRETER:  # the column sums into row t as a product with a one-hot: no tl.sum here
-                one_hot = ((tap_ids[:, None] == t) & (rows[None, :] >= 0)).to(tl.float32)
-                acc_w = tl.dot(one_hot, g * x, acc_w, input_precision="ieee")
-            else:
-                acc_w += tl.where(tap_ids[:, None] == t, tl.sum(g * x, axis=0)[None, :], 0.0)
+        for t0 in range(0, TAPS, UNROLL):
+            for u in tl.static_range(UNROLL):
+                t = t0 + u
+                g, w = _depthwise_tap(grad_ptr, table_ptr, weight_ptr, t, rows, cs, row_ok, c_ok, n_rows, n_rows,
+                                      channels, TAPS)
+                acc += g * w[None, :]
+                if INTERPRETER:  # the column sums into row t as a product with a one-hot: no tl.sum here
+                    one_hot = ((tap_ids[:, None] == t) & (rows[None, :] >= 0)).to(tl.float32)
+                    acc_w = tl.dot(one_hot, g * x, acc_w, input_precision="ieee")
+                else:  # (a tap past TAPS adds zeros to a row that is not stored)
+                    acc_w += tl.where(tap_ids[:, None] == t, tl.sum(g * x, axis=0)[None, :], 0.0)
         tl.store(grad_in_ptr + tile, acc.to(grad_in_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
-    slice_ = partial_ptr + tl.program_id(0) * taps * channels + tap_ids[:, None] * channels + cs[None, :]
-    tl.store(slice_, acc_w, mask=(tap_ids[:, None] < taps) & c_ok[None, :])
+    slice_ = partial_ptr + tl.program_id(0) * TAPS * channels + tap_ids[:, None] * channels + cs[None, :]
+    tl.store(slice_, acc_w, mask=(tap_ids[:, None] < TAPS) & c_ok[None, :])
 
 
 # Triton decided at decoration whether these run in its interpreter (TRITON_INTERPRET=1).
@@ -313,18 +329,32 @@ _gather_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["c_in", "c_out", "tap
 _weight_grad = triton.autotune(configs=_WGRAD_CONFIGS, key=["c_in", "c_out"], reset_to_zero=["gw_ptr"])(
     _weight_grad_kernel
 )
-# Depthwise: fixed tiles (memory-bound; channels are contiguous, 64 of them per program).
-DEPTHWISE_BLOCK_M, DEPTHWISE_BLOCK_C, DEPTHWISE_BLOCK_R = 32, 64, 64
-# The fused depthwise backward holds a [taps (padded to 64), BLOCK_C] fp32 accumulator of
-# the weight grad besides its tiles: 64-128 registers a thread at these configs in bf16 (ptxas,
-# sm_90, no spills), so fewer programs fit on an SM than the forward's (48). Longer row tiles
-# spread the per-tap column sums (a reduction across warps) over more rows; more warps
-# share the accumulator. The autotuner picks.
-_DW_BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=warps, num_stages=2)
-    for m, c, warps in ((32, 64, 4), (64, 64, 8), (64, 64, 16), (32, 128, 8), (32, 32, 2), (64, 32, 4))
+# The depthwise forward (and the input grad where autograd wants it alone): tile shapes with
+# the tap loop one tap a time or a few unrolled (_depthwise_kernel's UNROLL): one at a time,
+# every tap waits for its table load and then its gathered load; unrolled, the compiler may
+# issue several taps' loads ahead, at the cost of registers (48 a thread one tap at a time,
+# 66-172 unrolled, in bf16 by ptxas for sm_90; a whole 7×7 unrolled spills).
+# BLOCK_C 32 leaves no lanes idle at ConvNeXt's 96 channels. The autotuner picks per
+# (channels, taps).
+_DW_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_C": c, "UNROLL": unroll}, num_warps=warps, num_stages=3)
+    for m, c, warps, unroll in ((32, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 7), (64, 32, 2, 7), (32, 64, 4, 4),
+                                (64, 64, 4, 4))
 ]
-_depthwise_backward = triton.autotune(configs=_DW_BACKWARD_CONFIGS, key=["channels", "taps"])(
+# The depthwise weight grad alone: fixed tiles.
+DEPTHWISE_BLOCK_C, DEPTHWISE_BLOCK_R = 64, 64
+# The fused depthwise backward holds a [taps (padded to 64), BLOCK_C] fp32 accumulator of
+# the weight grad besides its tiles: 64-138 registers a thread at these configs in bf16 (ptxas,
+# sm_90, no spills), so fewer programs fit on an SM than the forward's rolled loop (48). Longer row tiles
+# spread the per-tap column sums (a reduction across warps) over more rows; more warps
+# share the accumulator; unrolled taps issue their loads ahead. The autotuner picks.
+_DW_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_C": c, "UNROLL": unroll}, num_warps=warps, num_stages=2)
+    for m, c, warps, unroll in ((32, 64, 4, 1), (64, 64, 8, 1), (64, 64, 16, 1), (32, 128, 8, 1), (32, 32, 2, 1),
+                                (64, 32, 4, 1), (32, 64, 4, 4), (64, 64, 8, 4), (64, 32, 4, 7), (64, 64, 16, 7))
+]
+_depthwise_forward = triton.autotune(configs=_DW_FORWARD_CONFIGS, key=["channels", "TAPS"])(_depthwise_kernel)
+_depthwise_backward = triton.autotune(configs=_DW_BACKWARD_CONFIGS, key=["channels", "TAPS"])(
     _depthwise_backward_kernel
 )
 
@@ -495,22 +525,30 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourT
     return TritonConvFunction.apply(features, weight, tables)
 
 
-def _depthwise(src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``out[o] = Σ_t src[table[t, o]] ⊙ weight[t]`` in fp32, rounded to ``src``'s dtype."""
+def _depthwise(src: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
+               config: Optional[triton.Config] = None) -> torch.Tensor:
+    """``out[o] = Σ_t src[table[t, o]] ⊙ weight[t]`` in fp32, rounded to ``src``'s dtype.
+    ``config``: these tiles instead of the autotuned ones (tests, kernels_bench)."""
     taps, n_dst = table.shape
     channels = src.shape[1]
     out = src.new_empty(n_dst, channels)
     if n_dst == 0:
         return out
-    block_m, block_c = DEPTHWISE_BLOCK_M, DEPTHWISE_BLOCK_C
-    if INTERPRETED:
-        block_m, block_c = _interpreter_tile(n_dst, 1024), _interpreter_tile(channels, 128)
-    grid = (triton.cdiv(n_dst, block_m), triton.cdiv(channels, block_c))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(n_dst, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"])
+
+    args = (src.contiguous(), table.contiguous(), weight.contiguous(), out, len(src), n_dst, channels)
     with _on_device(src):
-        _depthwise_kernel[grid](
-            src.contiguous(), table.contiguous(), weight.contiguous(), out, len(src), n_dst, channels, taps,
-            BLOCK_M=block_m, BLOCK_C=block_c,
-        )
+        if INTERPRETED:
+            meta = config.kwargs if config is not None else {
+                "BLOCK_M": _interpreter_tile(n_dst, 1024), "BLOCK_C": _interpreter_tile(channels, 128), "UNROLL": 1}
+            _depthwise_kernel[grid(meta)](*args, TAPS=taps, **meta)
+        elif config is not None:
+            _depthwise_kernel[grid(config.kwargs)](*args, TAPS=taps, **config.kwargs, num_warps=config.num_warps,
+                                                   num_stages=config.num_stages)
+        else:
+            _depthwise_forward[grid](*args, TAPS=taps)
     return out
 
 
@@ -570,19 +608,19 @@ def depthwise_backward(
         return splits, triton.cdiv(channels, meta["BLOCK_C"])
 
     args = (features.contiguous(), table.contiguous(), grad.contiguous(), weight.flip(0).contiguous(), grad_in,
-            partial, n_rows, channels, taps)
+            partial, n_rows, channels)
     with _on_device(features):
         if INTERPRETED:  # by default two row tiles per split on the tests' sizes
             meta = config.kwargs if config is not None else {
                 "BLOCK_M": _interpreter_tile(triton.cdiv(n_rows, 2 * splits), 256),
-                "BLOCK_C": _interpreter_tile(channels, 128)}
-            _depthwise_backward_kernel[grid(meta)](*args, INTERPRETER=True, TAPS_PAD=taps_pad, **meta)
+                "BLOCK_C": _interpreter_tile(channels, 128), "UNROLL": 1}
+            _depthwise_backward_kernel[grid(meta)](*args, TAPS=taps, INTERPRETER=True, TAPS_PAD=taps_pad, **meta)
         elif config is not None:
-            _depthwise_backward_kernel[grid(config.kwargs)](*args, INTERPRETER=False, TAPS_PAD=taps_pad,
+            _depthwise_backward_kernel[grid(config.kwargs)](*args, TAPS=taps, INTERPRETER=False, TAPS_PAD=taps_pad,
                                                             **config.kwargs, num_warps=config.num_warps,
                                                             num_stages=config.num_stages)
         else:
-            _depthwise_backward[grid](*args, INTERPRETER=False, TAPS_PAD=taps_pad)
+            _depthwise_backward[grid](*args, TAPS=taps, INTERPRETER=False, TAPS_PAD=taps_pad)
     return grad_in, partial.sum(0).flip(0)
 
 
