@@ -110,14 +110,18 @@ def test_depthwise_float32_equals_dense_and_torch(kernel):
         assert rel_err(g, r) <= 1e-5
 
 
+def _depthwise_float64(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[o] = Σ_t x[table[t, o]] ⊙ weight[t]`` in float64 (absent neighbours: zero)."""
+    padded = torch.cat([x.double(), x.new_zeros(1, x.shape[1], dtype=torch.float64)])
+    return sum(padded[table[t].long()] * weight[t].double() for t in range(len(table)))
+
+
 def _depthwise_grads_float64(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, grad: torch.Tensor):
     """(input grad, weight grad ``[K, C]``) of ``out[o] = Σ_t x[table[t, o]] ⊙ weight[t]`` by
     autograd in float64 (absent neighbours: the sentinel row, zero)."""
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
-    padded = torch.cat([x64, x64.new_zeros(1, x64.shape[1])])
-    out = sum(padded[table[t].long()] * w64[t] for t in range(len(table)))
-    out.backward(grad.double())
+    _depthwise_float64(x64, w64, table).backward(grad.double())
     return x64.grad, w64.grad
 
 
@@ -142,12 +146,6 @@ def _dw_configs(configs: list, one_per_unroll: bool = False) -> list:
         configs = [c for i, c in enumerate(configs)
                    if all(c.kwargs["UNROLL"] != d.kwargs["UNROLL"] for d in configs[:i])]
     return [pytest.param(c, id=_dw_config_id(c)) for c in configs]
-
-
-def _depthwise_float64(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``out[o] = Σ_t x[table[t, o]] ⊙ weight[t]`` in float64 (absent neighbours: zero)."""
-    padded = torch.cat([x.double(), x.new_zeros(1, x.shape[1], dtype=torch.float64)])
-    return sum(padded[table[t].long()] * weight[t].double() for t in range(len(table)))
 
 
 @INTERPRETER
@@ -366,8 +364,8 @@ def test_float64_is_refused_naming_torch():
 def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict, dict]]:
     """(kernel, argument types, constexprs, options) of every kernel's compiled path, the
     largest tiles (the GEMM's in both loop forms; the depthwise forward's and fused
-    backward's every config, 49 taps); ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's
-    range)."""
+    backward's every config, 49 taps); ``table``: the tables' pointer type (``*i32``, or
+    ``*i64`` past int32's range)."""
     ptr, tb = f"*{dtype}", triton_backend
     rows = {"n_src": "i32", "n_dst": "i32"}
     gemm = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}

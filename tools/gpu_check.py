@@ -361,8 +361,9 @@ def phase_bench(args: argparse.Namespace) -> int:
                                            "--batch", "128", "--dtype", "bfloat16", "--out", str(out / "gemm-configs")])]
 
     def depthwise_backward() -> list[dict]:
-        """ConvNeXt-T's depthwise backward, bf16: the one-pass kernel (autotuned, and each
-        config) against the two kernels it replaced, per stage and per encoder step."""
+        """ConvNeXt-T's depthwise convs, bf16: the forward (autotuned, and each config), and
+        the one-pass backward (likewise) against the two kernels it replaced, per stage and
+        per encoder step."""
         if "triton" not in bf16_impls:
             phase.say("gpu-check bench: depthwise-backward skipped (triton is not among --conv-impl)")
             return []

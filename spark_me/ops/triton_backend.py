@@ -330,12 +330,12 @@ _weight_grad = triton.autotune(configs=_WGRAD_CONFIGS, key=["c_in", "c_out"], re
     _weight_grad_kernel
 )
 # The depthwise forward (and the input grad where autograd wants it alone): tile shapes with
-# the tap loop one tap a time or a few unrolled (_depthwise_kernel's UNROLL): one at a time,
-# every tap waits for its table load and then its gathered load; unrolled, the compiler may
-# issue several taps' loads ahead, at the cost of registers (48 a thread one tap at a time,
-# 66-172 unrolled, in bf16 by ptxas for sm_90; a whole 7×7 unrolled spills).
-# BLOCK_C 32 leaves no lanes idle at ConvNeXt's 96 channels. The autotuner picks per
-# (channels, taps).
+# the tap loop one tap at a time or a few unrolled (_depthwise_kernel's UNROLL). One at a
+# time, every tap waits for its table load and then its gathered load; unrolled, the
+# compiler may issue several taps' loads ahead, at the cost of registers (in bf16, by ptxas
+# for sm_90: 48 a thread one tap at a time, 66-172 unrolled, no spills; a whole 7×7
+# unrolled spills). BLOCK_C 32 leaves no lanes idle at ConvNeXt's 96 channels. The
+# autotuner picks per (channels, taps).
 _DW_FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_C": c, "UNROLL": unroll}, num_warps=warps, num_stages=3)
     for m, c, warps, unroll in ((32, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 7), (64, 32, 2, 7), (32, 64, 4, 4),
@@ -344,10 +344,11 @@ _DW_FORWARD_CONFIGS = [
 # The depthwise weight grad alone: fixed tiles.
 DEPTHWISE_BLOCK_C, DEPTHWISE_BLOCK_R = 64, 64
 # The fused depthwise backward holds a [taps (padded to 64), BLOCK_C] fp32 accumulator of
-# the weight grad besides its tiles: 64-138 registers a thread at these configs in bf16 (ptxas,
-# sm_90, no spills), so fewer programs fit on an SM than the forward's rolled loop (48). Longer row tiles
-# spread the per-tap column sums (a reduction across warps) over more rows; more warps
-# share the accumulator; unrolled taps issue their loads ahead. The autotuner picks.
+# the weight grad besides its tiles: 64-138 registers a thread at these configs in bf16
+# (ptxas, sm_90, no spills), so fewer programs fit on an SM than the forward's rolled loop
+# (48). Longer row tiles spread the per-tap column sums (a reduction across warps) over more
+# rows; more warps share the accumulator; unrolled taps issue their loads ahead. The
+# autotuner picks.
 _DW_BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_C": c, "UNROLL": unroll}, num_warps=warps, num_stages=2)
     for m, c, warps, unroll in ((32, 64, 4, 1), (64, 64, 8, 1), (64, 64, 16, 1), (32, 128, 8, 1), (32, 32, 2, 1),
