@@ -398,7 +398,7 @@ def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     from triton.compiler import ASTSource
 
     if triton_backend.INTERPRETED:  # the kernels call these: they must be GPU functions too
-        for name in ("_gather_gemm_step", "_depthwise_tap"):
+        for name in ("_gather_gemm_step", "_row_split", "_depthwise_tap"):
             helper = getattr(triton_backend, name)
             monkeypatch.setattr(triton_backend, name, triton.runtime.JITFunction(helper.fn))
     cubins = []

@@ -152,6 +152,16 @@ def _gather_gemm_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _row_split(n_rows, BLOCK: tl.constexpr, AXIS: tl.constexpr):
+    """This program's rows ``[start, end)`` where axis ``AXIS`` of the grid splits
+    ``n_rows`` rows into chunks of whole ``BLOCK``-row tiles."""
+    row_blocks = (n_rows + BLOCK - 1) // BLOCK
+    chunk = (row_blocks + tl.num_programs(AXIS) - 1) // tl.num_programs(AXIS) * BLOCK
+    start = tl.program_id(AXIS) * chunk
+    return start, tl.minimum(start + chunk, n_rows)
+
+
 @triton.jit(do_not_specialize=["n_src", "n_dst"])  # row counts change every batch
 def _weight_grad_kernel(
     src_ptr, table_ptr, grad_ptr, gw_ptr, n_src, n_dst, c_in, c_out,
@@ -167,10 +177,7 @@ def _weight_grad_kernel(
     ci = pid % n_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     co_ok = co < c_out
     ci_ok = ci < c_in
-    row_blocks = (n_dst + BLOCK_R - 1) // BLOCK_R
-    chunk = (row_blocks + tl.num_programs(1) - 1) // tl.num_programs(1) * BLOCK_R
-    start = tl.program_id(1) * chunk
-    end = tl.minimum(start + chunk, n_dst)
+    start, end = _row_split(n_dst, BLOCK_R, 1)
     acc = tl.full((BLOCK_CO, BLOCK_CI), 0.0, tl.float32)
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -240,10 +247,7 @@ def _depthwise_weight_grad_kernel(
     t = tl.program_id(0) // n_cb
     cs = tl.program_id(0) % n_cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < channels
-    row_blocks = (n_dst + BLOCK_R - 1) // BLOCK_R
-    chunk = (row_blocks + tl.num_programs(1) - 1) // tl.num_programs(1) * BLOCK_R
-    start = tl.program_id(1) * chunk
-    end = tl.minimum(start + chunk, n_dst)
+    start, end = _row_split(n_dst, BLOCK_R, 1)
     acc = tl.full((BLOCK_R, BLOCK_C), 0.0, tl.float32)
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -283,10 +287,7 @@ def _depthwise_backward_kernel(
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < channels
     tap_ids = tl.arange(0, TAPS_PAD)
-    row_blocks = (n_rows + BLOCK_M - 1) // BLOCK_M
-    chunk = (row_blocks + tl.num_programs(0) - 1) // tl.num_programs(0) * BLOCK_M
-    start = tl.program_id(0) * chunk
-    end = tl.minimum(start + chunk, n_rows)
+    start, end = _row_split(n_rows, BLOCK_M, 0)
     acc_w = tl.full((TAPS_PAD, BLOCK_C), 0.0, tl.float32)
     for r0 in range(start, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
