@@ -128,16 +128,6 @@ class SparseConv2d(nn.Module):
         return s + f", bias={self.bias is not None}, conv_impl={self.conv_impl!r}"
 
 
-def _fp32_under_autocast(norm: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-    """``norm(features)``, in (at least) float32 with autocast off where autocast is on, as
-    CUDA's autocast runs dense layer norms."""
-    device_type = features.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return norm(features)
-    with torch.autocast(device_type, enabled=False):
-        return norm(features.to(torch.promote_types(features.dtype, torch.float32)))
-
-
 class SparseBatchNorm2d(nn.BatchNorm1d):
     """Sparse twin of ``nn.BatchNorm2d``: statistics over existing (visible) sites only.
 
@@ -152,10 +142,33 @@ class SparseBatchNorm2d(nn.BatchNorm1d):
 
 
 class SparseLayerNorm(nn.LayerNorm):
-    """Sparse twin of timm's ``LayerNorm2d`` / channels-last ``nn.LayerNorm``: per site."""
+    """Sparse twin of timm's ``LayerNorm2d`` / channels-last ``nn.LayerNorm``: per site.
+
+    Under autocast it computes in float32 and returns float32, as autocast runs a dense
+    layer norm, unless ``low_precision_output``: then it returns the autocast dtype, for a
+    consumer that casts to it anyway (a linear layer, a conv), the same values without a
+    float32 copy. ``conv_impl`` picks the backend as for the convs (:func:`set_conv_impl`
+    switches it with them): on CUDA the triton backend's kernel reads and writes the
+    features in their own dtype (:func:`spark_me.ops.layer_norm`).
+    :meth:`forward_features` takes and returns the ``[N, C]`` features themselves.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 *, low_precision_output: bool = False, conv_impl: str = "auto") -> None:
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
+        ops.check_conv_impl(conv_impl)
+        self.low_precision_output = low_precision_output
+        self.conv_impl = conv_impl
+
+    def forward_features(self, features: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(features, self.normalized_shape, self.weight, self.bias, self.eps, self.conv_impl,
+                              self.low_precision_output)
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
-        return with_features(x, _fp32_under_autocast(super().forward, x.F))
+        return with_features(x, self.forward_features(x.F))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", low_precision_output={self.low_precision_output}, conv_impl={self.conv_impl!r}"
 
 
 class SparseMaxPool2d(nn.Module):
@@ -183,10 +196,11 @@ class SparseMaxPool2d(nn.Module):
 
 
 def set_conv_impl(module: nn.Module, conv_impl: str) -> nn.Module:
-    """Switch every sparse conv and pool in ``module`` to backend ``conv_impl``; returns ``module``."""
+    """Switch every sparse conv, pool and layer norm in ``module`` to backend ``conv_impl``;
+    returns ``module``."""
     ops.check_conv_impl(conv_impl)
     for m in module.modules():
-        if isinstance(m, (SparseConv2d, SparseMaxPool2d)):
+        if isinstance(m, (SparseConv2d, SparseMaxPool2d, SparseLayerNorm)):
             m.conv_impl = conv_impl
     return module
 

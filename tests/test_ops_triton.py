@@ -364,8 +364,8 @@ def test_float64_is_refused_naming_torch():
 def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict, dict]]:
     """(kernel, argument types, constexprs, options) of every kernel's compiled path, the
     largest tiles (the GEMM's in both loop forms; the depthwise forward's and fused
-    backward's every config, 49 taps); ``table``: the tables' pointer type (``*i32``, or
-    ``*i64`` past int32's range)."""
+    backward's every config, 49 taps; the layer norm's at 96, 768 and the most channels);
+    ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's range)."""
     ptr, tb = f"*{dtype}", triton_backend
     rows = {"n_src": "i32", "n_dst": "i32"}
     gemm = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
@@ -374,6 +374,12 @@ def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict,
     dw_grad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
     dw_backward = {"x_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "weight_ptr": ptr, "grad_in_ptr": ptr,
                    "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32"}
+    # the layer norm reads fp32 or the features' dtype and writes either (fp32 statistics)
+    ln = {"x_ptr": ptr, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": ptr, "mean_ptr": "*fp32",
+          "rstd_ptr": "*fp32", "n_rows": "i32", "channels": "i32", "eps": "fp32"}
+    ln_backward = {"x_ptr": ptr, "weight_ptr": "*fp32", "grad_ptr": ptr, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                   "grad_in_ptr": ptr, "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32"}
+    ln_tiles = [tb._layer_norm_tiles(4096, c, interpreted=False) for c in (96, 768, tb.LAYER_NORM_MAX_CHANNELS)]
     big = {"num_warps": 8, "num_stages": 3}
     return [
         *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs}, big)
@@ -385,6 +391,10 @@ def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict,
          {"INTERPRETER": False, "BLOCK_R": tb.DEPTHWISE_BLOCK_R, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}, big),
         *[(tb._depthwise_backward_kernel, dw_backward, {"TAPS": 49, "INTERPRETER": False, "TAPS_PAD": 64, **c.kwargs},
            {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in tb._DW_BACKWARD_CONFIGS],
+        *[(tb._layer_norm_kernel, ln, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c}, {"num_warps": w})
+          for r, c, w in ln_tiles],
+        *[(tb._layer_norm_backward_kernel, ln_backward, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c},
+           {"num_warps": w}) for r, c, w in ln_tiles],
     ]
 
 
@@ -398,7 +408,7 @@ def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     from triton.compiler import ASTSource
 
     if triton_backend.INTERPRETED:  # the kernels call these: they must be GPU functions too
-        for name in ("_gather_gemm_step", "_row_split", "_depthwise_tap"):
+        for name in ("_gather_gemm_step", "_row_split", "_depthwise_tap", "_row_sums"):
             helper = getattr(triton_backend, name)
             monkeypatch.setattr(triton_backend, name, triton.runtime.JITFunction(helper.fn))
     cubins = []

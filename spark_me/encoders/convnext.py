@@ -45,14 +45,15 @@ class SparseConvNeXtBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.conv_dw = SparseConv2d(dim, dim, 7, 1, bias=True, groups=dim, depthwise_impl=depthwise_impl)
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        # its output goes to a linear layer only: under autocast in the autocast dtype
+        self.norm = SparseLayerNorm(dim, eps=LN_EPS, low_precision_output=True)
         self.mlp = ConvMlpOnFeatures(dim, 4 * dim) if conv_mlp else Mlp(dim, 4 * dim, act_layer=nn.GELU)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value is not None else None
         self.drop_path = SparseDropPath(drop_path) if drop_path > 0 else None
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         y = self.conv_dw(x)
-        f = self.mlp(self.norm(y.F))
+        f = self.mlp(self.norm.forward_features(y.F))
         if self.gamma is not None:
             f = f * self.gamma
         y = with_features(y, f)
@@ -85,7 +86,8 @@ class SparseConvNeXtStage(nn.Module):
     ) -> None:
         super().__init__()
         if in_dim != dim:
-            self.downsample = nn.Sequential(SparseLayerNorm(in_dim, eps=LN_EPS), SparseConv2d(in_dim, dim, 2, 2))
+            norm = SparseLayerNorm(in_dim, eps=LN_EPS, low_precision_output=True)  # the conv casts to it anyway
+            self.downsample = nn.Sequential(norm, SparseConv2d(in_dim, dim, 2, 2))
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(

@@ -7,7 +7,15 @@ maps, cached per batch). :mod:`mask_sites` derives the same tables from a SparK 
 patch mask alone, for CUDA graph replays. :mod:`triton_backend` is imported on first use:
 it needs Triton, which decides at that import whether its kernels run in the interpreter.
 """
-from spark_me.ops.dispatch import CONV_IMPLS, check_conv_impl, conv, depthwise_conv, max_pool, resolve_conv_impl
+from spark_me.ops.dispatch import (
+    CONV_IMPLS,
+    check_conv_impl,
+    conv,
+    depthwise_conv,
+    layer_norm,
+    max_pool,
+    resolve_conv_impl,
+)
 from spark_me.ops.tables import (
     NeighbourTables,
     TableCache,
@@ -25,6 +33,7 @@ __all__ = [
     "conv",
     "depthwise_conv",
     "kernel_tap_order",
+    "layer_norm",
     "max_pool",
     "neighbour_tables",
     "new_coordinate_manager",

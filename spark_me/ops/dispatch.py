@@ -17,16 +17,21 @@ Backends (``conv_impl``):
 
 Under ``torch.autocast`` the gather backends (torch, triton) compute in the autocast
 dtype, as autocast runs dense convs; MinkowskiEngine's kernels compute in float32. The
-triton backend's max-pool is the torch backend's.
+triton backend's max-pool is the torch backend's. The per-site layer norm
+(:func:`layer_norm`) computes in float32 under autocast, as autocast runs dense layer
+norms; the triton backend's reads and writes the features in their own dtype, without
+autocast's float32 copies.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 from types import ModuleType
+from typing import Optional
 
 import MinkowskiEngine as ME
 import torch
+import torch.nn.functional as F
 
 from spark_me.ops import minkowski_backend, torch_backend
 from spark_me.ops.tables import neighbour_tables
@@ -150,3 +155,34 @@ def max_pool(x: ME.SparseTensor, kernel_size: int, stride: int, conv_impl: str) 
     tables = neighbour_tables(x, kernel_size, stride)
     backend = load_triton_backend(x.F.device) if impl == "triton" else torch_backend
     return backend.gather_max(x.F, tables), tables.out_key
+
+
+def layer_norm(features: torch.Tensor, normalized_shape: tuple[int, ...], weight: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], eps: float, conv_impl: str = "auto",
+               low_precision_output: bool = False) -> torch.Tensor:
+    """Layer norm over the channels of ``[N, C]`` features, computed in (at least) float32.
+
+    Its output dtype is autocast's for a dense layer norm, float32 under autocast (else the
+    features' dtype), unless ``low_precision_output`` asks for the autocast dtype: for a
+    consumer that casts to it anyway (a linear layer, a conv) that is the same values
+    without the float32 copy. The triton backend computes it in one kernel from the
+    features as they are; the others (and affine-free norms, float64, more than
+    ``LAYER_NORM_MAX_CHANNELS`` channels) run ``F.layer_norm``, on a float32 copy under
+    autocast (float64 stays float64), whatever ``low_precision_output`` says."""
+    device_type = features.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    impl = resolve_conv_impl(conv_impl, features.device, compute_dtype(features))
+    if impl == "triton" and weight is not None and bias is not None and features.dtype in TRITON_DTYPES:
+        backend = load_triton_backend(features.device)
+        channels = features.shape[-1]
+        if features.dim() == 2 and tuple(normalized_shape) == (channels,) and channels <= backend.LAYER_NORM_MAX_CHANNELS:
+            out_dtype = features.dtype
+            if autocast:
+                out_dtype = torch.get_autocast_dtype(device_type) if low_precision_output else torch.float32
+            with torch.autocast(device_type, enabled=False):
+                return backend.layer_norm(features, weight, bias, eps, out_dtype)
+    if not autocast:
+        return F.layer_norm(features, normalized_shape, weight, bias, eps)
+    with torch.autocast(device_type, enabled=False):
+        return F.layer_norm(features.to(torch.promote_types(features.dtype, torch.float32)), normalized_shape,
+                            weight, bias, eps)
