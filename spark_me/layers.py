@@ -114,7 +114,7 @@ class SparseConv2d(nn.Module):
         else:
             features, key = ops.conv(x, self.weight, self.stride, self.conv_impl)
         if self.bias is not None:
-            features = features + self.bias.to(features.dtype)
+            features = ops.add_bias(features, self.bias, self.conv_impl)
         return ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
 
     def _gather_impl(self) -> str:
@@ -196,11 +196,12 @@ class SparseMaxPool2d(nn.Module):
 
 
 def set_conv_impl(module: nn.Module, conv_impl: str) -> nn.Module:
-    """Switch every sparse conv, pool and layer norm in ``module`` to backend ``conv_impl``;
-    returns ``module``."""
+    """Switch every module of ``module`` that has a ``conv_impl`` attribute (the sparse
+    convs, pools and layer norms; an encoder's own blocks that run ``spark_me.ops``) to
+    backend ``conv_impl``; returns ``module``."""
     ops.check_conv_impl(conv_impl)
     for m in module.modules():
-        if isinstance(m, (SparseConv2d, SparseMaxPool2d, SparseLayerNorm)):
+        if isinstance(getattr(m, "conv_impl", None), str):
             m.conv_impl = conv_impl
     return module
 

@@ -364,7 +364,8 @@ def test_float64_is_refused_naming_torch():
 def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict, dict]]:
     """(kernel, argument types, constexprs, options) of every kernel's compiled path, the
     largest tiles (the GEMM's in both loop forms; the depthwise forward's and fused
-    backward's every config, 49 taps; the layer norm's at 96, 768 and the most channels);
+    backward's every config, 49 taps; the layer norm's at 96, 768 and the most channels;
+    the column sums' both forms and channel blocks);
     ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's range)."""
     ptr, tb = f"*{dtype}", triton_backend
     rows = {"n_src": "i32", "n_dst": "i32"}
@@ -380,6 +381,11 @@ def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict,
     ln_backward = {"x_ptr": ptr, "weight_ptr": "*fp32", "grad_ptr": ptr, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                    "grad_in_ptr": ptr, "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32"}
     ln_tiles = [tb._layer_norm_tiles(4096, c, interpreted=False) for c in (96, 768, tb.LAYER_NORM_MAX_CHANNELS)]
+    # column sums of a gradient; a layer scale's backward: an fp32 gradient (the scaled
+    # product is promoted), the features in their dtype, an fp32 scale
+    sums = {"grad_ptr": ptr, "x_ptr": ptr, "scale_ptr": ptr, "grad_in_ptr": ptr, "partial_ptr": "*fp32",
+            "n_rows": "i32", "channels": "i32"}
+    scaled = {**sums, "grad_ptr": "*fp32", "scale_ptr": "*fp32"}
     big = {"num_warps": 8, "num_stages": 3}
     return [
         *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs}, big)
@@ -395,6 +401,9 @@ def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict,
           for r, c, w in ln_tiles],
         *[(tb._layer_norm_backward_kernel, ln_backward, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c},
            {"num_warps": w}) for r, c, w in ln_tiles],
+        *[(tb._column_sums_kernel, signature, {"PRODUCT": product, "INTERPRETER": False,
+                                               "BLOCK_R": tb.COLUMN_SUM_TILE // c, "BLOCK_C": c}, {"num_warps": 4})
+          for product, signature in ((False, sums), (True, scaled)) for c in (32, 64)],
     ]
 
 

@@ -201,8 +201,8 @@ def phase_test(args: argparse.Namespace) -> int:
 # Test files (or tests) whose CUDA tests have not yet all passed on a GPU run first, so a
 # phase limit costs the tests already proven there (CUDA graphs; the GPU pre-training runs,
 # with and without graphs; every tile config and loop form of the Triton gather-GEMM and
-# every config of the fused depthwise backward; the layer norm kernels; tables built
-# without PyTorch-visible synchronisations); --first-only runs these alone. (Where a
+# every config of the fused depthwise backward; the layer norm and column-sum kernels;
+# tables built without PyTorch-visible synchronisations); --first-only runs these alone. (Where a
 # whole file follows that holds one of these tests, pytest runs it once, in the file's order.)
 FIRST_TESTS = ("tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that_pytorch_sees",
                "tests/test_mask_sites.py::test_cuda_mask_tables_make_no_synchronisation_that_pytorch_sees",
@@ -210,6 +210,7 @@ FIRST_TESTS = ("tests/test_ops.py::test_cuda_tables_make_no_synchronisation_that
                "tests/test_ops_triton.py::test_cuda_depthwise_forward_every_config_equals_float64",
                "tests/test_ops_triton.py::test_cuda_fused_depthwise_backward_equals_float64",
                "tests/test_ops_triton_layer_norm.py::test_cuda_layer_norm_equals_float64",
+               "tests/test_ops_triton_column_sums.py::test_cuda_column_sums_and_layer_scale_equal_float64",
                "tests/test_cuda_graphs.py", "tests/test_gpu.py")
 
 

@@ -13,9 +13,8 @@ from typing import Optional, Sequence
 import MinkowskiEngine as ME
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import Mlp
 
+from spark_me import ops
 from spark_me.encoders.base import SparseEncoder
 from spark_me.encoders.registry import register_encoder
 from spark_me.gather import conv_to_sparse
@@ -25,18 +24,22 @@ from spark_me.recompute import run_blocks
 LN_EPS = 1e-6
 
 
-class ConvMlpOnFeatures(nn.Module):
-    """timm's ``ConvMlp`` (1×1 convs, used by convnext_atto…nano) applied to [N, C] features."""
+class MlpOnFeatures(nn.Module):
+    """timm's ``Mlp`` (fc1 → GELU → fc2 as ``nn.Linear``, convnext_tiny…xlarge) or, with
+    ``conv``, its ``ConvMlp`` (1×1 convs, convnext_atto…nano) applied to [N, C] features.
+    The layers run through :func:`spark_me.ops.linear`, whose triton backend sums the bias
+    gradients in a kernel of its own. timm's attribute names: the state dicts are timm's."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, conv: bool = False, conv_impl: str = "auto") -> None:
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.fc1 = nn.Conv2d(dim, hidden, 1) if conv else nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = nn.Conv2d(hidden, dim, 1) if conv else nn.Linear(hidden, dim)
+        self.conv_impl = conv_impl
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        f = self.act(F.linear(f, self.fc1.weight.flatten(1), self.fc1.bias))
-        return F.linear(f, self.fc2.weight.flatten(1), self.fc2.bias)
+        f = self.act(ops.linear(f, self.fc1.weight.flatten(1), self.fc1.bias, self.conv_impl))
+        return ops.linear(f, self.fc2.weight.flatten(1), self.fc2.bias, self.conv_impl)
 
 
 class SparseConvNeXtBlock(nn.Module):
@@ -47,15 +50,16 @@ class SparseConvNeXtBlock(nn.Module):
         self.conv_dw = SparseConv2d(dim, dim, 7, 1, bias=True, groups=dim, depthwise_impl=depthwise_impl)
         # its output goes to a linear layer only: under autocast in the autocast dtype
         self.norm = SparseLayerNorm(dim, eps=LN_EPS, low_precision_output=True)
-        self.mlp = ConvMlpOnFeatures(dim, 4 * dim) if conv_mlp else Mlp(dim, 4 * dim, act_layer=nn.GELU)
+        self.mlp = MlpOnFeatures(dim, 4 * dim, conv=conv_mlp)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value is not None else None
         self.drop_path = SparseDropPath(drop_path) if drop_path > 0 else None
+        self.conv_impl = "auto"  # the layer scale's backend (spark_me.ops.layer_scale), switched by set_conv_impl
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         y = self.conv_dw(x)
         f = self.mlp(self.norm.forward_features(y.F))
         if self.gamma is not None:
-            f = f * self.gamma
+            f = ops.layer_scale(f, self.gamma, self.conv_impl)
         y = with_features(y, f)
         if self.drop_path is not None:
             y = self.drop_path(y)

@@ -9,10 +9,13 @@ it needs Triton, which decides at that import whether its kernels run in the int
 """
 from spark_me.ops.dispatch import (
     CONV_IMPLS,
+    add_bias,
     check_conv_impl,
     conv,
     depthwise_conv,
     layer_norm,
+    layer_scale,
+    linear,
     max_pool,
     resolve_conv_impl,
 )
@@ -29,11 +32,14 @@ __all__ = [
     "CONV_IMPLS",
     "NeighbourTables",
     "TableCache",
+    "add_bias",
     "check_conv_impl",
     "conv",
     "depthwise_conv",
     "kernel_tap_order",
     "layer_norm",
+    "layer_scale",
+    "linear",
     "max_pool",
     "neighbour_tables",
     "new_coordinate_manager",

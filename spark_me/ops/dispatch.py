@@ -186,3 +186,47 @@ def layer_norm(features: torch.Tensor, normalized_shape: tuple[int, ...], weight
     with torch.autocast(device_type, enabled=False):
         return F.layer_norm(features.to(torch.promote_types(features.dtype, torch.float32)), normalized_shape,
                             weight, bias, eps)
+
+
+def _triton_for(features: torch.Tensor, conv_impl: str) -> Optional[ModuleType]:
+    """The triton backend where ``conv_impl`` resolves to it for ``[N, C]`` ``features`` of
+    a dtype it reads, else None (then PyTorch's own op runs)."""
+    impl = resolve_conv_impl(conv_impl, features.device, compute_dtype(features))
+    if impl == "triton" and features.dtype in TRITON_DTYPES and features.dim() == 2:
+        return load_triton_backend(features.device)
+    return None
+
+
+def linear(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           conv_impl: str = "auto") -> torch.Tensor:
+    """``F.linear`` on ``[N, C]`` features, in the autocast dtype under autocast. The triton
+    backend's sums its bias gradient in a kernel of its own (PyTorch's sum over the sites
+    of a narrow gradient runs far below the GPU's bandwidth) and returns it in the bias's
+    dtype without rounding it to the autocast dtype first."""
+    backend = _triton_for(features, conv_impl)
+    if backend is None or bias is None:
+        return F.linear(features, weight, bias)
+    dtype = compute_dtype(features)
+    with torch.autocast(features.device.type, enabled=False):
+        return backend.linear(features.to(dtype), weight.to(dtype), bias)
+
+
+def add_bias(features: torch.Tensor, bias: torch.Tensor, conv_impl: str = "auto") -> torch.Tensor:
+    """``features + bias`` per channel, the bias cast to the features' dtype (a conv's bias);
+    the triton backend's sums the bias gradient in a kernel of its own (see :func:`linear`)."""
+    backend = _triton_for(features, conv_impl)
+    if backend is None:
+        return features + bias.to(features.dtype)
+    with torch.autocast(features.device.type, enabled=False):
+        return backend.add_bias(features, bias)
+
+
+def layer_scale(features: torch.Tensor, gamma: torch.Tensor, conv_impl: str = "auto") -> torch.Tensor:
+    """``features * gamma`` per channel (ConvNeXt's layer scale), in PyTorch's promoted
+    dtype; the triton backend's backward gives both gradients from one pass over the
+    output gradient and the features."""
+    backend = _triton_for(features, conv_impl)
+    if backend is None:
+        return features * gamma
+    with torch.autocast(features.device.type, enabled=False):
+        return backend.layer_scale(features, gamma)
