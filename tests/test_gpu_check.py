@@ -197,7 +197,7 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
 
     def run(self, label, cmd, started=None, env=None):
         ran.append((label, cmd))
-        if label == "encoder profile":  # it leaves one timeline, which the phase then reads into its log
+        if label == "encoder profile":  # it leaves one timeline, which the phase then reads into its log twice
             folder = Path(cmd[cmd.index("--out") + 1])
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "c.trace.json.gz").write_bytes(b"")
@@ -211,9 +211,9 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     committed.parent.mkdir(parents=True)
     committed.write_bytes(b"")  # an earlier run's trace, in the checkout: not this run's to read
     assert gpu_check.main(["bench", "--no-data", "--limit", "60", "--log-dir", str(tmp_path)]) == 0
-    assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz", "refill",
-                                           "refill (dense stem)", "gemm configs", "depthwise backward", "per-layer",
-                                           "profile", "report"]
+    assert [label for label, _ in ran] == ["kernels_bench", "encoder profile", "timeline c.trace.json.gz",
+                                           "attribute c.trace.json.gz", "refill", "refill (dense stem)", "gemm configs",
+                                           "depthwise backward", "per-layer", "profile", "report"]
     steps = dict(ran)
     suite, layers = " ".join(steps["kernels_bench"]), steps["per-layer"]
     assert "--skip breakdown kernels" in suite
@@ -234,14 +234,16 @@ def test_bench_phase_on_a_gpu_runs_its_steps_most_telling_first(tmp_path, monkey
     depthwise = " ".join(steps["depthwise backward"])
     assert "-m kernels_bench.depthwise_backward --device cuda --batch 128 --dtype bfloat16" in depthwise
     assert depthwise.endswith(f"--out {folder}/depthwise-backward")
-    # after the suite, the encoder profile (and its timeline), the refills, the GEMM configs, the depthwise
-    # backward, the per-layer bench, the profile
-    assert bundles[:7] == [1, 3, 5, 6, 7, 8, 9]
+    # after the suite, the encoder profile (and its timeline and attribution), the refills, the GEMM configs,
+    # the depthwise backward, the per-layer bench, the profile
+    assert bundles[:7] == [1, 4, 6, 7, 8, 9, 10]
+    assert steps["attribute c.trace.json.gz"][1:3] == ["-m", "kernels_bench.attribute"]
 
     ran.clear()
     assert gpu_check.main(["bench", "--no-data", "--only", "per-layer", "encoder-profile", "--limit", "60",
                            "--log-dir", str(tmp_path)]) == 0  # a loan that has the suite already: the rest first
-    assert [label for label, _ in ran] == ["per-layer", "encoder profile", "timeline c.trace.json.gz", "report"]
+    assert [label for label, _ in ran] == ["per-layer", "encoder profile", "timeline c.trace.json.gz",
+                                           "attribute c.trace.json.gz", "report"]
     assert "steps, in order: per-layer, encoder-profile" in (tmp_path / "bench.log").read_text()
     ran.clear()
     assert gpu_check.main(["bench", "--no-data", "--only", "encoder-profile", "--conv-impl", "torch", "--limit", "60",

@@ -320,7 +320,8 @@ def phase_bench(args: argparse.Namespace) -> int:
     def encoder_profile() -> list[dict]:
         """The bf16 encoder alone: device time against wall time says whether the GPU or the
         host sets its pace; the timeline of one ConvNeXt-T step with the default CUDA backend
-        (Triton) shows where the GPU waits, read into the log."""
+        (Triton) shows where the GPU waits and what each operator's kernels took, read into
+        the log."""
         traced = "convnext_tiny" in args.models and "triton" in bf16_impls  # else --trace would name no case
         traces = out / "profile-encoder"
         before = {t: t.stat().st_mtime_ns for t in traces.glob("*.trace.json.gz")}  # earlier runs' (committed)
@@ -330,8 +331,9 @@ def phase_bench(args: argparse.Namespace) -> int:
             *(["--trace", "convnext_tiny-sparse-triton-encoder"] if traced else []),
         ], started=_STARTED_CASE)]
         fresh = [t for t in sorted(traces.glob("*.trace.json.gz")) if before.get(t) != t.stat().st_mtime_ns]
-        for trace in fresh:  # this run's only
+        for trace in fresh:  # this run's only: where the GPU waits, and its time per (operator, kernel)
             phase.run(f"timeline {trace.name}", [python, "-m", "kernels_bench.timeline", str(trace)])
+            phase.run(f"attribute {trace.name}", [python, "-m", "kernels_bench.attribute", str(trace)])
         return steps
 
     def refill() -> list[dict]:
