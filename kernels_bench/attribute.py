@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from kernels_bench.timeline import load
+from kernels_bench.timeline import read_trace
 
 WRAPPER_PREFIX = "autograd::engine::"  # evaluate_function: <node>, around the node itself
 
@@ -78,13 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("trace", type=Path, help="a .trace.json(.gz) written by kernels_bench.profile --trace")
     p.add_argument("--top", type=int, default=40, help="how many (operator, kernel) pairs to list")
     args = p.parse_args(argv)
-    if not args.trace.is_file():
-        p.error(f"no trace at {args.trace}: write one with python -m kernels_bench.profile --trace")
-    try:
-        events = load(args.trace)
-    except ValueError as e:  # json.JSONDecodeError included
-        p.error(f"{args.trace} is not a Chrome-format trace ({e})")
-    print(format_report(attribute(events), args.top))
+    print(format_report(attribute(read_trace(p, args.trace)), args.top))
     return 0
 
 

@@ -106,14 +106,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("trace", type=Path, help="a .trace.json(.gz) written by kernels_bench.profile --trace")
     p.add_argument("--top", type=int, default=15, help="how many of the longest gaps to describe")
     args = p.parse_args(argv)
-    if not args.trace.is_file():
-        p.error(f"{args.trace}: no such file")
-    try:
-        events = load(args.trace)
-    except (OSError, ValueError) as e:
-        p.error(f"{args.trace} is not a readable Chrome trace: {e}")
-    print(format_report(analyse(events, args.top)))
+    print(format_report(analyse(read_trace(p, args.trace), args.top)))
     return 0
+
+
+def read_trace(parser: argparse.ArgumentParser, path: Path) -> list[dict]:
+    """:func:`load` of ``path``, or ``parser``'s error (exit 2) saying what is wrong with it."""
+    if not path.is_file():
+        parser.error(f"{path}: no such file (python -m kernels_bench.profile --trace NAME writes one)")
+    try:
+        return load(path)
+    except (OSError, ValueError) as e:
+        parser.error(f"{path} is not a readable Chrome trace: {e}")
 
 
 if __name__ == "__main__":
