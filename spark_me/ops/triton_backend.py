@@ -714,13 +714,16 @@ def _depthwise_weight_grad(src: torch.Tensor, table: torch.Tensor, grad: torch.T
     return gw
 
 
-def _depthwise_splits(device: torch.device, n_rows: int, channels: int) -> int:
-    """Row splits of the fused depthwise backward: about ``DEPTHWISE_SPLITS_PER_SM``
-    programs per SM at 64 channels a program, each with at least 64 rows."""
+def _split_rows(device: torch.device, row_tiles: int, per_sm: int, cpu_splits: int, programs_per_split: int = 1,
+                ) -> int:
+    """Row splits of a kernel whose programs each sum their split's rows into a partial
+    (``programs_per_split`` programs a split, e.g. one per channel block): about ``per_sm``
+    programs per SM in all, ``cpu_splits`` in the interpreter, at most one split per
+    ``row_tiles``."""
     if device.type != "cuda":
-        return CPU_DEPTHWISE_SPLITS
+        return max(1, min(cpu_splits, row_tiles))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(n_rows, 64), triton.cdiv(DEPTHWISE_SPLITS_PER_SM * sms, triton.cdiv(channels, 64))))
+    return max(1, min(row_tiles, triton.cdiv(per_sm * sms, programs_per_split)))
 
 
 def depthwise_backward(
@@ -742,7 +745,9 @@ def depthwise_backward(
     grad_in = grad.new_empty(n_rows, channels)
     if n_rows == 0:
         return grad_in, torch.zeros(taps, channels, dtype=torch.float32, device=features.device)
-    splits = _depthwise_splits(features.device, n_rows, channels)
+    # each split at least 64 rows, a program per 64 channels
+    splits = _split_rows(features.device, triton.cdiv(n_rows, 64), DEPTHWISE_SPLITS_PER_SM, CPU_DEPTHWISE_SPLITS,
+                         triton.cdiv(channels, 64))
     partial = torch.empty(splits, taps, channels, dtype=torch.float32, device=features.device)
     taps_pad = max(16, triton.next_power_of_2(taps))  # tl.dot (interpreter) wants 16 rows at least
 
@@ -843,11 +848,8 @@ def layer_norm_backward(features: torch.Tensor, weight: torch.Tensor, mean: torc
         zeros = torch.zeros(channels, dtype=torch.float32, device=features.device)
         return grad_in, zeros, zeros.clone()
     block_r, block_c, warps = _layer_norm_tiles(n_rows, channels)
-    if features.is_cuda:
-        sms = torch.cuda.get_device_properties(features.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(n_rows, block_r), LAYER_NORM_SPLITS_PER_SM * sms))
-    else:  # by default two row tiles per split on the tests' sizes
-        splits = max(1, min(CPU_LAYER_NORM_SPLITS, triton.cdiv(n_rows, 2 * block_r)))
+    splits = _split_rows(features.device, triton.cdiv(n_rows, block_r), LAYER_NORM_SPLITS_PER_SM,
+                         CPU_LAYER_NORM_SPLITS)
     partial = torch.empty(splits, 2, channels, dtype=torch.float32, device=features.device)
     with _on_device(features):
         _layer_norm_backward_kernel[(splits,)](
@@ -910,11 +912,8 @@ def _column_sums(grad: torch.Tensor, x: Optional[torch.Tensor] = None, scale: Op
     if INTERPRETED:
         block_r, block_c = _interpreter_tile(triton.cdiv(n_rows, 2 * CPU_COLUMN_SUM_SPLITS), 256), 32
     channel_blocks = triton.cdiv(channels, block_c)
-    if grad.is_cuda:
-        target = COLUMN_SUM_PROGRAMS_PER_SM * torch.cuda.get_device_properties(grad.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(n_rows, block_r), triton.cdiv(target, channel_blocks)))
-    else:
-        splits = max(1, min(CPU_COLUMN_SUM_SPLITS, triton.cdiv(n_rows, block_r)))
+    splits = _split_rows(grad.device, triton.cdiv(n_rows, block_r), COLUMN_SUM_PROGRAMS_PER_SM, CPU_COLUMN_SUM_SPLITS,
+                         channel_blocks)
     partial = torch.empty(splits, channels, dtype=torch.float32, device=grad.device)
     grad = grad.contiguous()
     operands = (x.contiguous(), scale.contiguous(), grad_in) if product else (grad, grad, grad)
