@@ -20,7 +20,9 @@ dtype, as autocast runs dense convs; MinkowskiEngine's kernels compute in float3
 triton backend's max-pool is the torch backend's. The per-site layer norm
 (:func:`layer_norm`) computes in float32 under autocast, as autocast runs dense layer
 norms; the triton backend's reads and writes the features in their own dtype, without
-autocast's float32 copies.
+autocast's float32 copies. :func:`linear`, :func:`add_bias` and :func:`layer_scale` are
+PyTorch's ops except that on the triton backend their per-channel gradients are summed by
+a kernel of its own.
 """
 from __future__ import annotations
 
