@@ -485,6 +485,28 @@ def test_encoder_triton_equals_torch(name):
 
 
 @INTERPRETER
+def test_convnext_triton_under_bf16_autocast_equals_torch():
+    """A ConvNeXt-atto under bf16 autocast, as the GPU trains it, with every triton op at
+    once (convs, depthwise, layer norms returning bf16 into the MLP and the downsampling
+    convs, the MLP's linear layers, the layer scale, the bias sums) against the torch
+    backend's PyTorch ops: both round to bf16 along the way, in different places (the
+    triton backend's bias and layer-scale gradients are fp32 sums, autocast's bf16), so
+    they agree to a few bf16 units, where a wrong dtype path or kernel differs by order
+    one; every parameter gradient is fp32."""
+    triton_enc, torch_enc = _encoder_pair("convnext_atto", torch.device("cpu"))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    active = _active(2, (2, 2), seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = _encoder_step(triton_enc, images, active), _encoder_step(torch_enc, images, active)
+    for g, r in zip(got[0], ref[0]):
+        assert rel_err(g, r) <= 8 * 2.0**-8
+    assert rel_err(got[1], ref[1]) <= 8 * 2.0**-8
+    assert got[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        assert got[2][n].dtype == torch.float32 and rel_err(got[2][n], ref[2][n]) <= 8 * 2.0**-8, n
+
+
+@INTERPRETER
 def test_a_replayed_triton_encoder_refills_its_inverse_tables():
     """CUDA graphs (spark_me.cuda_graphs) copy each batch's tables into the captured ones,
     Triton's inverse tables of the strided convs (their input gradients) included: the
