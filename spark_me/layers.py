@@ -23,7 +23,7 @@ weight in channels_last memory; shape, values and state-dict entries are PyTorch
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import MinkowskiEngine as ME
 import torch
@@ -154,8 +154,10 @@ class SparseLayerNorm(nn.LayerNorm):
     """
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 *, low_precision_output: bool = False, conv_impl: str = "auto") -> None:
-        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, *,
+                 low_precision_output: bool = False, conv_impl: str = "auto") -> None:
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
+                         dtype=dtype)
         ops.check_conv_impl(conv_impl)
         self.low_precision_output = low_precision_output
         self.conv_impl = conv_impl

@@ -135,6 +135,7 @@ def test_under_autocast_the_ops_compute_as_pytorchs():
     assert bool((error <= 2 * UNIT[torch.bfloat16] * ref[3].abs() + 300 * U_FP32 * grad.float().abs().sum(0)).all())
 
 
+@INTERPRETER  # conv_impl="triton" on CPU tensors
 def test_the_ops_are_pytorchs_where_the_kernels_do_not_apply():
     """float64, the torch/minkowski backends and ``auto`` on CPU run PyTorch's own ops."""
     x = torch.randn(20, 8, dtype=torch.float64)

@@ -174,6 +174,7 @@ def test_the_encoders_layer_norms_switch_backend_with_the_convs():
     assert not encoder.densify_norm(40).low_precision_output
 
 
+@INTERPRETER  # conv_impl="triton" on CPU tensors
 def test_layer_norm_falls_back_to_torch_where_the_kernel_does_not_apply():
     """float64 (under autocast too), no affine parameters, or the torch/minkowski
     backends: ``F.layer_norm``."""
@@ -184,6 +185,9 @@ def test_layer_norm_falls_back_to_torch_where_the_kernel_does_not_apply():
     assert torch.equal(ops.layer_norm(x, (8,), None, None, EPS, "triton"), F.layer_norm(x, (8,), None, None, EPS))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 stays float64, as autocast leaves it
         assert torch.equal(ops.layer_norm(x, (8,), w, b, EPS, "triton", low_precision_output=True), expected)
+    norm = SparseLayerNorm(8, EPS, dtype=torch.float64, conv_impl="triton")  # nn.LayerNorm's factory arguments
+    assert norm.weight.dtype == torch.float64
+    assert torch.equal(norm.forward_features(x), F.layer_norm(x, (8,), norm.weight, norm.bias, EPS))
     x32 = x.float()
     for impl in ("torch", "minkowski", "auto"):  # auto on CPU: torch
         assert torch.equal(ops.layer_norm(x32, (8,), w.float(), b.float(), EPS, impl),
