@@ -159,6 +159,15 @@ def max_pool(x: ME.SparseTensor, kernel_size: int, stride: int, conv_impl: str) 
     return backend.gather_max(x.F, tables), tables.out_key
 
 
+def _triton_for(features: torch.Tensor, conv_impl: str) -> Optional[ModuleType]:
+    """The triton backend where ``conv_impl`` resolves to it for ``[N, C]`` ``features`` of
+    a dtype it reads, else None (then PyTorch's own op runs)."""
+    impl = resolve_conv_impl(conv_impl, features.device, compute_dtype(features))
+    if impl == "triton" and features.dtype in TRITON_DTYPES and features.dim() == 2:
+        return load_triton_backend(features.device)
+    return None
+
+
 def layer_norm(features: torch.Tensor, normalized_shape: tuple[int, ...], weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], eps: float, conv_impl: str = "auto",
                low_precision_output: bool = False) -> torch.Tensor:
@@ -173,30 +182,20 @@ def layer_norm(features: torch.Tensor, normalized_shape: tuple[int, ...], weight
     autocast (float64 stays float64), whatever ``low_precision_output`` says."""
     device_type = features.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    impl = resolve_conv_impl(conv_impl, features.device, compute_dtype(features))
-    if impl == "triton" and weight is not None and bias is not None and features.dtype in TRITON_DTYPES:
-        backend = load_triton_backend(features.device)
-        channels = features.shape[-1]
-        if features.dim() == 2 and tuple(normalized_shape) == (channels,) and channels <= backend.LAYER_NORM_MAX_CHANNELS:
-            out_dtype = features.dtype
-            if autocast:
-                out_dtype = torch.get_autocast_dtype(device_type) if low_precision_output else torch.float32
-            with torch.autocast(device_type, enabled=False):
-                return backend.layer_norm(features, weight, bias, eps, out_dtype)
+    backend = _triton_for(features, conv_impl)
+    channels = features.shape[-1]
+    if (backend is not None and weight is not None and bias is not None and tuple(normalized_shape) == (channels,)
+            and channels <= backend.LAYER_NORM_MAX_CHANNELS):
+        out_dtype = features.dtype
+        if autocast:
+            out_dtype = torch.get_autocast_dtype(device_type) if low_precision_output else torch.float32
+        with torch.autocast(device_type, enabled=False):
+            return backend.layer_norm(features, weight, bias, eps, out_dtype)
     if not autocast:
         return F.layer_norm(features, normalized_shape, weight, bias, eps)
     with torch.autocast(device_type, enabled=False):
         return F.layer_norm(features.to(torch.promote_types(features.dtype, torch.float32)), normalized_shape,
                             weight, bias, eps)
-
-
-def _triton_for(features: torch.Tensor, conv_impl: str) -> Optional[ModuleType]:
-    """The triton backend where ``conv_impl`` resolves to it for ``[N, C]`` ``features`` of
-    a dtype it reads, else None (then PyTorch's own op runs)."""
-    impl = resolve_conv_impl(conv_impl, features.device, compute_dtype(features))
-    if impl == "triton" and features.dtype in TRITON_DTYPES and features.dim() == 2:
-        return load_triton_backend(features.device)
-    return None
 
 
 def linear(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
