@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 LOCK := requirements/lock.txt
 
 .PHONY: help install venv deps minkowski minkowski-source lock test demo bench bench-quick cuda-check docker docker-cpu docker-lint clean \
-	wheelhouse wheelhouse-minkowski install-offline gpu-check gpu-check-build gpu-check-test gpu-check-bench
+	wheelhouse wheelhouse-minkowski triton-node-check install-offline gpu-check gpu-check-build gpu-check-test gpu-check-bench
 
 help:
 	@echo "make install   create $(VENV), install the pinned $(LOCK), build MinkowskiEngine (cached), install spark_me"
@@ -19,6 +19,7 @@ help:
 	@echo "make cuda-check  compile + link MinkowskiEngine for CUDA with nvcc (slow; not part of make test)"
 	@echo "make wheelhouse  (connected machine) everything an air-gapped GPU node lacks, into $(WHEELHOUSE)"
 	@echo "make wheelhouse-minkowski NODE_TORCH=2.11.0+cu130 [NODE_ARCHS=9.0]  add the node's MinkowskiEngine wheel, compiled here (~20 min)"
+	@echo "make triton-node-check [NODE_TRITON=3.6.0]  compile every Triton kernel for sm_90 with the GPU node's Triton (no GPU needed)"
 	@echo "make install-offline WHEELHOUSE=DIR   (GPU node) venv over the node's torch, MinkowskiEngine for its GPUs"
 	@echo "make gpu-check WHEELHOUSE=DIR   build, test and bench phases on a GPU node (docs/gpu.md)"
 	@echo "make docker / docker-cpu   build the CUDA / CPU images (needs a Docker engine); docker-lint: hadolint"
@@ -140,6 +141,16 @@ PREBUILD_PYTHON ?= python$(WHEELHOUSE_PY)
 wheelhouse-minkowski:
 	@test -n "$(NODE_TORCH)" || { echo "make wheelhouse-minkowski: set NODE_TORCH to the GPU node's torch release (python3 -c 'import torch; print(torch.__version__)' there), e.g. NODE_TORCH=2.11.0+cu130"; exit 2; }
 	tools/prebuild_minkowski.sh --wheelhouse $(WHEELHOUSE) --python $(PREBUILD_PYTHON) --torch $(NODE_TORCH) --archs "$(NODE_ARCHS)"
+
+# The node's Triton is not the lock's (docs/gpu.md): compile every kernel for sm_90 with it
+# before a loan, and print registers, spills and shared memory per kernel
+# (kernels_bench.triton_resources). Downloads that Triton once, beside the venv's packages.
+NODE_TRITON ?= 3.6.0
+NODE_TRITON_DIR ?= build/node-triton/$(NODE_TRITON)
+triton-node-check:
+	@test -x $(PY) || { echo "$(VENV) not found: run 'make install' first"; exit 2; }
+	@test -f $(NODE_TRITON_DIR)/triton/__init__.py || $(PY) -m pip install -q --no-deps --target $(NODE_TRITON_DIR) "triton==$(NODE_TRITON)"
+	PYTHONPATH=$(NODE_TRITON_DIR) $(PY) -m kernels_bench.triton_resources --expect-triton $(NODE_TRITON) --dtype bf16 fp32
 
 install-offline:
 	tools/install_offline.sh --wheelhouse $(WHEELHOUSE) --python $(NODE_PYTHON) --venv $(VENV)

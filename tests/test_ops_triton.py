@@ -361,72 +361,27 @@ def test_float64_is_refused_naming_torch():
         ops.depthwise_conv(xs, torch.randn(4, 1, 3, 3, dtype=torch.float64), "triton")
 
 
-def _kernel_signatures(dtype: str, table: str) -> list[tuple[object, dict, dict, dict]]:
-    """(kernel, argument types, constexprs, options) of every kernel's compiled path, the
-    largest tiles (the GEMM's in both loop forms; the depthwise forward's and fused
-    backward's every config, 49 taps; the layer norm's at 96, 768 and the most channels;
-    the column sums' both forms and channel blocks);
-    ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's range)."""
-    ptr, tb = f"*{dtype}", triton_backend
-    rows = {"n_src": "i32", "n_dst": "i32"}
-    gemm = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "c_in": "i32", "c_out": "i32", "taps": "i32"}
-    wgrad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "c_in": "i32", "c_out": "i32"}
-    dw = {"src_ptr": ptr, "table_ptr": table, "weight_ptr": ptr, "out_ptr": ptr, **rows, "channels": "i32"}
-    dw_grad = {"src_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "gw_ptr": "*fp32", **rows, "channels": "i32"}
-    dw_backward = {"x_ptr": ptr, "table_ptr": table, "grad_ptr": ptr, "weight_ptr": ptr, "grad_in_ptr": ptr,
-                   "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32"}
-    # the layer norm reads fp32 or the features' dtype and writes either (fp32 statistics)
-    ln = {"x_ptr": ptr, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": ptr, "mean_ptr": "*fp32",
-          "rstd_ptr": "*fp32", "n_rows": "i32", "channels": "i32", "eps": "fp32"}
-    ln_backward = {"x_ptr": ptr, "weight_ptr": "*fp32", "grad_ptr": ptr, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                   "grad_in_ptr": ptr, "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32"}
-    ln_tiles = [tb._layer_norm_tiles(4096, c, interpreted=False) for c in (96, 768, tb.LAYER_NORM_MAX_CHANNELS)]
-    # column sums of a gradient; a layer scale's backward: an fp32 gradient (the scaled
-    # product is promoted), the features in their dtype, an fp32 scale
-    sums = {"grad_ptr": ptr, "x_ptr": ptr, "scale_ptr": ptr, "grad_in_ptr": ptr, "partial_ptr": "*fp32",
-            "n_rows": "i32", "channels": "i32"}
-    scaled = {**sums, "grad_ptr": "*fp32", "scale_ptr": "*fp32"}
-    big = {"num_warps": 8, "num_stages": 3}
-    return [
-        *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs}, big)
-          for c in tb._GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 64],
-        (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}, big),
-        *[(tb._depthwise_kernel, dw, {"TAPS": 49, **c.kwargs}, {"num_warps": c.num_warps, "num_stages": c.num_stages})
-          for c in tb._DW_FORWARD_CONFIGS],
-        (tb._depthwise_weight_grad_kernel, dw_grad,
-         {"INTERPRETER": False, "BLOCK_R": tb.DEPTHWISE_BLOCK_R, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}, big),
-        *[(tb._depthwise_backward_kernel, dw_backward, {"TAPS": 49, "INTERPRETER": False, "TAPS_PAD": 64, **c.kwargs},
-           {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in tb._DW_BACKWARD_CONFIGS],
-        *[(tb._layer_norm_kernel, ln, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c}, {"num_warps": w})
-          for r, c, w in ln_tiles],
-        *[(tb._layer_norm_backward_kernel, ln_backward, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c},
-           {"num_warps": w}) for r, c, w in ln_tiles],
-        *[(tb._column_sums_kernel, signature, {"PRODUCT": product, "INTERPRETER": False,
-                                               "BLOCK_R": tb.COLUMN_SUM_TILE // c, "BLOCK_C": c}, {"num_warps": 4})
-          for product, signature in ((False, sums), (True, scaled)) for c in (32, 64)],
-    ]
-
-
 @pytest.mark.parametrize("dtype,table", [("fp32", "*i32"), ("bf16", "*i32"), ("bf16", "*i64")])
 def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     """The compiled path (``INTERPRETER=False``: tensor-core ``tl.dot``, ``tl.sum``), which
     the interpreter never runs, compiles to a cubin for sm_90 without a GPU (Triton's own
-    ptxas): a kernel edit that only the interpreter accepts fails here, not on the GPU."""
+    ptxas), each program within sm_90's shared memory: a kernel edit that only the
+    interpreter accepts, or tiles a launch would refuse, fail here, not on the GPU.
+    (``make triton-node-check`` compiles them with the GPU nodes' Triton.)"""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from kernels_bench.triton_resources import SM90_MAX_SHARED_BYTES, compile_for_sm90, kernel_signatures
 
     if triton_backend.INTERPRETED:  # the kernels call these: they must be GPU functions too
         for name in ("_gather_gemm_step", "_row_split", "_depthwise_tap", "_row_sums"):
             helper = getattr(triton_backend, name)
             monkeypatch.setattr(triton_backend, name, triton.runtime.JITFunction(helper.fn))
     cubins = []
-    signatures = _kernel_signatures(dtype, table)
+    signatures = kernel_signatures(dtype, table)
     for kernel, signature, constexprs, options in signatures:
-        fn = triton.runtime.JITFunction(kernel.fn) if triton_backend.INTERPRETED else kernel
-        source = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = compile_for_sm90(kernel, signature, constexprs, options)
         assert compiled.asm["cubin"]
+        assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (kernel, constexprs)
         cubins.append(compiled.asm["cubin"])
     assert len(cubins) == len(signatures) and cubins[0] != cubins[1]  # the GEMM's two loop forms: two programs
 
