@@ -361,6 +361,28 @@ def test_float64_is_refused_naming_torch():
         ops.depthwise_conv(xs, torch.randn(4, 1, 3, 3, dtype=torch.float64), "triton")
 
 
+# The backend's @triton.jit functions that only its kernels call (no launch of their own).
+KERNEL_HELPERS = ("_gather_gemm_step", "_row_split", "_depthwise_tap", "_row_sums")
+
+
+def _jit_functions(module) -> set[str]:
+    """Names of ``module``'s ``@triton.jit`` functions, compiled or interpreted (not the
+    autotuned wrappers around some of them)."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return {n for n, o in vars(module).items() if isinstance(o, (triton.runtime.JITFunction, InterpretedFunction))}
+
+
+def test_every_kernel_of_the_backend_has_a_compile_signature():
+    """A kernel added to the backend without an entry in ``kernel_signatures`` would go
+    uncompiled until a GPU launched it: every jit function is a listed kernel or a helper."""
+    from kernels_bench.triton_resources import kernel_signatures
+
+    listed = {getattr(k, "__name__", None) or k.fn.__name__ for k, *_ in kernel_signatures("bf16", "*i32")}
+    assert _jit_functions(triton_backend) == listed | set(KERNEL_HELPERS)
+
+
 @pytest.mark.parametrize("dtype,table", [("fp32", "*i32"), ("bf16", "*i32"), ("bf16", "*i64")])
 def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     """The compiled path (``INTERPRETER=False``: tensor-core ``tl.dot``, ``tl.sum``), which
@@ -373,7 +395,7 @@ def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     from kernels_bench.triton_resources import SM90_MAX_SHARED_BYTES, compile_for_sm90, kernel_signatures
 
     if triton_backend.INTERPRETED:  # the kernels call these: they must be GPU functions too
-        for name in ("_gather_gemm_step", "_row_split", "_depthwise_tap", "_row_sums"):
+        for name in KERNEL_HELPERS:
             helper = getattr(triton_backend, name)
             monkeypatch.setattr(triton_backend, name, triton.runtime.JITFunction(helper.fn))
     cubins = []
