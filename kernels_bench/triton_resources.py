@@ -84,6 +84,11 @@ def kernel_signatures(dtype: str, table: str) -> list[Signature]:
     ]
 
 
+def kernel_name(kernel: object) -> str:
+    """A ``@triton.jit`` function's name, compiled or interpreted."""
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+
 def compile_for_sm90(kernel: object, signature: dict, constexprs: dict, options: dict):
     """``kernel`` compiled for sm_90 (a ``triton.compiler.CompiledKernel``), with the
     divisibility hints of a launch on the encoders' shapes. ``kernel``: a ``@triton.jit``
@@ -141,8 +146,7 @@ def measure(dtypes: list[str]) -> list[Usage]:
             compiled = compile_for_sm90(kernel, signature, constexprs, options)
             registers, spills = ptxas_usage(compiled.asm["ptx"])
             config = ", ".join(f"{k}={v}" for k, v in {**constexprs, **options}.items() if k != "INTERPRETER")
-            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-            usages.append(Usage(name, config, dtype, registers, spills, compiled.metadata.shared))
+            usages.append(Usage(kernel_name(kernel), config, dtype, registers, spills, compiled.metadata.shared))
     return usages
 
 

@@ -377,9 +377,9 @@ def _jit_functions(module) -> set[str]:
 def test_every_kernel_of_the_backend_has_a_compile_signature():
     """A kernel added to the backend without an entry in ``kernel_signatures`` would go
     uncompiled until a GPU launched it: every jit function is a listed kernel or a helper."""
-    from kernels_bench.triton_resources import kernel_signatures
+    from kernels_bench.triton_resources import kernel_name, kernel_signatures
 
-    listed = {getattr(k, "__name__", None) or k.fn.__name__ for k, *_ in kernel_signatures("bf16", "*i32")}
+    listed = {kernel_name(k) for k, *_ in kernel_signatures("bf16", "*i32")}
     assert _jit_functions(triton_backend) == listed | set(KERNEL_HELPERS)
 
 
