@@ -205,17 +205,25 @@ class DenseConvFunction(torch.autograd.Function):
     products once the masked sites' wasted arithmetic is small. Odd kernels pad by k//2
     (centred taps), even ones (k = stride, MinkowskiEngine's [0, k) taps) not at all. Only
     the sparse features, the weight and the tables are kept for backward.
+
+    bf16/fp16 features (only where the caller asks for ``"dense"``: ``"auto"`` gathers
+    them) are convolved in fp32 and rounded once, forward and backward: on CPUs with AMX,
+    torch 2.14.1's oneDNN bf16 conv returns wrong values for some small-channel shapes
+    (relative error about 1 at 16 -> 8 channels, 4×4/4, and at 8 channels, 8×8/1; found by
+    tests/test_ops.py's bf16 bound), and its bf16 input gradient of a 3×3 conv missed that
+    bound by 6%.
     """
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables):
         grid = tables.dense_grid
         k, s = tables.kernel_size, tables.stride
-        dense = _scatter_dense(features, grid.in_shape, grid.in_flat)
-        out = F.conv2d(dense, weight, stride=s, padding=k // 2 if k % 2 else 0)
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        dense = _scatter_dense(features.to(dtype), grid.in_shape, grid.in_flat)
+        out = F.conv2d(dense, weight.to(dtype), stride=s, padding=k // 2 if k % 2 else 0)
         ctx.save_for_backward(features, weight)
         ctx.tables = tables
-        return _gather_sites(out, grid.out_flat)
+        return _gather_sites(out, grid.out_flat).to(features.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -224,9 +232,7 @@ class DenseConvFunction(torch.autograd.Function):
         grid = tables.dense_grid
         k, s = tables.kernel_size, tables.stride
         pad = k // 2 if k % 2 else 0
-        # bf16/fp16: the backward in fp32, rounded once (oneDNN's bf16 input gradient of a
-        # 3×3 conv missed the bound of tests/test_ops.py by 6%)
-        dtype = torch.promote_types(grad.dtype, torch.float32)
+        dtype = torch.promote_types(grad.dtype, torch.float32)  # bf16/fp16: in fp32 (see above)
         grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
             _scatter_dense(grad.contiguous().to(dtype), grid.out_shape, grid.out_flat),
             _scatter_dense(features.to(dtype), grid.in_shape, grid.in_flat), weight.to(dtype), None,
