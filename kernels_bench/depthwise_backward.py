@@ -61,7 +61,7 @@ def backward_calls(shape: DepthwiseShape, batch: int, dtype: torch.dtype, device
     """(rows, ``{way: call}``): the calls timed for ``shape``, on one random batch; each
     gradient call returns ``(input grad, weight grad [K, C])``."""
     from spark_me import ops
-    from spark_me.ops import triton_backend as tb
+    from spark_me.ops.triton_backend import depthwise as dw
 
     x = make_input(batch, shape.channels, 224, shape.tensor_stride, 0.4, generator, device, dtype).sparse()
     features, table = x.F.detach(), ops.neighbour_tables(x, KERNEL_SIZE, 1).forward
@@ -70,17 +70,17 @@ def backward_calls(shape: DepthwiseShape, batch: int, dtype: torch.dtype, device
     grad = torch.randn(len(features), shape.channels, generator=generator).to(device, dtype)
 
     def separate() -> tuple[torch.Tensor, torch.Tensor]:
-        return tb._depthwise(grad, weight.flip(0), table), tb._depthwise_weight_grad(features, table, grad)
+        return dw.depthwise_forward(grad, weight.flip(0), table), dw.depthwise_weight_grad(features, table, grad)
 
     calls: dict[str, Callable[[], object]] = {
-        "forward": lambda: tb._depthwise(features, weight, table),
+        "forward": lambda: dw.depthwise_forward(features, weight, table),
         "separate": separate,
-        "fused": lambda: tb.depthwise_backward(features, weight, table, grad),
+        "fused": lambda: dw.depthwise_backward(features, weight, table, grad),
     }
-    for config in tb._DW_FORWARD_CONFIGS:
-        calls[f"forward {config_name(config)}"] = lambda c=config: tb._depthwise(features, weight, table, c)
-    for config in tb._DW_BACKWARD_CONFIGS:
-        calls[f"fused {config_name(config)}"] = lambda c=config: tb.depthwise_backward(features, weight, table, grad, c)
+    for config in dw.FORWARD_CONFIGS:
+        calls[f"forward {config_name(config)}"] = lambda c=config: dw.depthwise_forward(features, weight, table, c)
+    for config in dw.BACKWARD_CONFIGS:
+        calls[f"fused {config_name(config)}"] = lambda c=config: dw.depthwise_backward(features, weight, table, grad, c)
     return len(features), calls
 
 
@@ -94,7 +94,7 @@ def _picked(autotuner, channels: int) -> Optional[str]:
 def run(batch: int, dtype: torch.dtype, device: str, shapes: tuple[DepthwiseShape, ...] = SHAPES) -> list[dict]:
     """One row per (shape, way): its median time; each row names the autotuner's pick for
     its kind (``forward`` or ``fused``)."""
-    from spark_me.ops import triton_backend as tb
+    from spark_me.ops.triton_backend import depthwise as dw
 
     rows = []
     generator = torch.Generator().manual_seed(0)
@@ -102,8 +102,8 @@ def run(batch: int, dtype: torch.dtype, device: str, shapes: tuple[DepthwiseShap
         n, calls = backward_calls(shape, batch, dtype, device, generator)
         calls["forward"]()  # the autotuners' picks for this key (their caches: key -> config)
         calls["fused"]()
-        picked = {"forward": _picked(tb._depthwise_forward, shape.channels),
-                  "fused": _picked(tb._depthwise_backward, shape.channels)}
+        picked = {"forward": _picked(dw.tuned_depthwise, shape.channels),
+                  "fused": _picked(dw.tuned_depthwise_backward, shape.channels)}
         for way, call in calls.items():
             rows.append({**asdict(shape), "rows": n, "way": way, "ms": time_ms(call),
                          "autotuned": picked.get(way.split()[0])})

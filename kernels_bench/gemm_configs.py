@@ -1,7 +1,7 @@
 """Every tile config of the Triton gather-GEMM on the encoders' conv shapes (CUDA).
 
 ``triton.autotune`` keeps the fastest config per (c_in, c_out, taps) and says nothing about
-the others. This times each config of ``_GEMM_CONFIGS`` (four tile shapes, each with the
+the others. This times each config of ``conv.GEMM_CONFIGS`` (four tile shapes, each with the
 nested and the flat loop form) on the convs of a ResNet-50 and a ConvNeXt-T batch of 128 at
 224 px under the 0.6 mask, the forward and the input gradient, so one run shows what the
 flat loop gains per shape and which config the autotuner picks. Tables are built the way
@@ -101,14 +101,14 @@ def run(batch: int, dtype: torch.dtype, device: str, shapes: tuple[GemmShape, ..
             c_in, c_out = args[2].shape[1], args[2].shape[2]
             flop = 2 * pairs * c_in * c_out
             triton_backend.gather_gemm(*args)  # the autotuner's pick for this key (its cache: key -> config)
-            tuned = getattr(triton_backend._gather_gemm, "cache", {})
+            tuned = getattr(triton_backend.conv.tuned_gather_gemm, "cache", {})
             picked = [config_name(c) for key, c in tuned.items() if tuple(key[:3]) == (c_in, c_out, args[2].shape[0])]
-            for config in triton_backend._GEMM_CONFIGS:
+            for config in triton_backend.conv.GEMM_CONFIGS:
                 ms = time_ms(lambda: triton_backend.gather_gemm(*args, config=config))
                 rows.append({**asdict(shape), "pass": direction, "gemm_c_in": c_in, "gemm_c_out": c_out,
                              "rows": args[3], "pairs": pairs, "config": config_name(config), "ms": ms,
                              "tflops": flop / ms / 1e9, "autotuned": picked[0] if picked else None})
-            best = min((r for r in rows[-len(triton_backend._GEMM_CONFIGS):]), key=lambda r: r["ms"])
+            best = min((r for r in rows[-len(triton_backend.conv.GEMM_CONFIGS):]), key=lambda r: r["ms"])
             LOG.info("%-28s %-5s best %s %.3f ms (%.0f TFLOP/s), autotuned %s", shape.name, direction,
                      best["config"], best["ms"], best["tflops"], best["autotuned"])
     return rows

@@ -42,7 +42,7 @@ def kernel_signatures(dtype: str, table: str) -> list[Signature]:
     the column sums' both forms and channel blocks);
     ``dtype``: the features' Triton type (``fp32``, ``bf16``, ``fp16``);
     ``table``: the tables' pointer type (``*i32``, or ``*i64`` past int32's range)."""
-    from spark_me.ops import triton_backend as tb
+    from spark_me.ops.triton_backend import channel_sums, conv, depthwise, norm
 
     ptr = f"*{dtype}"
     rows = {"n_src": "i32", "n_dst": "i32"}
@@ -57,7 +57,7 @@ def kernel_signatures(dtype: str, table: str) -> list[Signature]:
           "rstd_ptr": "*fp32", "n_rows": "i32", "channels": "i32", "eps": "fp32"}
     ln_backward = {"x_ptr": ptr, "weight_ptr": "*fp32", "grad_ptr": ptr, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                    "grad_in_ptr": ptr, "partial_ptr": "*fp32", "n_rows": "i32", "channels": "i32"}
-    ln_tiles = [tb._layer_norm_tiles(4096, c, interpreted=False) for c in (96, 768, tb.LAYER_NORM_MAX_CHANNELS)]
+    ln_tiles = [norm.layer_norm_tiles(4096, c, interpreted=False) for c in (96, 768, norm.LAYER_NORM_MAX_CHANNELS)]
     # column sums of a gradient; a layer scale's backward: an fp32 gradient (the scaled
     # product is promoted), the features in their dtype, an fp32 scale
     sums = {"grad_ptr": ptr, "x_ptr": ptr, "scale_ptr": ptr, "grad_in_ptr": ptr, "partial_ptr": "*fp32",
@@ -65,21 +65,23 @@ def kernel_signatures(dtype: str, table: str) -> list[Signature]:
     scaled = {**sums, "grad_ptr": "*fp32", "scale_ptr": "*fp32"}
     big = {"num_warps": 8, "num_stages": 3}
     return [
-        *[(tb._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs}, big)
-          for c in tb._GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 64],
-        (tb._weight_grad_kernel, wgrad, {"INTERPRETER": False, **tb._WGRAD_CONFIGS[-1].kwargs}, big),
-        *[(tb._depthwise_kernel, dw, {"TAPS": 49, **c.kwargs}, {"num_warps": c.num_warps, "num_stages": c.num_stages})
-          for c in tb._DW_FORWARD_CONFIGS],
-        (tb._depthwise_weight_grad_kernel, dw_grad,
-         {"INTERPRETER": False, "BLOCK_R": tb.DEPTHWISE_BLOCK_R, "BLOCK_C": tb.DEPTHWISE_BLOCK_C}, big),
-        *[(tb._depthwise_backward_kernel, dw_backward, {"TAPS": 49, "INTERPRETER": False, "TAPS_PAD": 64, **c.kwargs},
-           {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in tb._DW_BACKWARD_CONFIGS],
-        *[(tb._layer_norm_kernel, ln, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c}, {"num_warps": w})
+        *[(conv._gather_gemm_kernel, gemm, {"INTERPRETER": False, **c.kwargs}, big)
+          for c in conv.GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 64],
+        (conv._weight_grad_kernel, wgrad, {"INTERPRETER": False, **conv.WEIGHT_GRAD_CONFIGS[-1].kwargs}, big),
+        *[(depthwise._depthwise_kernel, dw, {"TAPS": 49, **c.kwargs},
+           {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in depthwise.FORWARD_CONFIGS],
+        (depthwise._depthwise_weight_grad_kernel, dw_grad,
+         {"INTERPRETER": False, "BLOCK_R": depthwise.DEPTHWISE_BLOCK_R, "BLOCK_C": depthwise.DEPTHWISE_BLOCK_C}, big),
+        *[(depthwise._depthwise_backward_kernel, dw_backward,
+           {"TAPS": 49, "INTERPRETER": False, "TAPS_PAD": 64, **c.kwargs},
+           {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in depthwise.BACKWARD_CONFIGS],
+        *[(norm._layer_norm_kernel, ln, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c}, {"num_warps": w})
           for r, c, w in ln_tiles],
-        *[(tb._layer_norm_backward_kernel, ln_backward, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c},
+        *[(norm._layer_norm_backward_kernel, ln_backward, {"INTERPRETER": False, "BLOCK_R": r, "BLOCK_C": c},
            {"num_warps": w}) for r, c, w in ln_tiles],
-        *[(tb._column_sums_kernel, signature, {"PRODUCT": product, "INTERPRETER": False,
-                                               "BLOCK_R": tb.COLUMN_SUM_TILE // c, "BLOCK_C": c}, {"num_warps": 4})
+        *[(channel_sums._column_sums_kernel, signature,
+           {"PRODUCT": product, "INTERPRETER": False, "BLOCK_R": channel_sums.COLUMN_SUM_TILE // c, "BLOCK_C": c},
+           {"num_warps": 4})
           for product, signature in ((False, sums), (True, scaled)) for c in (32, 64)],
     ]
 

@@ -20,8 +20,8 @@ def test_every_timed_way_computes_the_same_gradients():
     rows, calls = backward_calls(DepthwiseShape("s", 8, 16, 1), 2, torch.float32, "cpu",
                                  torch.Generator().manual_seed(0))
     assert rows > 0 and {"forward", "separate", "fused"} <= set(calls)
-    assert sum(way.startswith("forward ") for way in calls) == len(triton_backend._DW_FORWARD_CONFIGS)
-    assert sum(way.startswith("fused ") for way in calls) == len(triton_backend._DW_BACKWARD_CONFIGS)
+    assert sum(way.startswith("forward ") for way in calls) == len(triton_backend.depthwise.FORWARD_CONFIGS)
+    assert sum(way.startswith("fused ") for way in calls) == len(triton_backend.depthwise.BACKWARD_CONFIGS)
     grad_in, grad_w = calls["separate"]()
     out = calls["forward"]()
     assert grad_in.shape == (rows, 8) and grad_w.shape == (49, 8) and out.shape == (rows, 8)

@@ -11,16 +11,19 @@ the backend earlier (the dispatch imports it on first use, and collection runs n
 Where CUDA is ready the variable is left alone: the ``cuda`` tests then compile real
 kernels (``pytest -m cuda``) and the interpreter tests skip.
 
-The interpreter runs tiles as NumPy arrays (large tiles, see ``_interpreter_tile``), and
-converts bf16/fp16 operands to fp32 before ``tl.dot`` (its own ``tl.dot`` on bf16 is
-wrong in Triton 3.8); the tile loops, masks, tables and atomics are the GPU's. Inputs are
-kept small (tensor stride 2: 1 792 sites, except where a case needs more rows).
+The interpreter runs tiles as NumPy arrays (large tiles, see
+``triton_backend.common.interpreter_tile``), and converts bf16/fp16 operands to fp32
+before ``tl.dot`` (its own ``tl.dot`` on bf16 is wrong in Triton 3.8); the tile loops,
+masks, tables and atomics are the GPU's. Inputs are kept small (tensor stride 2: 1 792
+sites, except where a case needs more rows).
 """
 from __future__ import annotations
 
 import copy
 import importlib
 import os
+import pkgutil
+from types import ModuleType
 
 import MinkowskiEngine as ME
 import pytest
@@ -150,19 +153,19 @@ def _dw_configs(configs: list, one_per_unroll: bool = False) -> list:
 
 @INTERPRETER
 @pytest.mark.parametrize("kernel", [3, 7])
-@pytest.mark.parametrize("config", [None, *_dw_configs(triton_backend._DW_FORWARD_CONFIGS)])
+@pytest.mark.parametrize("config", [None, *_dw_configs(triton_backend.depthwise.FORWARD_CONFIGS)])
 def test_depthwise_forward_every_config_equals_float64(kernel, config):
     """The depthwise forward, with the interpreter's tiles and every config the autotuner
     may pick (taps one at a time or unrolled by 4 or 7, which for 9 and 49 taps leaves a
     part-filled last step), equals float64 on a mask with a one-patch sample."""
     x, weight, table, _ = _depthwise_case(6, kernel, torch.float32)
-    got = triton_backend._depthwise(x, weight, table, config)
+    got = triton_backend.depthwise.depthwise_forward(x, weight, table, config)
     assert got.dtype == torch.float32 and rel_err(got.double(), _depthwise_float64(x, weight, table)) <= 1e-6
 
 
 @INTERPRETER
 @pytest.mark.parametrize("kernel", [3, 7])
-@pytest.mark.parametrize("config", [None, *_dw_configs(triton_backend._DW_BACKWARD_CONFIGS, True)])
+@pytest.mark.parametrize("config", [None, *_dw_configs(triton_backend.depthwise.BACKWARD_CONFIGS, True)])
 def test_fused_depthwise_backward_equals_float64(kernel, config):
     """Both gradients from the one-pass kernel equal autograd's in float64 (every row split
     and row tile, with the interpreter's default tiles and three of the GPU's: taps one at
@@ -195,7 +198,7 @@ def test_fused_depthwise_backward_rounds_once(dtype):
     taps, rows = table.shape
     assert grad_in.dtype == dtype and grad_w.dtype == torch.float32
     assert ((grad_in.double() - ref_in).abs() <= unit * ref_in.abs() + (1 + unit) * taps * U_FP32 * abs_in).all()
-    assert ((grad_w.double() - ref_w).abs() <= (rows + triton_backend.CPU_DEPTHWISE_SPLITS) * U_FP32 * abs_w).all()
+    assert ((grad_w.double() - ref_w).abs() <= (rows + triton_backend.depthwise.CPU_DEPTHWISE_SPLITS) * U_FP32 * abs_w).all()
     assert rel_err(grad_in.double(), ref_in) > 0  # rounded: the check above had work to do
 
 
@@ -206,7 +209,7 @@ def test_depthwise_backward_for_either_gradient_alone(needs, kernel):
     backward's accumulator takes (9×9: 81), the backward runs each gradient's own kernel
     (the gathered conv with mirrored taps, the atomics weight grad); every way matches
     float64."""
-    assert (kernel**2 <= triton_backend.FUSED_DEPTHWISE_MAX_TAPS) == (kernel == 7)
+    assert (kernel**2 <= triton_backend.depthwise.FUSED_DEPTHWISE_MAX_TAPS) == (kernel == 7)
     x, weight, table, grad = _depthwise_case(5, kernel, torch.float32, seed=4)
     _, xs, _, _ = _inputs(5, torch.float32, 2, seed=4)
     tables = ops.neighbour_tables(xs, kernel, 1)
@@ -242,7 +245,7 @@ def _gathered_product(src: torch.Tensor, table: torch.Tensor, weight: torch.Tens
 
 def _gemm_configs() -> list:
     return [pytest.param(c, id="{BLOCK_M}x{BLOCK_N}x{BLOCK_K}-{loop}".format(
-        **c.kwargs, loop="flat" if c.kwargs["FLAT"] else "nested")) for c in triton_backend._GEMM_CONFIGS]
+        **c.kwargs, loop="flat" if c.kwargs["FLAT"] else "nested")) for c in triton_backend.conv.GEMM_CONFIGS]
 
 
 @INTERPRETER
@@ -362,7 +365,13 @@ def test_float64_is_refused_naming_torch():
 
 
 # The backend's @triton.jit functions that only its kernels call (no launch of their own).
-KERNEL_HELPERS = ("_gather_gemm_step", "_row_split", "_depthwise_tap", "_row_sums")
+KERNEL_HELPERS = ("_gather_gemm_step", "row_split", "_depthwise_tap", "_row_sums")
+
+
+def _backend_modules() -> list[ModuleType]:
+    """Every module of the triton backend package (its ``__init__`` imported them all)."""
+    return [importlib.import_module(f"{triton_backend.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(triton_backend.__path__)]
 
 
 def _jit_functions(module) -> set[str]:
@@ -380,7 +389,8 @@ def test_every_kernel_of_the_backend_has_a_compile_signature():
     from kernels_bench.triton_resources import kernel_name, kernel_signatures
 
     listed = {kernel_name(k) for k, *_ in kernel_signatures("bf16", "*i32")}
-    assert _jit_functions(triton_backend) == listed | set(KERNEL_HELPERS)
+    found = set().union(*(_jit_functions(module) for module in _backend_modules()))
+    assert found == listed | set(KERNEL_HELPERS)
 
 
 @pytest.mark.parametrize("dtype,table", [("fp32", "*i32"), ("bf16", "*i32"), ("bf16", "*i64")])
@@ -395,9 +405,10 @@ def test_kernels_compile_for_the_gpu(dtype, table, monkeypatch):
     from kernels_bench.triton_resources import SM90_MAX_SHARED_BYTES, compile_for_sm90, kernel_signatures
 
     if triton_backend.INTERPRETED:  # the kernels call these: they must be GPU functions too
-        for name in KERNEL_HELPERS:
-            helper = getattr(triton_backend, name)
-            monkeypatch.setattr(triton_backend, name, triton.runtime.JITFunction(helper.fn))
+        for module in _backend_modules():
+            for name in KERNEL_HELPERS:
+                if hasattr(module, name):
+                    monkeypatch.setattr(module, name, triton.runtime.JITFunction(getattr(module, name).fn))
     cubins = []
     signatures = kernel_signatures(dtype, table)
     for kernel, signature, constexprs, options in signatures:
@@ -600,7 +611,7 @@ def test_cuda_every_gemm_config_equals_the_gathered_product(config, dtype):
 def _cuda_dw_backward_cases() -> list:
     """bf16 (training's dtype): autotuned and every config; fp32: one config (each config
     and dtype is a compile, and this test runs early on a GPU loan's clock)."""
-    configs = triton_backend._DW_BACKWARD_CONFIGS
+    configs = triton_backend.depthwise.BACKWARD_CONFIGS
     return [pytest.param(None, torch.bfloat16, id="bf16-autotuned"),
             *[pytest.param(c, torch.bfloat16, id=f"bf16-{_dw_config_id(c)}") for c in configs],
             pytest.param(configs[0], torch.float32, id=f"fp32-{_dw_config_id(configs[0])}")]
@@ -636,8 +647,8 @@ def test_cuda_depthwise_forward_every_config_equals_float64():
     weight = (torch.randn(49, 96, generator=torch.Generator(device="cuda").manual_seed(6), device="cuda") / 7)
     weight = weight.to(torch.bfloat16)
     expected = _depthwise_float64(xs.F, weight, table)
-    for config in [None, *triton_backend._DW_FORWARD_CONFIGS]:
-        got = triton_backend._depthwise(xs.F, weight, table, config)
+    for config in [None, *triton_backend.depthwise.FORWARD_CONFIGS]:
+        got = triton_backend.depthwise.depthwise_forward(xs.F, weight, table, config)
         assert got.dtype == torch.bfloat16 and rel_err(got.double(), expected) <= 2.0**-8, config
 
 

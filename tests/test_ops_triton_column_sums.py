@@ -56,7 +56,7 @@ def test_column_sums_equal_float64(rows, channels, dtype):
     """Channel blocks of 32 (96 channels: three, 40: one part-filled), several row tiles per
     split, part-filled last tiles, no rows at all."""
     (grad,) = _tensors(rows, channels, dtype, count=1)
-    sums, nothing = triton_backend._column_sums(grad)
+    sums, nothing = triton_backend.channel_sums.column_sums(grad)
     assert nothing is None and sums.shape == (channels,)
     _check_sum(sums, grad)
 
@@ -186,11 +186,11 @@ def test_cuda_column_sums_and_layer_scale_equal_float64(dtype):
     the layer scale's backward within the bounds above, the same bits on a rerun."""
     for rows, channels in CUDA_SUM_SHAPES:
         grad, features = _tensors(rows, channels, dtype, "cuda")
-        sums, _ = triton_backend._column_sums(grad)
+        sums, _ = triton_backend.channel_sums.column_sums(grad)
         _check_sum(sums, grad)
-        assert torch.equal(sums, triton_backend._column_sums(grad)[0])
+        assert torch.equal(sums, triton_backend.channel_sums.column_sums(grad)[0])
         gamma = torch.randn(channels, device="cuda")
         grad32 = grad.float()  # the promoted product's gradient
-        grad_gamma, grad_in = triton_backend._column_sums(grad32, features, gamma)
+        grad_gamma, grad_in = triton_backend.channel_sums.column_sums(grad32, features, gamma)
         _check_sum(grad_gamma, grad32.double() * features.double())
         _check_rounded(grad_in, grad32.double() * gamma.double())
