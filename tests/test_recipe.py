@@ -20,7 +20,9 @@ from spark_me.data import ResumableSampler
 from spark_me.decoder import LightDecoder
 from spark_me.layers import SparseDropPath
 from spark_me.optim import build_optimizer, peak_lr
-from spark_me.pretrain import ConfigError, build_model, plan_batches, validate_config
+from spark_me.preflight import ConfigError
+from spark_me.pretrain import build_model
+from spark_me.run_config import plan_batches, validate_config
 
 CONFIG_DIR = Path(spark_me.__file__).parent / "configs"
 

@@ -33,9 +33,10 @@ from spark_me.checkpoint import (
 from spark_me.data import find_images
 from spark_me.export import main as export_main
 from spark_me.masking import check_mask_hides_something
-from spark_me.preflight import check_wandb, wandb_mode
-from spark_me.pretrain import ConfigError, run, validate_config
+from spark_me.preflight import ConfigError, check_wandb, wandb_mode
+from spark_me.pretrain import run
 from spark_me.reconstruct_cli import main as reconstruct_main
+from spark_me.run_config import validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=demo", "model=resnet18", "model.decoder_width=64", "data.image_size=64", "data.num_images=32",
