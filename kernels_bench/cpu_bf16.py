@@ -5,9 +5,10 @@
 Times the forward+backward of the sparse encoder, densify, and decoder + loss, each in
 fp32 and under bf16 autocast, alternating in rounds (so a machine that slows down mid-run
 slows both alike), and logs the medians and the spread of the per-round ratios. The
-parts are kernels_bench/breakdown.py's (densify and decoder on detached inputs). It
-decides the CPU default: a part would run in bf16 only where its ratio is below 1 (on the
-development machine, which exposes AVX2 only, the medians are 11-16: CPU runs stay fp32).
+parts are kernels_bench/breakdown.py's (densify and decoder on detached inputs). A ratio
+below 1 means bf16 pays for that part on this CPU: on a CPU with AVX2 only the medians were
+11-16 (such a CPU runs fp32); on one with AMX 0.37-0.64, except ConvNeXt-T's encoder at 1.09
+(such a CPU runs ``trainer.precision=bf16``; docs/training.md has the tables).
 """
 from __future__ import annotations
 

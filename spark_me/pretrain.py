@@ -79,7 +79,8 @@ from spark_me.ops import resolve_conv_impl
 from spark_me.optim import build_optimizer, clip_gradients, peak_lr
 from spark_me import preflight
 from spark_me.preflight import ConfigError
-from spark_me.run_config import PATCH_SIZE, PRECISIONS, plan_batches, validate_config
+from spark_me import run_config
+from spark_me.run_config import PATCH_SIZE, plan_batches, validate_config
 from spark_me.run_log import RunLogger
 from spark_me.schedule import CosineSchedule
 from spark_me.visualize import save_reconstruction_grid
@@ -297,9 +298,7 @@ class PretrainRun:
             warmup_start_ratio=float(s.warmup_start_ratio),
             final_lr_ratio=float(s.final_lr_ratio),
         )
-        self.amp_dtype = PRECISIONS[t.precision] if self.device.type == "cuda" else None
-        if t.precision != "fp32" and self.device.type != "cuda":
-            log.warning("trainer.precision=%s applies on CUDA only: running fp32 on %s", t.precision, self.device)
+        self.amp_dtype = run_config.amp_dtype(t.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
 
         self.step = 0

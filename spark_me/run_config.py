@@ -3,6 +3,7 @@
 of one optimizer step's images over processes and micro-batches (:func:`plan_batches`)."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,38 @@ from spark_me.ops import CONV_IMPLS
 from spark_me.optim import OPTIMIZERS
 from spark_me.preflight import WANDB_MODES, ConfigError
 
+log = logging.getLogger(__name__)
+
 PATCH_SIZE = 32  # total stride of every built-in encoder = mask patch size
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGGERS = ("jsonl", "wandb")
+# torch.cpu's probes for native bf16 products (AMX tiles, AVX512-BF16); private, so looked up
+# by name, and a torch without them counts as a CPU without.
+CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16), so that oneDNN's bf16
+    kernels can beat fp32; without, bf16 is emulated (13x fp32's time on an AVX2 CPU)."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in CPU_BF16_PROBES)
+
+
+def amp_dtype(precision: str, device: torch.device, cpu_bf16: Optional[bool] = None) -> Optional[torch.dtype]:
+    """The autocast dtype of a run in ``trainer.precision`` on ``device`` (None: fp32).
+
+    CUDA runs every precision. A CPU runs bf16 where it multiplies bf16 natively
+    (``cpu_bf16``, default :func:`cpu_has_bf16`): on a CPU with AMX it took 0.45x (ResNet-50)
+    and 0.57x (ConvNeXt-T) of a step's fp32 time (docs/training.md). Elsewhere, and for
+    fp16 on any CPU, the run is fp32, with a warning naming why."""
+    dtype = PRECISIONS[precision]
+    if dtype is None or device.type == "cuda":
+        return dtype
+    if dtype is torch.bfloat16 and (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16):
+        return dtype
+    why = ("this CPU has no bf16 instructions (AMX or AVX512-BF16), so bf16 would be emulated at several times "
+           "fp32's time" if dtype is torch.bfloat16 else "fp16 applies on CUDA only")
+    log.warning("trainer.precision=%s: %s; running fp32 on %s", precision, why, device)
+    return None
 
 
 def _number(value: Any, key: str, low: float = -math.inf, high: float = math.inf, closed_high: bool = True) -> float:

@@ -1,13 +1,17 @@
-"""The pre-training config's checks: every invalid value fails naming the key and the fix."""
+"""The pre-training config's checks (every invalid value fails naming the key and the fix),
+and the precision a run takes on its device."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import spark_me
+from spark_me import run_config
 from spark_me.preflight import ConfigError
 from spark_me.run_config import validate_config
 
@@ -68,3 +72,27 @@ def test_user_encoder_errors_name_the_fix(tmp_path):
         validate_config(_cfg("model=custom", "model.name=x", "model.imports=[no_such_pkg_xyz]"))
     with pytest.raises(ConfigError, match="model=custom model.name=<registered name>"):
         validate_config(_cfg("model=custom", "model.name=not_registered_net"))
+
+
+def test_precision_resolves_per_device_and_says_why_a_cpu_runs_fp32(caplog):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [run_config.amp_dtype(p, cuda) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+    assert run_config.amp_dtype("fp32", cpu, cpu_bf16=True) is None
+    assert run_config.amp_dtype("bf16", cpu, cpu_bf16=True) is torch.bfloat16
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="spark_me.run_config"):
+        assert run_config.amp_dtype("bf16", cpu, cpu_bf16=False) is None
+        assert run_config.amp_dtype("fp16", cpu, cpu_bf16=True) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "trainer.precision=bf16: this CPU has no bf16 instructions (AMX or AVX512-BF16), so bf16 would be emulated "
+        "at several times fp32's time; running fp32 on cpu",
+        "trainer.precision=fp16: fp16 applies on CUDA only; running fp32 on cpu",
+    ]
+
+
+def test_the_cpu_bf16_probe_reads_torch_and_counts_a_missing_probe_as_no(monkeypatch):
+    expected = any(getattr(torch.cpu, name)() for name in run_config.CPU_BF16_PROBES)
+    assert run_config.cpu_has_bf16() == expected
+    for name in run_config.CPU_BF16_PROBES:
+        monkeypatch.delattr(torch.cpu, name)
+    assert run_config.cpu_has_bf16() is False
