@@ -158,6 +158,28 @@ def test_depthwise_bf16_within_derived_bound(algorithm):
     check_depthwise_bf16(x64, xs, leaf, active, 1, 7, lambda x, w: _depthwise(x, w, "torch", algorithm))
 
 
+@pytest.mark.parametrize("method", ["backward", "correlate"])
+@pytest.mark.parametrize("shape,kernel", [((2, 5, 9, 7), 3), ((3, 4, 1, 1), 7), ((2, 3, 5, 6), 5), ((1, 2, 12, 3), 7)])
+def test_depthwise_weight_grad_methods_equal_autograd(shape, kernel, method):
+    """Both ways of summing the dense depthwise weight gradient give autograd's (float64;
+    maps smaller than the kernel and non-square ones included), and float32 in channels_last
+    (the torch backend's maps; ``"auto"`` takes ``"correlate"`` there) is within TOL."""
+    g = torch.Generator().manual_seed(sum(shape) + kernel)
+    x, grad = (torch.randn(*shape, dtype=torch.float64, generator=g) for _ in range(2))
+    c = shape[1]
+    weight = torch.zeros(c, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    F.conv2d(x, weight, padding=kernel // 2, groups=c).backward(grad)
+    expected = weight.grad.reshape(c, kernel * kernel)
+    assert rel_err(torch_backend.depthwise_weight_grad(grad, x, kernel, method), expected) <= TOL[torch.float64]
+    x32, grad32 = (t.float().contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    got = torch_backend.depthwise_weight_grad(grad32, x32, kernel, method)
+    assert got.dtype == torch.float32 and rel_err(got, expected) <= TOL[torch.float32]
+    if method == "correlate":
+        assert torch.equal(torch_backend.depthwise_weight_grad(grad32, x32, kernel), got)  # what "auto" runs on CPU
+    with pytest.raises(ValueError, match="unknown depthwise weight-gradient method 'gemm'"):
+        torch_backend.depthwise_weight_grad(grad, x, kernel, "gemm")
+
+
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (7, 2), (3, 2), (2, 2)])
 def test_dense_algorithms_on_a_complete_map(kernel, stride):
     """Where every site exists the dense algorithms scatter into uninitialised memory (no
