@@ -597,13 +597,16 @@ def test_tables_equal_minkowski_kernel_maps(kernel, stride, tensor_stride):
     assert tables.complete == bool((tables.forward < tables.n_in).all())
 
 
-def test_auto_algorithm_by_channels():
+def test_auto_algorithm_by_channels_and_size():
     """The measured choice (torch_backend's comment): one wide product for narrow inputs
-    (the 3-channel stem) and for 512+ channels, per-tap products between; always one
-    product in bf16/fp16."""
+    (the 3-channel stem), for 512+ channels and for small gathers, per-tap products
+    between; always one product in bf16/fp16."""
     choose = torch_backend.choose_algorithm
     assert [choose(c, torch.float32) for c in (1, 3, 15, 16, 64, 256, 511, 512, 2048)] == [
         "gemm", "gemm", "gemm", "loop", "loop", "loop", "loop", "gemm", "gemm"]
+    limit = torch_backend.GEMM_MAX_GATHERED
+    assert choose(64, torch.float32, gathered=limit) == "gemm" and choose(64, torch.float32, gathered=limit + 1) == "loop"
+    assert choose(3, torch.float64, gathered=limit + 1) == "gemm" and choose(64, torch.float64, "loop", 9) == "loop"
     assert choose(64, torch.bfloat16) == choose(3, torch.float16) == "gemm"
     assert choose(3, torch.float32, "loop") == "loop" and choose(512, torch.float64, "pairs") == "pairs"
     with pytest.raises(ValueError, match="unknown sparse conv algorithm"):

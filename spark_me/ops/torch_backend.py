@@ -34,6 +34,8 @@ accumulates in fp32 and rounds once.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -49,17 +51,27 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # took 0.2-0.7× of "loop"'s time, at 16 "loop" won again.
 GEMM_MIN_CHANNELS = 512
 GEMM_MAX_NARROW_CHANNELS = 15
+# Small gathers take "gemm" whatever the channels: "loop" runs about 9× as many ops per
+# pass, and below this many gathered elements (rows × taps × channels) their fixed cost
+# outweighs the smaller copies. 3×3 convs at `make bench-quick`'s sizes (ResNet-18, batch
+# 4, 128 px: 0.1-0.9 M elements), forward+backward on an AVX-512 CPU: "gemm" took 0.60-0.79×
+# of "loop"'s time (2 threads, OMP_WAIT_POLICY=PASSIVE), 0.71-0.79× (1 thread).
+GEMM_MAX_GATHERED = 2**20
 
 
-def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto") -> str:
-    """The gather-product algorithm for ``channels`` gathered channels of ``dtype``."""
+def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto", gathered: Optional[int] = None) -> str:
+    """The gather-product algorithm for ``channels`` gathered channels of ``dtype``;
+    ``gathered``: the elements (rows × taps × channels) "gemm" would gather at once (None:
+    unknown, taken as large)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown sparse conv algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
     if dtype in LOW_PRECISION:
         return "gemm"
     if algorithm != "auto":
         return algorithm
-    return "gemm" if channels >= GEMM_MIN_CHANNELS or channels <= GEMM_MAX_NARROW_CHANNELS else "loop"
+    if (gathered is not None and gathered <= GEMM_MAX_GATHERED) or channels >= GEMM_MIN_CHANNELS or channels <= GEMM_MAX_NARROW_CHANNELS:
+        return "gemm"
+    return "loop"
 
 
 def _pad(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -126,7 +138,8 @@ class SparseConvFunction(torch.autograd.Function):
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str):
         c_out, c_in, k, _ = weight.shape
         volume = k * k
-        algorithm = "gemm" if tables.stride >= k else choose_algorithm(c_in, features.dtype, algorithm)
+        gathered = tables.n_out * volume * c_in
+        algorithm = "gemm" if tables.stride >= k else choose_algorithm(c_in, features.dtype, algorithm, gathered)
         w_rows = weight.permute(0, 2, 3, 1).reshape(c_out, volume * c_in)
         ctx.save_for_backward(features, w_rows)
         ctx.tables, ctx.algorithm, ctx.shape = tables, algorithm, weight.shape
