@@ -69,9 +69,9 @@ def choose_algorithm(channels: int, dtype: torch.dtype, algorithm: str = "auto",
         return "gemm"
     if algorithm != "auto":
         return algorithm
-    if (gathered is not None and gathered <= GEMM_MAX_GATHERED) or channels >= GEMM_MIN_CHANNELS or channels <= GEMM_MAX_NARROW_CHANNELS:
-        return "gemm"
-    return "loop"
+    small = gathered is not None and gathered <= GEMM_MAX_GATHERED
+    wide, narrow = channels >= GEMM_MIN_CHANNELS, channels <= GEMM_MAX_NARROW_CHANNELS
+    return "gemm" if small or wide or narrow else "loop"
 
 
 def _pad(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -386,7 +386,9 @@ class DenseDepthwiseConvFunction(torch.autograd.Function):
 DEPTHWISE_WEIGHT_GRAD_METHODS = ("auto", "backward", "correlate")
 
 
-def depthwise_weight_grad(grad: torch.Tensor, features: torch.Tensor, kernel_size: int, method: str = "auto") -> torch.Tensor:
+def depthwise_weight_grad(
+    grad: torch.Tensor, features: torch.Tensor, kernel_size: int, method: str = "auto"
+) -> torch.Tensor:
     """The ``[C, K]`` weight gradient (PyTorch tap order) of a stride-1 depthwise conv with
     a centred ``kernel_size`` kernel, from the ``(B, C, H, W)`` input map and output gradient.
 
@@ -415,7 +417,8 @@ def depthwise_weight_grad(grad: torch.Tensor, features: torch.Tensor, kernel_siz
         return grad_w.reshape(c, k * k)
     padded = features.new_zeros(b, c, h + 2 * pad, w + 2 * pad)  # contiguous: one group per (sample, channel)
     padded[:, :, pad : pad + h, pad : pad + w] = features
-    per_pair = F.conv2d(padded.view(1, b * c, h + 2 * pad, w + 2 * pad), grad.contiguous().view(b * c, 1, h, w), groups=b * c)
+    kernels = grad.contiguous().view(b * c, 1, h, w)
+    per_pair = F.conv2d(padded.view(1, b * c, h + 2 * pad, w + 2 * pad), kernels, groups=b * c)
     return per_pair.view(b, c, k * k).sum(0)
 
 
