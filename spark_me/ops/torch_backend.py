@@ -411,7 +411,7 @@ def depthwise_weight_grad(
         method = "correlate" if features.device.type == "cpu" and features.dtype == torch.float32 else "backward"
     if method == "backward":
         _, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, features, features.new_empty(c, 1, k, k), None,
+            grad, features, features.new_zeros(c, 1, k, k), None,  # only its shape is read
             [1, 1], [pad, pad], [1, 1], False, [0, 0], c, [False, True, False],
         )
         return grad_w.reshape(c, k * k)
