@@ -230,12 +230,21 @@ def test_auto_takes_the_dense_conv_only_where_nearly_every_site_exists():
         torch_backend.choose_conv_path(xs.F, ops.neighbour_tables(xs, 4, 2), "dense")
 
 
-def test_depthwise_algorithm_choice():
-    choose = torch_backend.choose_depthwise_algorithm
-    assert choose(torch.device("cuda"), torch.bfloat16) == choose(torch.device("cpu"), torch.float32) == "dense"
-    assert choose(torch.device("cpu"), torch.bfloat16) == "gather"
-    with pytest.raises(ValueError, match="unknown depthwise algorithm"):
-        choose(torch.device("cpu"), torch.float32, "loop")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depthwise_auto_is_the_dense_conv_and_bf16_on_cpu_computes_in_fp32(dtype):
+    """"auto" runs the dense depthwise conv in every dtype (the gathers lost everywhere
+    measured); on CPU bf16 runs it in fp32 and rounds once, so its output is the fp32
+    result rounded to bf16."""
+    _, xs, _, _ = _inputs(4, torch.float64)
+    tables = ops.neighbour_tables(xs, 7, 1)
+    weight = torch.randn(49, 4, dtype=torch.float64)
+    features = xs.F.to(dtype).requires_grad_()
+    out = torch_backend.depthwise_conv(features, weight.to(dtype), tables)
+    assert type(out.grad_fn).__name__ == "DenseDepthwiseConvFunctionBackward" and out.dtype == dtype
+    fp32 = torch_backend.depthwise_conv(features.detach().float(), weight.to(dtype).float(), tables, "dense")
+    assert torch.equal(out.detach(), fp32.to(dtype))
+    with pytest.raises(ValueError, match="unknown depthwise algorithm 'loop'"):
+        torch_backend.depthwise_conv(features, weight.to(dtype), tables, "loop")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

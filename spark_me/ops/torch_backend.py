@@ -353,6 +353,7 @@ class DenseDepthwiseConvFunction(torch.autograd.Function):
     the dense maps are rebuilt there. The input gradient is the forward conv with the taps
     mirrored (a dense backward-input kernel missed the bf16 bound of tests/test_ops.py on
     CPU, the forward kernel meets it); the weight gradient is :func:`depthwise_weight_grad`.
+    bf16/fp16 on CPU compute in float32 (:func:`_dense_depthwise_dtype`).
     """
 
     @staticmethod
@@ -360,11 +361,12 @@ class DenseDepthwiseConvFunction(torch.autograd.Function):
         grid = tables.dense_grid
         shape, flat = grid.in_shape, grid.in_flat
         k = tables.kernel_size
-        w = weight.t().reshape(-1, 1, k, k)
-        out = F.conv2d(_scatter_dense(features, shape, flat), w, padding=k // 2, groups=w.shape[0])
+        dtype = _dense_depthwise_dtype(features)
+        w = weight.to(dtype).t().reshape(-1, 1, k, k)
+        out = F.conv2d(_scatter_dense(features.to(dtype), shape, flat), w, padding=k // 2, groups=w.shape[0])
         ctx.save_for_backward(features, weight)
         ctx.tables = tables
-        return _gather_sites(out, flat)
+        return _gather_sites(out, flat).to(features.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -373,14 +375,27 @@ class DenseDepthwiseConvFunction(torch.autograd.Function):
         grid = tables.dense_grid
         shape, flat = grid.in_shape, grid.in_flat
         k = tables.kernel_size
-        w = weight.t().reshape(-1, 1, k, k)
-        grad_dense = _scatter_dense(grad.contiguous(), shape, flat)
+        dtype = _dense_depthwise_dtype(features)
+        w = weight.to(dtype).t().reshape(-1, 1, k, k)
+        grad_dense = _scatter_dense(grad.contiguous().to(dtype), shape, flat)
         grad_in = grad_weight = None
         if ctx.needs_input_grad[0]:  # the forward conv with the taps mirrored (stride 1, centred kernel)
-            grad_in = _gather_sites(F.conv2d(grad_dense, w.flip(-2, -1), padding=k // 2, groups=w.shape[0]), flat)
+            grad_in = F.conv2d(grad_dense, w.flip(-2, -1), padding=k // 2, groups=w.shape[0])
+            grad_in = _gather_sites(grad_in, flat).to(features.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = depthwise_weight_grad(grad_dense, _scatter_dense(features, shape, flat), k).t()
+            features_dense = _scatter_dense(features.to(dtype), shape, flat)
+            grad_weight = depthwise_weight_grad(grad_dense, features_dense, k).t().to(weight.dtype)
         return grad_in, grad_weight, None
+
+
+def _dense_depthwise_dtype(features: torch.Tensor) -> torch.dtype:
+    """The dtype :class:`DenseDepthwiseConvFunction` computes ``features`` in: float32 for
+    bf16/fp16 on CPU (rounded once at the end), where oneDNN's bf16 depthwise conv took
+    2.4-9× its float32 time even on a CPU with AMX (forward+backward, 1 thread, 7×7 at
+    ConvNeXt-T's stages, batch 8); their own dtype elsewhere."""
+    if features.device.type == "cpu" and features.dtype in LOW_PRECISION:
+        return torch.float32
+    return features.dtype
 
 
 DEPTHWISE_WEIGHT_GRAD_METHODS = ("auto", "backward", "correlate")
@@ -425,31 +440,24 @@ def depthwise_weight_grad(
 DEPTHWISE_ALGORITHMS = ("auto", "gather", "dense")
 
 
-def choose_depthwise_algorithm(device: torch.device, dtype: torch.dtype, algorithm: str = "auto") -> str:
-    """``"dense"`` (one dense depthwise kernel instead of K gathers per pass) except for
-    bf16/fp16 on CPU, where oneDNN's dense depthwise conv was 6-16× slower than the gathers.
+def depthwise_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> torch.Tensor:
+    """Depthwise conv: ``features`` ``[N, C]``, ``weight`` ``[K, C]`` (PyTorch tap order).
 
-    Measured on CPU, 1 thread, 7×7 forward+backward at ConvNeXt-T's stages (batch 8, mask
-    0.6; 640-10 240 sites): fp32 dense 0.24-0.46× of the gathers' time, bf16 dense 6-16×.
-    On CUDA the gathers cost K launches per pass: about 11 ms per 7×7 layer forward+backward
-    at ConvNeXt-T's batch 128 in bf16 (profiled on an H200).
+    ``algorithm``: ``"dense"`` (also ``"auto"``) runs one dense depthwise kernel per pass on
+    the zero-filled map (:class:`DenseDepthwiseConvFunction`), ``"gather"`` K gathers and
+    multiply-adds per pass (:class:`DepthwiseConvFunction`). The gathers lost everywhere they
+    were measured: on CPU (1 thread, 7×7 forward+backward at ConvNeXt-T's stages, batch 8,
+    mask 0.6) they took 2.3-5.7× the dense conv's time in fp32 and 3.4-5.5× in bf16 (on a
+    CPU with AMX, the dense conv computing in fp32); on CUDA they cost K launches per pass,
+    about 11 ms per 7×7 layer at ConvNeXt-T's batch 128 in bf16 (profiled on an H200).
     """
     if algorithm not in DEPTHWISE_ALGORITHMS:
         raise ValueError(f"unknown depthwise algorithm {algorithm!r}; choose from {', '.join(DEPTHWISE_ALGORITHMS)}")
-    if algorithm != "auto":
-        return algorithm
-    return "gather" if device.type == "cpu" and dtype in LOW_PRECISION else "dense"
-
-
-def depthwise_conv(features: torch.Tensor, weight: torch.Tensor, tables: NeighbourTables, algorithm: str = "auto") -> torch.Tensor:
-    """Depthwise conv: ``features`` ``[N, C]``, ``weight`` ``[K, C]`` (PyTorch tap order);
-    ``algorithm``: ``"gather"`` (per-tap gathers), ``"dense"`` (a dense depthwise conv on
-    the zero-filled map) or ``"auto"`` (:func:`choose_depthwise_algorithm`)."""
     if tables.stride != 1:
         raise ValueError(f"the depthwise conv is submanifold (stride 1), got stride {tables.stride}")
-    if choose_depthwise_algorithm(features.device, features.dtype, algorithm) == "dense":
-        return DenseDepthwiseConvFunction.apply(features, weight, tables)
-    return DepthwiseConvFunction.apply(features, weight, tables)
+    if algorithm == "gather":
+        return DepthwiseConvFunction.apply(features, weight, tables)
+    return DenseDepthwiseConvFunction.apply(features, weight, tables)
 
 
 class GatherMaxFunction(torch.autograd.Function):
