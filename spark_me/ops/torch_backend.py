@@ -55,7 +55,10 @@ GEMM_MAX_NARROW_CHANNELS = 15
 # pass, and below this many gathered elements (rows × taps × channels) their fixed cost
 # outweighs the smaller copies. 3×3 convs at `make bench-quick`'s sizes (ResNet-18, batch
 # 4, 128 px: 0.1-0.9 M elements), forward+backward on an AVX-512 CPU: "gemm" took 0.60-0.79×
-# of "loop"'s time (2 threads, OMP_WAIT_POLICY=PASSIVE), 0.71-0.79× (1 thread).
+# of "loop"'s time (2 threads, OMP_WAIT_POLICY=PASSIVE), 0.71-0.79× (1 thread). With
+# torch, MKL and oneDNN held to AVX2 on the same CPU: 0.95-1.08× per conv at 1 thread, and
+# the whole ResNet-18 encoder at 2 threads (PASSIVE) 0.85× (0.130 s -> 0.111 s); at ResNet-50's
+# sizes "loop" still won there at 64 and 128 channels (0.91-0.94× of "gemm"), as above.
 GEMM_MAX_GATHERED = 2**20
 
 
@@ -415,7 +418,9 @@ def depthwise_weight_grad(
     weight-gradient kernel for the channels_last maps the torch backend builds is a slow
     generic one. Measured on an AVX-512 CPU, 1 thread, 7×7 at ConvNeXt-T's stages (batch 8,
     224 px; maps 56² to 7², 96 to 768 channels), layout copies included: 0.78×, 0.50×, 0.40×
-    and 0.10× of ``"backward"``'s time. CUDA (cuDNN) and float64 keep ``"backward"``.
+    and 0.10× of ``"backward"``'s time; with oneDNN held to its AVX2 kernels on the same CPU
+    (``ONEDNN_MAX_CPU_ISA=AVX2``): 1.03×, 0.56×, 0.56× and 0.39×. CUDA (cuDNN) and float64
+    keep ``"backward"``.
     """
     if method not in DEPTHWISE_WEIGHT_GRAD_METHODS:
         raise ValueError(f"unknown depthwise weight-gradient method {method!r}; "
